@@ -1,0 +1,85 @@
+"""Entry point: the typer app, global options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import click
+import typer
+
+from .. import __version__
+from ..errors import EXIT_USAGE, KledgerError
+from .output import JSON_VERSION, err, escape
+
+app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="A versioned ledger of factual edits to language models, with conflict resolution.")
+
+_state: dict = {"ledger": None, "json": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kledger {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(ledger: Optional[str] = typer.Option(None, "--ledger", "-C", envvar="KLEDGER_DIR",
+                                               help="Ledger directory (default: nearest .kledger upward)."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    _state["ledger"] = ledger
+
+
+@contextmanager
+def open_ledger(write: bool = False) -> Iterator["Ledger"]:  # noqa: F821
+    from ..ledger import Ledger
+
+    with Ledger.open(_state["ledger"], write=write) as ledger:
+        yield ledger
+
+
+def want_json(flag: bool) -> bool:
+    _state["json"] = flag
+    return flag
+
+
+def _register() -> None:
+    from . import admin, history, rearrange, staging  # noqa: F401  (commands register on import)
+
+
+def run(argv: list[str] | None = None) -> None:
+    _register()
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="kledger", standalone_mode=False)
+    except KledgerError as exc:
+        _fail(exc.one_line(), exc.exit_code, exc.kind)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 1, "aborted")
+    except click.ClickException as exc:
+        msg = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            msg += f" (see `{exc.ctx.command_path} --help`)"
+        _fail(msg, exc.exit_code if exc.exit_code else EXIT_USAGE, "usage")
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
+
+
+def _fail(message: str, code: int, kind: str) -> None:
+    message = " ".join(message.split())
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if _state["json"]:
+        print(json.dumps({"version": JSON_VERSION, "error": {"kind": kind, "message": message, "exit_code": code}}))
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

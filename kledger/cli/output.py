@@ -1,0 +1,42 @@
+"""Output: data to stdout (rich, plain when piped; JSON with --json), messages to stderr.
+
+Every JSON document is an object with `"version": JSON_VERSION` and `"command"`; the shapes are
+documented in docs/json.md and only change with a new version number."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+JSON_VERSION = 1
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(command: str, data: dict[str, Any]) -> None:
+    doc = {"version": JSON_VERSION, "command": command, **data}
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2, default=_default) + "\n")
+    sys.stdout.flush()
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def say(message: str) -> None:
+    """A message for the person at the terminal (stderr)."""
+    err.print(message)
+
+
+def short(cid: str | None) -> str:
+    return cid[:10] if cid else "(none)"
+
+
+__all__ = ["out", "err", "emit_json", "say", "escape", "short"]

@@ -1,0 +1,130 @@
+"""branch, checkout, revert, cherry-pick, merge."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .main import app, open_ledger, want_json
+from .output import emit_json, escape, out, say, short
+from .staging import JSON_OPT
+
+ABORT_OPT = typer.Option(False, "--abort", help="Abandon the operation that stopped on conflicts.")
+ALLOW_OPT = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of stopping.")
+
+
+@app.command()
+def branch(name: Optional[str] = typer.Argument(None, help="Branch to create (omit to list)."),
+           rev: str = typer.Argument("HEAD", help="Where the new branch starts."),
+           delete: bool = typer.Option(False, "--delete", "-d", help="Delete branch NAME."),
+           force: bool = typer.Option(False, "--force", "-f", help="Move NAME to REV if it exists."),
+           json_: bool = JSON_OPT) -> None:
+    """List, create or delete branches."""
+    want_json(json_)
+    if name is None:
+        with open_ledger() as ledger:
+            rows = ledger.branches()
+        if json_:
+            emit_json("branch", {"branches": rows})
+        else:
+            for r in rows:
+                mark = "* " if r["current"] else "  "
+                out.print(f"{mark}{'[green]' if r['current'] else ''}{escape(r['name'])}"
+                          f"{'[/]' if r['current'] else ''} [dim]{short(r['commit'])}[/]")
+        return
+    with open_ledger(write=True) as ledger:
+        cid = ledger.delete_branch(name) if delete else ledger.create_branch(name, rev, force=force)
+    if json_:
+        emit_json("branch", {"name": name, "commit": cid, "deleted": delete})
+    else:
+        say(f"{'Deleted' if delete else 'Created'} branch {escape(name)} ({'was ' if delete else 'at '}{short(cid)})")
+
+
+@app.command()
+def checkout(target: str = typer.Argument(..., help="Branch or revision."),
+             create: bool = typer.Option(False, "-b", help="Create branch TARGET at HEAD and switch to it."),
+             json_: bool = JSON_OPT) -> None:
+    """Switch HEAD to a branch, or detach it at a revision."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        res = ledger.checkout(target, create=create)
+    if json_:
+        emit_json("checkout", res)
+    elif res["branch"]:
+        say(f"Switched to {'a new ' if create else ''}branch {escape(res['branch'])}")
+    else:
+        say(f"HEAD is now detached at {short(res['head'])}")
+
+
+@app.command()
+def revert(rev: str = typer.Argument(..., help="Commit whose changes to undo."),
+           message: Optional[str] = typer.Option(None, "--message", "-m"),
+           author: Optional[str] = typer.Option(None, "--author"),
+           json_: bool = JSON_OPT) -> None:
+    """Make a new commit that retracts what REV added (and restores what it retracted)."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        cid = ledger.revert(rev, author=author, message=message)
+        info = ledger.show(cid)
+    _report("revert", cid, info, json_)
+
+
+def _report(command: str, cid: str, info: dict, json_: bool) -> None:
+    if json_:
+        emit_json(command, {"id": cid, "added": info["added"], "retracted": info["retracted"], "meta": info["meta"]})
+    else:
+        say(escape(f"[{short(cid)}] ") + f"{escape(info['message'])} (+{info['added']} / -{info['retracted']} facts)")
+
+
+@app.command("cherry-pick")
+def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to apply on HEAD."),
+                author: Optional[str] = typer.Option(None, "--author"),
+                abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
+    """Apply the changes of REV on HEAD as a new commit."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        if abort:
+            p = ledger.abort("cherry-pick")
+            if json_:
+                emit_json("cherry-pick", {"aborted": p["theirs"]})
+            else:
+                say(f"Abandoned the cherry-pick of {short(p['theirs'])}")
+            return
+        if rev is None:
+            from ..errors import UsageError
+            raise UsageError("missing REV", "give the commit to cherry-pick, or --abort")
+        cid = ledger.cherry_pick(rev, author=author, allow_conflicts=allow_conflicts)
+        info = ledger.show(cid)
+    _report("cherry-pick", cid, info, json_)
+
+
+@app.command()
+def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="Branch (or revision) to merge into HEAD."),
+          message: Optional[str] = typer.Option(None, "--message", "-m"),
+          author: Optional[str] = typer.Option(None, "--author"),
+          no_ff: bool = typer.Option(False, "--no-ff", help="Make a merge commit even when a fast-forward is possible."),
+          abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
+    """Merge another branch into the current one."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        if abort:
+            p = ledger.abort("merge")
+            if json_:
+                emit_json("merge", {"aborted": p["theirs"]})
+            else:
+                say(f"Abandoned the merge of {short(p['theirs'])}")
+            return
+        if branch_ is None:
+            from ..errors import UsageError
+            raise UsageError("missing BRANCH", "give the branch to merge, or --abort")
+        res = ledger.merge(branch_, author=author, message=message, no_ff=no_ff, allow_conflicts=allow_conflicts)
+        info = ledger.show(res["head"])
+    if json_:
+        emit_json("merge", {**res, "added": info["added"], "retracted": info["retracted"]})
+    elif res["result"] == "up-to-date":
+        say("Already up to date")
+    elif res["result"] == "fast-forward":
+        say(f"Fast-forward to {short(res['head'])}")
+    else:
+        say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{info['added']} / -{info['retracted']} facts)")

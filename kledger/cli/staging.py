@@ -1,0 +1,148 @@
+"""init, add, rm, status, reset, commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .main import app, open_ledger, want_json
+from .output import emit_json, escape, out, say, short
+
+JSON_OPT = typer.Option(False, "--json", help="Print JSON (docs/json.md) on stdout.")
+
+
+@app.command()
+def init(path: Path = typer.Argument(Path("."), help="Directory to create the ledger in (.kledger/ inside)."),
+         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the ledger edits (default smollm2-135m)."),
+         from_: Optional[Path] = typer.Option(None, "--from", help="Replay a text ledger (e.g. ledgers/NAME)."),
+         json_: bool = JSON_OPT) -> None:
+    """Create a ledger in PATH/.kledger/."""
+    from ..ledger import Ledger
+
+    want_json(json_)
+    if from_ is not None:
+        ledger = Ledger.init_from(path, from_, model=model)
+    else:
+        ledger = Ledger.init(path, model=model)
+    with ledger:
+        info = {"path": str(ledger.path), "model": ledger.model, "head": ledger.head(),
+                "branch": ledger.current_branch(), "commits": len(ledger.graph())}
+    if json_:
+        emit_json("init", info)
+    else:
+        extra = f", {info['commits']} commits replayed" if from_ is not None else ""
+        say(f"Initialised kledger ledger in {escape(info['path'])} (model {escape(info['model'])}{extra})")
+
+
+@app.command()
+def add(prompt: Optional[str] = typer.Argument(None, help="Text the model completes, containing the subject."),
+        target: Optional[str] = typer.Argument(None, help="The new object, e.g. 'Rome'."),
+        subject: Optional[str] = typer.Option(None, "--subject", "-s", help="The subject, as spelled in PROMPT."),
+        relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Relation id (default: the prompt template)."),
+        target_true: Optional[str] = typer.Option(None, "--old", help="The object before the edit, if known."),
+        file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read facts from a file (CounterFact, ZsRE, JSONL, CSV)."),
+        fmt: Optional[str] = typer.Option(None, "--format", help="File format (default: detected)."),
+        limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Read only the first N records of --file."),
+        json_: bool = JSON_OPT) -> None:
+    """Stage facts: one from the command line, or many from --file."""
+    from ..errors import UsageError
+    from ..records import Fact
+
+    want_json(json_)
+    if file is not None:
+        if prompt is not None or target is not None:
+            raise UsageError("give either PROMPT TARGET or --file, not both", "run two `kledger add` commands")
+        from ..formats import read_facts
+
+        facts = read_facts(file, fmt, limit=limit)
+    else:
+        if prompt is None or target is None:
+            raise UsageError("missing PROMPT and TARGET", "e.g. kledger add 'The Eiffel Tower is located in' Rome "
+                                                          "--subject 'Eiffel Tower', or use --file")
+        if subject is None:
+            raise UsageError("missing --subject", "name the entity the fact is about, as spelled in the prompt")
+        facts = [Fact.create(prompt, target, subject=subject, relation=relation, target_true=target_true)]
+    with open_ledger(write=True) as ledger:
+        res = ledger.add(facts)
+    if json_:
+        emit_json("add", res)
+    else:
+        skipped = f" ({res['skipped']} already in force or staged)" if res["skipped"] else ""
+        say(f"Staged {res['staged']} fact(s){skipped}")
+
+
+@app.command()
+def rm(subject: str = typer.Argument(..., help="Subject whose facts to retract."),
+       relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Only this relation (id or template)."),
+       json_: bool = JSON_OPT) -> None:
+    """Stage the retraction of facts in force about SUBJECT."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        res = ledger.remove(subject, relation)
+    if json_:
+        emit_json("rm", res)
+    else:
+        say(f"Staged the retraction of {res['staged']} fact(s)")
+
+
+@app.command()
+def status(json_: bool = JSON_OPT) -> None:
+    """Show the branch, HEAD, the facts in force and what is staged."""
+    want_json(json_)
+    with open_ledger() as ledger:
+        st = ledger.status()
+    if json_:
+        emit_json("status", st)
+        return
+    where = f"On branch {st['branch']}" if st["branch"] else f"HEAD detached at {short(st['head'])}"
+    out.print(escape(where))
+    if st["head"] is None:
+        out.print("No commits yet")
+    out.print(f"{st['facts_in_force']} fact(s) in force; model {escape(st['model'])}")
+    if st["pending"]:
+        p = st["pending"]
+        out.print(f"[yellow]A {p['kind']} of {short(p['theirs'])} stopped on {len(p.get('conflicts', []))} "
+                  f"conflict(s): run `kledger conflicts`, then `kledger resolve` or `kledger {p['kind']} --abort`[/]")
+    if st["staged"]:
+        out.print(f"Staged ({len(st['staged'])}):")
+        for s in st["staged"][:50]:
+            sign = "+" if s["op"] == "add" else "-"
+            out.print(f"  {sign} {escape(s['prompt'])} → {escape(s['target'])}  [dim]({escape(s['subject'])})[/]")
+        if len(st["staged"]) > 50:
+            out.print(f"  … and {len(st['staged']) - 50} more (use --json for all)")
+    else:
+        out.print("Nothing staged")
+
+
+@app.command()
+def reset(subject: Optional[str] = typer.Argument(None, help="Only unstage facts about this subject."),
+          json_: bool = JSON_OPT) -> None:
+    """Unstage facts (all, or those about SUBJECT)."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        n = ledger.reset(subject)
+    if json_:
+        emit_json("reset", {"unstaged": n})
+    else:
+        say(f"Unstaged {n} fact(s)")
+
+
+@app.command()
+def commit(message: str = typer.Option(..., "--message", "-m", help="Why this change is made."),
+           author: Optional[str] = typer.Option(None, "--author", help="Author (default $KLEDGER_AUTHOR or user@host)."),
+           allow_conflicts: bool = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of refusing."),
+           json_: bool = JSON_OPT) -> None:
+    """Record the staged facts as a new commit."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger:
+        cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts)
+        info = ledger.show(cid)
+    if json_:
+        emit_json("commit", {"id": cid, "branch": info["refs"], "added": info["added"], "retracted": info["retracted"]})
+    else:
+        say(escape(f"[{', '.join(info['refs']) or 'detached'} {short(cid)}] ") + f"{escape(info['message'])} "
+            f"(+{info['added']} / -{info['retracted']} facts)")
+
+

@@ -1,0 +1,86 @@
+"""Typed errors. Each carries its exit code; `kledger.cli` is the only place that turns them
+into process exits. Messages are one line: what went wrong, then how to fix it."""
+
+from __future__ import annotations
+
+# Exit codes (documented in docs/exit-codes.md).
+EXIT_OK = 0
+EXIT_ERROR = 1  # the operation failed: ledger state, lock, integrity, model
+EXIT_USAGE = 2  # the command line or its input is wrong: bad file, unknown revision, bad value
+EXIT_CONFLICT = 3  # unresolved conflicts are present (commit/merge/cherry-pick refused, check failed)
+
+
+class KledgerError(Exception):
+    """Base class. `message` says what is wrong; `hint` says how to fix it."""
+
+    exit_code = EXIT_ERROR
+    kind = "error"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.replace("\n", " ").strip()
+        if self.hint:
+            text += f" ({self.hint.strip()})"
+        return text
+
+
+class UsageError(KledgerError):
+    exit_code = EXIT_USAGE
+    kind = "usage"
+
+
+class InputError(UsageError):
+    """A file or value given by the user is malformed."""
+
+    kind = "input"
+
+
+class RevisionError(UsageError):
+    kind = "revision"
+
+
+class LedgerNotFound(KledgerError):
+    kind = "no-ledger"
+
+
+class LedgerLocked(KledgerError):
+    kind = "locked"
+
+
+class SchemaError(KledgerError):
+    kind = "schema"
+
+
+class StateError(KledgerError):
+    """The ledger is in a state where the command cannot run (nothing staged, merge in progress…)."""
+
+    kind = "state"
+
+
+class IntegrityError(KledgerError):
+    kind = "integrity"
+
+
+class ConflictError(KledgerError):
+    exit_code = EXIT_CONFLICT
+    kind = "conflict"
+
+    def __init__(self, message: str, hint: str | None = None, conflicts=None):
+        super().__init__(message, hint)
+        self.conflicts = list(conflicts or [])
+
+
+class ModelError(KledgerError):
+    """Model loading, unsupported architecture, numerical failure during an edit."""
+
+    kind = "model"
+
+
+class FingerprintError(KledgerError):
+    """Stored constraints were measured on another base model, C0 or hyper-parameters."""
+
+    kind = "fingerprint"

@@ -1,0 +1,701 @@
+"""The Ledger facade: the library API behind every command.
+
+It resolves revisions, computes the facts in force at a commit (the first parent's facts with the
+commit's ops applied), and performs every change to the ledger inside one store transaction. It
+never prints; errors are typed (kledger.errors). torch is imported only by the edit engine.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+from . import __version__
+from .conflicts import Conflict, find_conflicts
+from .errors import (ConflictError, InputError, KledgerError, RevisionError, StateError,
+                     UsageError)
+from .records import OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, fact_id, looks_like_id, short
+from .store import LEDGER_DIR, Store, find_ledger_dir
+
+DEFAULT_BRANCH = "main"
+_BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])$")
+_REV_SUFFIX = re.compile(r"^(.*?)((?:[~^]\d*)+)$")
+
+
+def now_iso() -> str:
+    """Commit time: $KLEDGER_DATE when set (for reproducible histories), else now, in UTC."""
+    env = os.environ.get("KLEDGER_DATE")
+    if env:
+        try:
+            dt = datetime.fromisoformat(env)
+        except ValueError as exc:
+            raise UsageError(f"KLEDGER_DATE={env!r} is not an ISO 8601 date",
+                             "use e.g. 2026-01-31T12:00:00+00:00") from exc
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+    else:
+        dt = datetime.now(timezone.utc)
+    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def default_author() -> str:
+    env = os.environ.get("KLEDGER_AUTHOR")
+    if env:
+        return env
+    try:
+        user = getpass.getuser()
+    except Exception:  # pragma: no cover - no user database
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def check_branch_name(name: str) -> str:
+    if not _BRANCH_RE.match(name) or name in ("HEAD",) or looks_like_id(name) and len(name) >= 40:
+        raise UsageError(f"{name!r} is not a valid branch name",
+                         "use letters, digits, '.', '_', '-' and '/', not starting with '-'")
+    return name
+
+
+@dataclass
+class FactChange:
+    """A fact in a diff. For `changed`, `before` is the fact it replaced (same subject and relation)."""
+
+    fact_id: str
+    fact: Fact
+    before: Fact | None = None
+    before_id: str | None = None
+
+
+class Ledger:
+    """A ledger on disk. Open with `Ledger.open()` (read) or `Ledger.open(write=True)`."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._graph: dict[str, tuple[str, ...]] | None = None
+        self._state_cache: dict[str, dict[str, str]] = {}
+
+    # ================================================================ opening
+    @classmethod
+    def init(cls, path: str | os.PathLike = ".", model: str | None = None) -> "Ledger":
+        root = Path(path).expanduser().resolve()
+        ldir = root / LEDGER_DIR
+        if (ldir / "ledger.duckdb").exists():
+            raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
+        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or "smollm2-135m",
+                "created": now_iso(), "created_by": f"kledger {__version__}"}
+        return cls(Store.create(ldir, meta))
+
+    @classmethod
+    def open(cls, ledger: str | os.PathLike | None = None, write: bool = False) -> "Ledger":
+        return cls(Store.open(find_ledger_dir(explicit=ledger), write=write))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def model(self) -> str:
+        return self.store.meta("model") or "smollm2-135m"
+
+    def _changed(self) -> None:
+        self._graph = None
+        self._state_cache.clear()
+
+    # ================================================================ revisions
+    def graph(self) -> dict[str, tuple[str, ...]]:
+        if self._graph is None:
+            self._graph = self.store.graph()
+        return self._graph
+
+    def current_branch(self) -> str | None:
+        head = self.store.head()
+        return head[5:] if head.startswith("ref: ") else None
+
+    def head(self) -> str | None:
+        """The commit HEAD points at, or None on an unborn branch."""
+        head = self.store.head()
+        return self.store.ref(head[5:]) if head.startswith("ref: ") else head
+
+    def resolve(self, rev: str | None = "HEAD") -> str:
+        """A full commit id for HEAD, a branch, a (short) id, with ~N / ^ / ^N suffixes."""
+        rev = (rev or "HEAD").strip()
+        if not rev:
+            raise RevisionError("empty revision", "give HEAD, a branch name or a commit id")
+        m = _REV_SUFFIX.match(rev)
+        base, suffix = (m.group(1), m.group(2)) if m else (rev, "")
+        cid = self._resolve_base(base or "HEAD", rev)
+        for part in re.findall(r"[~^]\d*", suffix):
+            n = int(part[1:]) if len(part) > 1 else 1
+            parents = self.graph().get(cid, ())
+            if part[0] == "~":
+                for _ in range(n):
+                    if not parents:
+                        raise RevisionError(f"revision {rev!r} goes past the first commit",
+                                            "use a smaller ~N (see `kledger log`)")
+                    cid = parents[0]
+                    parents = self.graph().get(cid, ())
+            else:
+                if n == 0:
+                    continue
+                if len(parents) < n:
+                    raise RevisionError(f"commit {short(cid)} has no parent number {n} ({rev!r})",
+                                        "^2 exists only on merge commits")
+                cid = parents[n - 1]
+        return cid
+
+    def _resolve_base(self, base: str, rev: str) -> str:
+        if base == "HEAD":
+            cid = self.head()
+            if cid is None:
+                raise RevisionError("HEAD has no commits yet", "add facts and `kledger commit` first")
+            return cid
+        cid = self.store.ref(base)
+        if cid is not None:
+            return cid
+        if looks_like_id(base.lower()):
+            found = self.store.ids_with_prefix(base.lower())
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise RevisionError(f"short id {base!r} is ambiguous ({', '.join(short(f) for f in found)}…)",
+                                    "give more characters of the id")
+        raise RevisionError(f"unknown revision {rev!r}", "give HEAD, a branch name or a commit id (see `kledger log`)")
+
+    def first_parent_chain(self, cid: str) -> list[str]:
+        chain = []
+        g = self.graph()
+        while cid is not None:
+            chain.append(cid)
+            parents = g.get(cid, ())
+            cid = parents[0] if parents else None
+        return chain
+
+    def ancestors(self, cid: str) -> set[str]:
+        """cid and every commit reachable from it."""
+        g, seen, todo = self.graph(), set(), [cid]
+        while todo:
+            c = todo.pop()
+            if c in seen:
+                continue
+            seen.add(c)
+            todo.extend(g.get(c, ()))
+        return seen
+
+    def merge_base(self, a: str, b: str) -> str | None:
+        common = self.ancestors(a) & self.ancestors(b)
+        if not common:
+            return None
+        # the best common ancestors are those not reachable from another common ancestor
+        order = self.store.commit_order()
+        return max(common, key=lambda c: order[c])
+
+    # ================================================================ state
+    def state(self, cid: str | None) -> dict[str, str]:
+        """Facts in force at commit `cid`: fact id → id of the commit that put it in force."""
+        if cid is None:
+            return {}
+        if cid not in self._state_cache:
+            self._state_cache[cid] = self.store.in_force(self.first_parent_chain(cid))
+        return self._state_cache[cid]
+
+    def facts_at(self, rev: str | None = "HEAD") -> dict[str, Fact]:
+        cid = self.resolve(rev) if rev is not None else None
+        return self.store.facts(self.state(cid))
+
+    def multi_valued(self) -> set[str]:
+        return {k for k, v in self.store.relations().items() if v["multi"]}
+
+    def _apply_ops(self, base: dict[str, str], ops: Iterable[Op]) -> set[str]:
+        ids = set(base)
+        for o in ops:
+            if o.op == OP_ADD:
+                ids.add(o.fact_id)
+            else:
+                ids.discard(o.fact_id)
+        return ids
+
+    def conflicts_in(self, ids: Iterable[str], involving: Iterable[str] | None = None,
+                     facts: dict[str, Fact] | None = None) -> list[Conflict]:
+        ids = list(ids)
+        facts = facts if facts is not None else self.store.facts(ids)
+        return find_conflicts({i: facts[i] for i in ids}, self.multi_valued(), involving)
+
+    # ================================================================ staging
+    def add(self, facts: list[Fact]) -> dict:
+        """Stage facts to add. Facts already in force at HEAD or already staged are skipped."""
+        if not facts:
+            raise InputError("no facts to add", "give PROMPT TARGET --subject S, or --file F")
+        with self.store.transaction():
+            in_force = self.state(self.head())
+            staged = {o.fact_id for o in self.store.staged()}
+            new, seen = [], set()
+            for f in facts:
+                fid = f.id
+                if fid in in_force or fid in staged or fid in seen:
+                    continue
+                seen.add(fid)
+                new.append(f)
+            self.store.put_facts(new)
+            self.store.stage([Op(OP_ADD, f.id) for f in new])
+        return {"staged": len(new), "skipped": len(facts) - len(new), "fact_ids": [f.id for f in new]}
+
+    def remove(self, subject: str, relation: str | None = None) -> dict:
+        """Stage the retraction of the facts in force at HEAD about `subject` (and `relation`)."""
+        in_force = self.state(self.head())
+        ids = sorted(set(in_force) & self.store.fact_ids_matching(subject, relation))
+        if not ids:
+            raise InputError(f"no fact about {subject!r}{' with that relation' if relation else ''} is in force",
+                             "check the subject with `kledger blame` or `kledger log --subject`")
+        with self.store.transaction():
+            staged = {o.fact_id for o in self.store.staged()}
+            ops = [Op(OP_RETRACT, i) for i in ids if i not in staged]
+            self.store.stage(ops)
+        return {"staged": len(ops), "fact_ids": ids}
+
+    def reset(self, subject: str | None = None) -> int:
+        """Unstage everything, or the staged facts about `subject`."""
+        with self.store.transaction():
+            staged = self.store.staged()
+            if subject is None:
+                ids = [o.fact_id for o in staged]
+            else:
+                match = self.store.fact_ids_matching(subject, None)
+                ids = [o.fact_id for o in staged if o.fact_id in match]
+            self.store.clear_staged(ids if subject is not None else None)
+        return len(ids)
+
+    def status(self) -> dict:
+        head = self.head()
+        staged = self.store.staged()
+        facts = self.store.facts(o.fact_id for o in staged)
+        pending = self.store.pending()
+        return {
+            "branch": self.current_branch(),
+            "head": head,
+            "facts_in_force": len(self.state(head)),
+            "staged": [{"op": o.op, "fact_id": o.fact_id, **facts[o.fact_id].to_dict()} for o in staged],
+            "pending": pending,
+            "model": self.model,
+        }
+
+    # ================================================================ committing
+    def _new_commit(self, parents: list[str], ops: list[Op], message: str, author: str | None,
+                    meta: dict | None = None, allow_conflicts: bool = False,
+                    introduced: Iterable[str] | None = None) -> str:
+        """Write a commit on HEAD's branch (or detached HEAD) in the current transaction."""
+        if not message or not message.strip():
+            raise UsageError("empty commit message", "give -m MESSAGE")
+        base = self.state(parents[0]) if parents else {}
+        after = self._apply_ops(base, ops)
+        added = [o.fact_id for o in ops if o.op == OP_ADD] if introduced is None else list(introduced)
+        found = self.conflicts_in(after, involving=added)
+        if found and not allow_conflicts:
+            raise ConflictError(
+                f"{len(found)} unresolved conflict(s): {describe(found[0], self.store.facts(found[0].fact_ids))}",
+                "run `kledger conflicts` and `kledger resolve`, or pass --allow-conflicts to record them as open",
+                conflicts=found)
+        if found:
+            meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
+        commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(),
+                        author=(author or default_author()).strip(), timestamp=now_iso(), meta=meta or {})
+        cid = self.store.put_commit(commit)
+        self._move_head(cid)
+        return cid
+
+    def _move_head(self, cid: str) -> None:
+        branch = self.current_branch()
+        if branch is not None:
+            self.store.set_ref(branch, cid)
+        else:
+            self.store.set_head(cid)
+        self._changed()
+
+    def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False) -> str:
+        if self.store.pending():
+            raise StateError(f"a {self.store.pending()['kind']} is in progress",
+                             "finish it with `kledger resolve`, or abandon it with --abort")
+        with self.store.transaction():
+            ops = self.store.staged()
+            if not ops:
+                raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
+            head = self.head()
+            cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts)
+            self.store.clear_staged()
+        return cid
+
+    # ================================================================ history
+    def log(self, rev: str | None = "HEAD", limit: int | None = None, subject: str | None = None,
+            relation: str | None = None, all_refs: bool = False) -> list[dict]:
+        """Commits reachable from `rev` (or from every branch), newest first."""
+        if all_refs:
+            tips = set(self.store.refs().values()) | ({self.head()} - {None})
+        else:
+            tips = {self.resolve(rev)}
+        reach: set[str] = set()
+        for t in tips:
+            reach |= self.ancestors(t)
+        order = self.store.commit_order()
+        ids = sorted(reach, key=lambda c: order[c], reverse=True)
+        if subject is not None or relation is not None:
+            touching = self.store.commits_touching(self.store.fact_ids_matching(subject, relation), ids)
+            ids = [c for c in ids if c in touching]
+        if limit is not None:
+            ids = ids[:limit]
+        commits = self.store.commits(ids, with_ops=False)
+        counts = self.store.op_counts(ids)
+        refs_at: dict[str, list[str]] = {}
+        for name, c in self.store.refs().items():
+            refs_at.setdefault(c, []).append(name)
+        return [self._commit_summary(c, commits[c], counts.get(c, (0, 0)), refs_at.get(c, [])) for c in ids]
+
+    def _commit_summary(self, cid: str, c: Commit, counts: tuple[int, int], refs: list[str]) -> dict:
+        return {"id": cid, "parents": list(c.parents), "author": c.author, "timestamp": c.timestamp,
+                "message": c.message, "added": counts[0], "retracted": counts[1], "refs": refs,
+                "meta": c.meta, "constraints": c.constraints}
+
+    def show(self, rev: str = "HEAD") -> dict:
+        cid = self.resolve(rev)
+        c = self.store.commit(cid)
+        facts = self.store.facts(o.fact_id for o in c.ops)
+        counts = (sum(o.op == OP_ADD for o in c.ops), sum(o.op != OP_ADD for o in c.ops))
+        refs = [n for n, v in self.store.refs().items() if v == cid]
+        out = self._commit_summary(cid, c, counts, refs)
+        out["ops"] = [{"op": o.op, "fact_id": o.fact_id, **facts[o.fact_id].to_dict()} for o in c.ops]
+        return out
+
+    def diff(self, rev_a: str | None = None, rev_b: str | None = None) -> dict:
+        """Facts added, removed and changed from a to b. With no revisions: HEAD against HEAD plus
+        the staged changes; with one: that revision against HEAD."""
+        if rev_a is None and rev_b is None:
+            head = self.head()
+            a_ids = set(self.state(head))
+            b_ids = self._apply_ops(self.state(head), self.store.staged())
+            label = ("HEAD", "staged")
+        else:
+            a = self.resolve(rev_a)
+            b = self.resolve(rev_b or "HEAD")
+            a_ids, b_ids = set(self.state(a)), set(self.state(b))
+            label = (a, b)
+        added_ids, removed_ids = b_ids - a_ids, a_ids - b_ids
+        facts = self.store.facts(added_ids | removed_ids)
+        removed_by_key: dict[tuple, list[str]] = {}
+        for i in removed_ids:
+            removed_by_key.setdefault(facts[i].key, []).append(i)
+        added, changed = [], []
+        for i in sorted(added_ids, key=lambda i: (facts[i].subject, facts[i].relation)):
+            olds = removed_by_key.get(facts[i].key)
+            if olds:
+                old = olds.pop()
+                removed_ids = removed_ids - {old}
+                changed.append(FactChange(i, facts[i], facts[old], old))
+            else:
+                added.append(FactChange(i, facts[i]))
+        removed = [FactChange(i, facts[i]) for i in sorted(removed_ids, key=lambda i: (facts[i].subject,
+                                                                                          facts[i].relation))]
+        return {"from": label[0], "to": label[1], "added": added, "removed": removed, "changed": changed}
+
+    def blame(self, subject: str, relation: str | None = None, rev: str = "HEAD") -> list[dict]:
+        cid = self.resolve(rev)
+        in_force = self.state(cid)
+        ids = sorted(set(in_force) & self.store.fact_ids_matching(subject, relation))
+        facts = self.store.facts(ids)
+        commits = self.store.commits({in_force[i] for i in ids}, with_ops=False)
+        out = []
+        for i in sorted(ids, key=lambda i: (facts[i].relation, facts[i].target)):
+            c = commits[in_force[i]]
+            out.append({"fact_id": i, **facts[i].to_dict(), "commit": in_force[i], "author": c.author,
+                        "timestamp": c.timestamp, "message": c.message})
+        return out
+
+    # ================================================================ branches
+    def branches(self) -> list[dict]:
+        cur = self.current_branch()
+        return [{"name": n, "commit": c, "current": n == cur} for n, c in self.store.refs().items()]
+
+    def create_branch(self, name: str, rev: str = "HEAD", force: bool = False) -> str:
+        check_branch_name(name)
+        cid = self.resolve(rev)
+        with self.store.transaction():
+            if self.store.ref(name) is not None and not force:
+                raise StateError(f"branch {name!r} already exists", "choose another name, or use --force to move it")
+            if force and name == self.current_branch():
+                raise StateError(f"cannot force-move the current branch {name!r}", "check out another branch first")
+            self.store.set_ref(name, cid)
+        return cid
+
+    def delete_branch(self, name: str) -> str:
+        with self.store.transaction():
+            cid = self.store.ref(name)
+            if cid is None:
+                raise UsageError(f"no branch named {name!r}", "see `kledger branch` for the list")
+            if name == self.current_branch():
+                raise StateError(f"cannot delete the current branch {name!r}", "check out another branch first")
+            self.store.delete_ref(name)
+        return cid
+
+    def checkout(self, target: str, create: bool = False) -> dict:
+        if self.store.pending():
+            raise StateError(f"a {self.store.pending()['kind']} is in progress",
+                             "finish it with `kledger resolve`, or abandon it with --abort")
+        with self.store.transaction():
+            if create:
+                cid = self.head()
+                check_branch_name(target)
+                if self.store.ref(target) is not None:
+                    raise StateError(f"branch {target!r} already exists", "check it out without -b")
+                if cid is None:
+                    self.store.set_head(f"ref: {target}")
+                else:
+                    self.store.set_ref(target, cid)
+                    self.store.set_head(f"ref: {target}")
+                self._changed()
+                return {"branch": target, "head": cid}
+            if self.store.ref(target) is not None:
+                self.store.set_head(f"ref: {target}")
+                self._changed()
+                return {"branch": target, "head": self.store.ref(target)}
+            cid = self.resolve(target)
+            self.store.set_head(cid)
+            self._changed()
+            return {"branch": None, "head": cid}
+
+    # ================================================================ rearranging
+    def _delta(self, cid: str) -> tuple[set[str], set[str]]:
+        """(facts the commit put in force, facts it took out), relative to its first parent."""
+        c_parents = self.graph()[cid]
+        before = set(self.state(c_parents[0])) if c_parents else set()
+        after = set(self.state(cid))
+        return after - before, before - after
+
+    def _require_head(self, what: str) -> str:
+        if self.store.pending():
+            raise StateError(f"a {self.store.pending()['kind']} is in progress",
+                             "finish it with `kledger resolve`, or abandon it with --abort")
+        head = self.head()
+        if head is None:
+            raise StateError(f"cannot {what}: HEAD has no commits yet", "commit something first")
+        return head
+
+    def revert(self, rev: str, author: str | None = None, message: str | None = None) -> str:
+        cid = self.resolve(rev)
+        head = self._require_head("revert")
+        added, removed = self._delta(cid)
+        now = self.state(head)
+        ops = [Op(OP_RETRACT, i) for i in sorted(added) if i in now]
+        ops += [Op(OP_ADD, i) for i in sorted(removed) if i not in now]
+        if not ops:
+            raise StateError(f"reverting {short(cid)} changes nothing at HEAD", "its facts are already gone")
+        c = self.store.commit(cid)
+        with self.store.transaction():
+            return self._new_commit([head], ops, message or f'Revert "{c.message}"', author,
+                                    meta={"reverts": cid})
+
+    def cherry_pick(self, rev: str, author: str | None = None, allow_conflicts: bool = False) -> str:
+        cid = self.resolve(rev)
+        head = self._require_head("cherry-pick")
+        added, removed = self._delta(cid)
+        now = self.state(head)
+        ops = [Op(OP_ADD, i) for i in sorted(added) if i not in now]
+        ops += [Op(OP_RETRACT, i) for i in sorted(removed) if i in now]
+        if not ops:
+            raise StateError(f"cherry-picking {short(cid)} changes nothing at HEAD", "its facts are already in force")
+        c = self.store.commit(cid)
+        body = {"theirs": cid, "head": head, "ops": [o.to_list() for o in ops], "message": c.message,
+                "author": author or c.author, "meta": {"cherry_picked_from": cid}}
+        return self._finish_or_stop("cherry-pick", [head], body, allow_conflicts)
+
+    def merge(self, branch: str, author: str | None = None, message: str | None = None,
+              no_ff: bool = False, allow_conflicts: bool = False) -> dict:
+        theirs = self.resolve(branch)
+        head = self._require_head("merge")
+        if theirs in self.ancestors(head):
+            return {"result": "up-to-date", "head": head}
+        base = self.merge_base(head, theirs)
+        if base == head and not no_ff:
+            with self.store.transaction():
+                self._move_head(theirs)
+            return {"result": "fast-forward", "head": theirs}
+        base_ids = set(self.state(base)) if base else set()
+        their_ids, our_ids = set(self.state(theirs)), set(self.state(head))
+        ops = [Op(OP_ADD, i) for i in sorted(their_ids - base_ids) if i not in our_ids]
+        ops += [Op(OP_RETRACT, i) for i in sorted(base_ids - their_ids) if i in our_ids]
+        body = {"theirs": theirs, "head": head, "ops": [o.to_list() for o in ops],
+                "message": message or f"Merge {branch!r} into {self.current_branch() or short(head)}",
+                "author": author, "meta": {"merged": theirs, "merge_base": base}}
+        cid = self._finish_or_stop("merge", [head, theirs], body, allow_conflicts)
+        return {"result": "merge", "head": cid}
+
+    def _finish_or_stop(self, kind: str, parents: list[str], body: dict, allow_conflicts: bool) -> str:
+        """Commit a merge or cherry-pick, or — when it would bring contradictions — record it as
+        pending with its conflicts and raise ConflictError (exit code 3). Nothing else changes."""
+        ops = [Op(o, f) for o, f in body["ops"]]
+        try:
+            with self.store.transaction():
+                return self._new_commit(parents, ops, body["message"], body.get("author"), meta=body["meta"],
+                                        allow_conflicts=allow_conflicts)
+        except ConflictError as exc:
+            body = {**body, "parents": parents, "conflicts": [c.key for c in exc.conflicts]}
+            with self.store.transaction():
+                self.store.set_pending(kind, body)
+            raise ConflictError(
+                f"{kind} stopped: {exc.message}",
+                f"run `kledger conflicts` and `kledger resolve`, or `kledger {kind} --abort`",
+                conflicts=exc.conflicts) from None
+
+    def abort(self, kind: str | None = None) -> dict:
+        pending = self.store.pending()
+        if pending is None or (kind and pending["kind"] != kind):
+            raise StateError(f"no {kind or 'merge or cherry-pick'} in progress", "nothing to abort")
+        with self.store.transaction():
+            self.store.set_pending(None)
+        return pending
+
+    # ================================================================ integrity
+    def fsck(self) -> dict:
+        problems: list[str] = []
+        n_facts = 0
+        for stored_id, fact in self.store.fact_rows():
+            n_facts += 1
+            if fact_id(fact.to_dict()) != stored_id:
+                problems.append(f"fact {short(stored_id)}: content does not match its id")
+        g = self.graph()
+        commits = self.store.commits(list(g))
+        for cid, c in commits.items():
+            if commit_id(c.payload()) != cid:
+                problems.append(f"commit {short(cid)}: content does not match its id")
+            for p in c.parents:
+                if p not in g:
+                    problems.append(f"commit {short(cid)}: parent {short(p)} is missing")
+        for cid, fid in self.store.dangling_ops():
+            problems.append(f"commit {short(cid)}: fact {short(fid)} is missing")
+        for name, cid in self.store.refs().items():
+            if cid not in g:
+                problems.append(f"branch {name}: points at missing commit {short(cid)}")
+        head = self.store.head()
+        if not head.startswith("ref: ") and head not in g:
+            problems.append(f"HEAD points at missing commit {short(head)}")
+        return {"ok": not problems, "facts": n_facts, "commits": len(commits), "problems": problems}
+
+    # ================================================================ text export / replay
+    def export(self, out_dir: str | os.PathLike) -> dict:
+        """Write the history as text: `commits.jsonl` (one commit per line, facts inline) and
+        `refs.json`. `Ledger.init_from` replays it into a new ledger."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        order = self.store.commit_order()
+        ids = sorted(order, key=order.get)
+        commits = self.store.commits(ids)
+        facts = self.store.facts(o.fact_id for c in commits.values() for o in c.ops)
+        with open(out / "commits.jsonl", "w", encoding="utf-8") as fh:
+            for cid in ids:
+                c = commits[cid]
+                rec = {"id": cid, "parents": list(c.parents), "message": c.message, "author": c.author,
+                       "timestamp": c.timestamp, "meta": c.meta,
+                       "ops": [{"op": o.op, "fact": facts[o.fact_id].to_dict()} for o in c.ops]}
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        refs = {"model": self.model, "head": self.store.head(), "branches": self.store.refs(),
+                "relations": self.store.relations()}
+        (out / "refs.json").write_text(json.dumps(refs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return {"commits": len(ids), "facts": len(facts), "path": str(out)}
+
+    @classmethod
+    def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None) -> "Ledger":
+        src = Path(source)
+        commits_file, refs_file = src / "commits.jsonl", src / "refs.json"
+        if not commits_file.is_file() or not refs_file.is_file():
+            raise InputError(f"{src} is not a text ledger (needs commits.jsonl and refs.json)",
+                             "give a directory written by `kledger export`, e.g. ledgers/NAME")
+        records = _read_jsonl(commits_file)
+        try:
+            refs = json.loads(refs_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{refs_file}: malformed JSON ({exc})", "fix or re-export the file") from exc
+        # Validate everything before the ledger is created: a bad file leaves nothing behind.
+        mapped: dict[str, str] = {}
+        plan = []
+        for n, rec in enumerate(records, 1):
+            try:
+                ops = [(o["op"], Fact.create(**_fact_args(o["fact"]))) for o in rec["ops"]]
+                if any(op not in (OP_ADD, OP_RETRACT) for op, _ in ops):
+                    raise InputError("unknown op", "ops are 'add' or 'retract'")
+                parents = [mapped[p] for p in rec["parents"]]
+                commit = Commit(parents=tuple(parents), ops=tuple(Op(op, f.id) for op, f in ops),
+                                message=rec["message"], author=rec["author"], timestamp=rec["timestamp"],
+                                meta=rec.get("meta") or {})
+            except KledgerError as exc:
+                raise InputError(f"{commits_file}:{n}: {exc.message}", exc.hint) from exc
+            except (KeyError, TypeError) as exc:
+                raise InputError(f"{commits_file}:{n}: missing or malformed field {exc}",
+                                 "each line needs id, parents, message, author, timestamp, ops") from exc
+            mapped[rec.get("id", str(n))] = commit.id
+            plan.append((commit, [f for _, f in ops]))
+        ledger = cls.init(path, model=model or refs.get("model"))
+        try:
+            with ledger.store.transaction():
+                for commit, facts in plan:
+                    ledger.store.put_facts(facts)
+                    ledger.store.put_commit(commit)
+                for name, cid in (refs.get("branches") or {}).items():
+                    ledger.store.set_ref(check_branch_name(name), mapped[cid])
+                head = refs.get("head") or f"ref: {DEFAULT_BRANCH}"
+                ledger.store.set_head(head if head.startswith("ref: ") else mapped[head])
+                for key, rel in (refs.get("relations") or {}).items():
+                    ledger.store.set_relation(key, bool(rel.get("multi")), rel.get("inverse_of"))
+        except BaseException:
+            ledger.close()
+            shutil.rmtree(ledger.path, ignore_errors=True)
+            raise
+        ledger._changed()
+        return ledger
+
+
+def _fact_args(d: dict) -> dict:
+    return {"prompt": d["prompt"], "target": d["target"], "subject": d["subject"],
+            "relation": d.get("relation"), "target_true": d.get("target_true"),
+            "paraphrases": d.get("paraphrases") or (), "neighborhood": d.get("neighborhood") or (),
+            "extra": d.get("extra") or {}}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text", "save the file as UTF-8") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{n}: malformed JSON ({exc.msg} at column {exc.colno})",
+                             "fix that line or re-export the ledger") from exc
+    return out
+
+
+def describe(conflict: Conflict, facts: dict[str, Fact]) -> str:
+    fs = [facts[i] for i in conflict.fact_ids if i in facts]
+    if not fs:
+        return conflict.subject
+    objs = " vs ".join(repr(f.target) for f in fs)
+    return f"{fs[0].subject!r} / {fs[0].relation!r}: {objs}"
+

@@ -1,0 +1,450 @@
+"""DuckDB storage: schema, version, migrations, transactions. The only module that holds SQL.
+
+Objects (facts, commits, their ops, constraints) are immutable and content-addressed; only refs,
+HEAD, staging and pending operations change. Every write goes through `Store.transaction()`, so a
+command that fails, or a process that dies half-way, leaves the ledger as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import duckdb
+
+from .errors import LedgerLocked, LedgerNotFound, SchemaError
+from .records import OP_ADD, Commit, Fact, Op, normalize, relation_key
+
+SCHEMA_VERSION = 1
+LEDGER_DIR = ".kledger"
+DB_NAME = "ledger.duckdb"
+
+_SCHEMA = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE facts (
+    id VARCHAR PRIMARY KEY, subject VARCHAR NOT NULL, prompt VARCHAR NOT NULL,
+    target VARCHAR NOT NULL, relation VARCHAR NOT NULL, target_true VARCHAR,
+    paraphrases VARCHAR[] NOT NULL, neighborhood VARCHAR[] NOT NULL, extra VARCHAR NOT NULL,
+    subject_key VARCHAR NOT NULL, relation_key VARCHAR NOT NULL, object_key VARCHAR NOT NULL);
+CREATE TABLE commits (
+    id VARCHAR PRIMARY KEY, seq BIGINT NOT NULL, parents VARCHAR[] NOT NULL,
+    message VARCHAR NOT NULL, author VARCHAR NOT NULL, timestamp VARCHAR NOT NULL,
+    constraints VARCHAR, meta VARCHAR NOT NULL);
+CREATE TABLE commit_ops (commit_id VARCHAR NOT NULL, pos INTEGER NOT NULL, op VARCHAR NOT NULL,
+    fact_id VARCHAR NOT NULL);
+CREATE TABLE refs (name VARCHAR PRIMARY KEY, commit_id VARCHAR NOT NULL);
+CREATE TABLE staged (pos INTEGER NOT NULL, op VARCHAR NOT NULL, fact_id VARCHAR NOT NULL);
+-- Per-fact, per-layer (key, value) constraints computed by a commit (the edit engine). Vectors are
+-- raw little-endian bytes of `dtype`; `fingerprint` names the row of `fingerprints` they depend on.
+CREATE TABLE constraints (commit_id VARCHAR NOT NULL, fact_id VARCHAR NOT NULL, layer INTEGER NOT NULL,
+    dtype VARCHAR NOT NULL, d_in INTEGER NOT NULL, d_out INTEGER NOT NULL,
+    key BLOB NOT NULL, value BLOB NOT NULL, fingerprint VARCHAR NOT NULL);
+CREATE TABLE fingerprints (id VARCHAR PRIMARY KEY, body VARCHAR NOT NULL);
+-- Cached statistics (C0 per model, layer and corpus).
+CREATE TABLE stats (model_fp VARCHAR NOT NULL, corpus_fp VARCHAR NOT NULL, layer INTEGER NOT NULL,
+    n_tokens BIGINT NOT NULL, dtype VARCHAR NOT NULL, dim INTEGER NOT NULL, matrix BLOB NOT NULL);
+-- Relation declarations: multi-valued relations and inverse pairs.
+CREATE TABLE relations (relation_key VARCHAR PRIMARY KEY, multi BOOLEAN NOT NULL DEFAULT FALSE,
+    inverse_of VARCHAR);
+-- An operation stopped by conflicts (merge, cherry-pick): at most one row.
+CREATE TABLE pending (kind VARCHAR NOT NULL, body VARCHAR NOT NULL);
+-- Recorded conflict decisions, replayed when the same conflict comes back (like git rerere).
+CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NULL, created VARCHAR NOT NULL);
+"""
+
+_FACT_COLS = ("id", "subject", "prompt", "target", "relation", "target_true", "paraphrases",
+              "neighborhood", "extra")
+
+
+def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
+    """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one), else the
+    nearest one from `start` (default: the current directory) upward, like git."""
+    if explicit is not None:
+        p = Path(explicit).expanduser().resolve()
+        for cand in (p, p / LEDGER_DIR):
+            if (cand / DB_NAME).is_file():
+                return cand
+        raise LedgerNotFound(f"no kledger ledger at {p}", "run `kledger init` there, or check --ledger")
+    env = os.environ.get("KLEDGER_DIR")
+    if env:
+        return find_ledger_dir(explicit=env)
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / LEDGER_DIR / DB_NAME).is_file():
+            return d / LEDGER_DIR
+    raise LedgerNotFound(f"not inside a kledger ledger (searched {here} and its parents)",
+                         "run `kledger init` first, or pass --ledger DIR")
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text
+
+
+class Store:
+    """One open connection to a ledger database. Use as a context manager."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool):
+        self.con = con
+        self.path = path
+        self.read_only = read_only
+        self._in_tx = False
+
+    # ----------------------------------------------------------------- opening and schema
+    @classmethod
+    def create(cls, ledger_dir: Path, meta: dict[str, str]) -> "Store":
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        db = ledger_dir / DB_NAME
+        tmp = ledger_dir / (DB_NAME + ".tmp")
+        for p in (tmp, Path(str(tmp) + ".wal")):
+            p.unlink(missing_ok=True)
+        # Build the schema in a temporary file, then rename: a crash never leaves a half-made ledger.
+        con = duckdb.connect(str(tmp))
+        try:
+            con.execute("BEGIN")
+            con.execute(_SCHEMA)
+            rows = {"schema_version": str(SCHEMA_VERSION), **meta}
+            con.executemany("INSERT INTO meta VALUES (?, ?)", list(rows.items()))
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, db)
+        return cls.open(ledger_dir, write=True)
+
+    @classmethod
+    def open(cls, ledger_dir: Path, write: bool = False, wait: float | None = None) -> "Store":
+        db = ledger_dir / DB_NAME
+        if not db.is_file():
+            raise LedgerNotFound(f"no ledger database at {db}", "run `kledger init`")
+        wait = float(os.environ.get("KLEDGER_LOCK_WAIT", "5")) if wait is None else wait
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                con = duckdb.connect(str(db), read_only=not write)
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise SchemaError(f"cannot open the ledger database {db}: {str(exc).splitlines()[0]}",
+                                      "the file is damaged or not a kledger ledger; restore it from a backup "
+                                      "or re-create it with `kledger init --from`") from exc
+                if time.monotonic() >= deadline:
+                    raise LedgerLocked(f"the ledger {ledger_dir} is in use by another process",
+                                       "wait for the other kledger command to finish, then retry") from exc
+                time.sleep(0.1)
+        store = cls(con, ledger_dir, read_only=not write)
+        try:
+            store._check_version(write)
+        except Exception:
+            con.close()
+            raise
+        return store
+
+    def _check_version(self, write: bool) -> None:
+        try:
+            row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except duckdb.Error as exc:
+            raise SchemaError(f"{self.path} is not a kledger ledger (no meta table)",
+                              "point --ledger at a directory made by `kledger init`") from exc
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"this ledger has schema version {version}, newer than this kledger "
+                              f"understands ({SCHEMA_VERSION})", "upgrade kledger to open it")
+        if version < SCHEMA_VERSION:
+            if not write:
+                raise SchemaError(f"this ledger has the old schema version {version}",
+                                  "run any writing command (e.g. `kledger status --upgrade`) to migrate it")
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:  # pragma: no cover - no older schema exists yet
+        migrations: dict[int, str] = {}
+        with self.transaction():
+            while version < SCHEMA_VERSION:
+                self.con.execute(migrations[version])
+                version += 1
+            self.set_meta("schema_version", str(version))
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator["Store"]:
+        """All-or-nothing. Nested calls join the outer transaction."""
+        if self._in_tx:
+            yield self
+            return
+        self.con.execute("BEGIN TRANSACTION")
+        self._in_tx = True
+        try:
+            yield self
+        except BaseException:
+            self._in_tx = False
+            self.con.execute("ROLLBACK")
+            raise
+        self._in_tx = False
+        self.con.execute("COMMIT")
+
+    # ----------------------------------------------------------------- meta, HEAD, refs
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else default
+
+    def all_meta(self) -> dict[str, str]:
+        return dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+    def head(self) -> str:
+        """'ref: NAME' when on a branch, else a commit id (detached)."""
+        return self.meta("HEAD", "ref: main")
+
+    def set_head(self, value: str) -> None:
+        self.set_meta("HEAD", value)
+
+    def ref(self, name: str) -> str | None:
+        row = self.con.execute("SELECT commit_id FROM refs WHERE name = ?", [name]).fetchone()
+        return row[0] if row else None
+
+    def refs(self) -> dict[str, str]:
+        return dict(self.con.execute("SELECT name, commit_id FROM refs ORDER BY name").fetchall())
+
+    def set_ref(self, name: str, commit_id: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO refs VALUES (?, ?)", [name, commit_id])
+
+    def delete_ref(self, name: str) -> None:
+        self.con.execute("DELETE FROM refs WHERE name = ?", [name])
+
+    # ----------------------------------------------------------------- facts
+    def put_facts(self, facts: Iterable[Fact]) -> None:
+        uniq = {f.id: f for f in facts}
+        if not uniq:
+            return
+        cols: list[list] = [[] for _ in range(12)]
+        for fid, f in uniq.items():
+            row = (fid, f.subject, f.prompt, f.target, f.relation, f.target_true, list(f.paraphrases),
+                   list(f.neighborhood), json.dumps(f.extra, sort_keys=True, ensure_ascii=False),
+                   normalize(f.subject), relation_key(f.relation), normalize(f.target))
+            for c, v in zip(cols, row):
+                c.append(v)
+        types = ["VARCHAR[]"] * 6 + ["VARCHAR[][]"] * 2 + ["VARCHAR[]"] * 4
+        select = ", ".join(f"unnest(?::{t})" for t in types)
+        self.con.execute(f"INSERT OR IGNORE INTO facts SELECT {select}", cols)
+
+    def facts(self, ids: Iterable[str]) -> dict[str, Fact]:
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return {}
+        rows = self.con.execute(
+            f"SELECT {', '.join(_FACT_COLS)} FROM facts WHERE id IN (SELECT unnest(?::VARCHAR[]))",
+            [ids]).fetchall()
+        return {r[0]: _fact_from_row(r) for r in rows}
+
+    def all_fact_ids(self) -> list[str]:
+        return [r[0] for r in self.con.execute("SELECT id FROM facts").fetchall()]
+
+    def fact_ids_matching(self, subject: str | None, relation: str | None) -> set[str]:
+        """Ids of facts whose subject and/or relation match (normalised)."""
+        where, params = [], []
+        if subject is not None:
+            where.append("subject_key = ?")
+            params.append(normalize(subject))
+        if relation is not None:
+            where.append("(relation_key = ? OR relation = ?)")
+            params += [relation_key(relation), relation]
+        sql = "SELECT id FROM facts" + (" WHERE " + " AND ".join(where) if where else "")
+        return {r[0] for r in self.con.execute(sql, params).fetchall()}
+
+    # ----------------------------------------------------------------- commits
+    def put_commit(self, commit: Commit) -> str:
+        cid = commit.id
+        seq = self.con.execute("SELECT coalesce(max(seq), 0) + 1 FROM commits").fetchone()[0]
+        self.con.execute(
+            "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [cid, seq, list(commit.parents), commit.message, commit.author, commit.timestamp,
+             commit.constraints, json.dumps(commit.meta, sort_keys=True, ensure_ascii=False)])
+        if commit.ops:
+            n = len(commit.ops)
+            self.con.execute(
+                "INSERT INTO commit_ops SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[]), "
+                "unnest(?::VARCHAR[]), unnest(?::VARCHAR[])",
+                [[cid] * n, list(range(n)), [o.op for o in commit.ops], [o.fact_id for o in commit.ops]])
+        return cid
+
+    def has_commit(self, cid: str) -> bool:
+        return self.con.execute("SELECT 1 FROM commits WHERE id = ?", [cid]).fetchone() is not None
+
+    def commit(self, cid: str) -> Commit:
+        return self.commits([cid])[cid]
+
+    def commits(self, ids: Iterable[str], with_ops: bool = True) -> dict[str, Commit]:
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return {}
+        rows = self.con.execute(
+            "SELECT id, parents, message, author, timestamp, constraints, meta FROM commits "
+            "WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()
+        ops: dict[str, list[Op]] = {}
+        if with_ops:
+            for cid, op, fid in self.con.execute(
+                    "SELECT commit_id, op, fact_id FROM commit_ops WHERE commit_id IN "
+                    "(SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, pos", [ids]).fetchall():
+                ops.setdefault(cid, []).append(Op(op, fid))
+        return {r[0]: Commit(parents=tuple(r[1]), ops=tuple(ops.get(r[0], ())), message=r[2],
+                             author=r[3], timestamp=r[4], constraints=r[5], meta=json.loads(r[6]))
+                for r in rows}
+
+    def graph(self) -> dict[str, tuple[str, ...]]:
+        """commit id → parent ids, for every commit. Cheap: one small row per commit."""
+        return {cid: tuple(p) for cid, p in self.con.execute("SELECT id, parents FROM commits").fetchall()}
+
+    def commit_order(self) -> dict[str, int]:
+        """commit id → insertion sequence (a topological order: parents are stored first)."""
+        return dict(self.con.execute("SELECT id, seq FROM commits").fetchall())
+
+    def ids_with_prefix(self, prefix: str, limit: int = 3) -> list[str]:
+        return [r[0] for r in self.con.execute(
+            "SELECT id FROM commits WHERE starts_with(id, ?) ORDER BY id LIMIT ?", [prefix, limit]).fetchall()]
+
+    def op_counts(self, ids: list[str]) -> dict[str, tuple[int, int]]:
+        """commit id → (facts added, facts retracted)."""
+        rows = self.con.execute(
+            "SELECT commit_id, count(*) FILTER (WHERE op = 'add'), count(*) FILTER (WHERE op <> 'add') "
+            "FROM commit_ops WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY commit_id", [ids]).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def commits_touching(self, fact_ids: set[str], commit_ids: list[str]) -> set[str]:
+        if not fact_ids or not commit_ids:
+            return set()
+        return {r[0] for r in self.con.execute(
+            "SELECT DISTINCT commit_id FROM commit_ops WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) "
+            "AND fact_id IN (SELECT unnest(?::VARCHAR[]))", [commit_ids, list(fact_ids)]).fetchall()}
+
+    # ----------------------------------------------------------------- state along a chain
+    def in_force(self, chain: list[str]) -> dict[str, str]:
+        """Facts in force at chain[0], given its first-parent chain (newest first): fact id → id of
+        the commit whose op put it in force. An op in a newer commit wins; within a commit, a later
+        op wins."""
+        if not chain:
+            return {}
+        rows = self.con.execute(
+            """
+            WITH chain AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth),
+            ranked AS (
+                SELECT o.fact_id, o.op, o.commit_id,
+                       row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
+                FROM commit_ops o JOIN chain c ON o.commit_id = c.id)
+            SELECT fact_id, commit_id FROM ranked WHERE rn = 1 AND op = ?
+            """, [chain, chain, OP_ADD]).fetchall()
+        return dict(rows)
+
+    # ----------------------------------------------------------------- staging
+    def staged(self) -> list[Op]:
+        return [Op(op, fid) for op, fid in
+                self.con.execute("SELECT op, fact_id FROM staged ORDER BY pos").fetchall()]
+
+    def stage(self, ops: list[Op]) -> None:
+        if not ops:
+            return
+        start = self.con.execute("SELECT coalesce(max(pos), -1) + 1 FROM staged").fetchone()[0]
+        n = len(ops)
+        self.con.execute("INSERT INTO staged SELECT unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[])",
+                         [list(range(start, start + n)), [o.op for o in ops], [o.fact_id for o in ops]])
+
+    def clear_staged(self, fact_ids: Iterable[str] | None = None) -> None:
+        if fact_ids is None:
+            self.con.execute("DELETE FROM staged")
+        else:
+            self.con.execute("DELETE FROM staged WHERE fact_id IN (SELECT unnest(?::VARCHAR[]))", [list(fact_ids)])
+
+    # ----------------------------------------------------------------- relations
+    def relations(self) -> dict[str, dict]:
+        return {r[0]: {"multi": r[1], "inverse_of": r[2]} for r in
+                self.con.execute("SELECT relation_key, multi, inverse_of FROM relations").fetchall()}
+
+    def set_relation(self, key: str, multi: bool | None = None, inverse_of: str | None = None) -> None:
+        cur = self.relations().get(key, {"multi": False, "inverse_of": None})
+        self.con.execute("INSERT OR REPLACE INTO relations VALUES (?, ?, ?)",
+                         [key, cur["multi"] if multi is None else multi,
+                          cur["inverse_of"] if inverse_of is None else inverse_of])
+
+    # ----------------------------------------------------------------- pending operation
+    def pending(self) -> dict | None:
+        row = self.con.execute("SELECT kind, body FROM pending").fetchone()
+        return {"kind": row[0], **json.loads(row[1])} if row else None
+
+    def set_pending(self, kind: str | None, body: dict | None = None) -> None:
+        self.con.execute("DELETE FROM pending")
+        if kind:
+            self.con.execute("INSERT INTO pending VALUES (?, ?)", [kind, json.dumps(body or {}, sort_keys=True)])
+
+    # ----------------------------------------------------------------- resolutions (rerere)
+    def resolution(self, key: str) -> dict | None:
+        row = self.con.execute("SELECT body FROM resolutions WHERE conflict_key = ?", [key]).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_resolution(self, key: str, body: dict, created: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?)",
+                         [key, json.dumps(body, sort_keys=True), created])
+
+    # ----------------------------------------------------------------- constraints and stats
+    def put_fingerprint(self, fid: str, body: dict) -> None:
+        self.con.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)", [fid, json.dumps(body, sort_keys=True)])
+
+    def fingerprint(self, fid: str) -> dict | None:
+        row = self.con.execute("SELECT body FROM fingerprints WHERE id = ?", [fid]).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_constraints(self, rows: list[tuple]) -> None:
+        """rows: (commit_id, fact_id, layer, dtype, d_in, d_out, key bytes, value bytes, fingerprint)."""
+        if rows:
+            self.con.executemany("INSERT INTO constraints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def constraints(self, commit_ids: list[str]) -> list[tuple]:
+        """(commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint) for those commits,
+        ordered by commit, fact and layer."""
+        if not commit_ids:
+            return []
+        return self.con.execute(
+            "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
+            "WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, fact_id, layer",
+            [commit_ids]).fetchall()
+
+    def stats(self, model_fp: str, corpus_fp: str) -> list[tuple]:
+        return self.con.execute(
+            "SELECT layer, n_tokens, dtype, dim, matrix FROM stats WHERE model_fp = ? AND corpus_fp = ? "
+            "ORDER BY layer", [model_fp, corpus_fp]).fetchall()
+
+    def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, dtype: str, dim: int,
+                  matrix: bytes) -> None:
+        self.con.execute("DELETE FROM stats WHERE model_fp = ? AND corpus_fp = ? AND layer = ?",
+                         [model_fp, corpus_fp, layer])
+        self.con.execute("INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [model_fp, corpus_fp, layer, n_tokens, dtype, dim, matrix])
+
+    # ----------------------------------------------------------------- integrity
+    def fact_rows(self) -> Iterator[Fact]:
+        cur = self.con.execute(f"SELECT {', '.join(_FACT_COLS)} FROM facts")
+        while batch := cur.fetchmany(5000):
+            for r in batch:
+                yield r[0], _fact_from_row(r)
+
+    def dangling_ops(self) -> list[tuple[str, str]]:
+        return self.con.execute(
+            "SELECT commit_id, fact_id FROM commit_ops o WHERE NOT EXISTS "
+            "(SELECT 1 FROM facts f WHERE f.id = o.fact_id) LIMIT 20").fetchall()
+
+
+def _fact_from_row(r) -> Fact:
+    return Fact(subject=r[1], prompt=r[2], target=r[3], relation=r[4], target_true=r[5],
+                paraphrases=tuple(r[6]), neighborhood=tuple(r[7]), extra=json.loads(r[8]))
