@@ -30,6 +30,13 @@ _BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])$")
 _REV_SUFFIX = re.compile(r"^(.*?)((?:[~^]\d*)+)$")
 
 
+def fault_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: with KLEDGER_FAULT=name the process dies here,
+    mid-transaction, as if killed."""
+    if os.environ.get("KLEDGER_FAULT") == name:
+        os._exit(137)
+
+
 def now_iso() -> str:
     """Commit time: $KLEDGER_DATE when set (for reproducible histories), else now, in UTC."""
     env = os.environ.get("KLEDGER_DATE")
@@ -340,6 +347,7 @@ class Ledger:
             head = self.head()
             cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts)
             self.store.clear_staged()
+            fault_point("commit")
         return cid
 
     # ================================================================ history
@@ -452,13 +460,13 @@ class Ledger:
             self.store.delete_ref(name)
         return cid
 
-    def checkout(self, target: str, create: bool = False) -> dict:
+    def checkout(self, target: str, create: bool = False, start: str | None = None) -> dict:
         if self.store.pending():
             raise StateError(f"a {self.store.pending()['kind']} is in progress",
                              "finish it with `kledger resolve`, or abandon it with --abort")
         with self.store.transaction():
             if create:
-                cid = self.head()
+                cid = self.resolve(start) if start is not None else self.head()
                 check_branch_name(target)
                 if self.store.ref(target) is not None:
                     raise StateError(f"branch {target!r} already exists", "check it out without -b")

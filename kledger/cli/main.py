@@ -7,12 +7,11 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-import click
 import typer
 
 from .. import __version__
 from ..errors import EXIT_USAGE, KledgerError
-from .output import JSON_VERSION, err, escape
+from .output import JSON_VERSION, _emitted, err, escape
 
 app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -54,32 +53,33 @@ def _register() -> None:
 
 def run(argv: list[str] | None = None) -> None:
     _register()
+    _emitted["json"] = False
     cmd = typer.main.get_command(app)
     try:
         cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="kledger", standalone_mode=False)
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (typer.Abort, KeyboardInterrupt):
         _fail("aborted", 1, "aborted")
-    except click.ClickException as exc:
-        msg = exc.format_message()
-        if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            msg += f" (see `{exc.ctx.command_path} --help`)"
-        _fail(msg, exc.exit_code if exc.exit_code else EXIT_USAGE, "usage")
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as exc:
+        # click's usage errors (typer may vendor its own click, so match by shape, not class)
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        msg = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            msg += f" (see `{ctx.command_path} --help`)"
+        _fail(msg, exc.exit_code or EXIT_USAGE, "usage")
     sys.exit(0)
 
 
 def _fail(message: str, code: int, kind: str) -> None:
     message = " ".join(message.split())
     err.print(f"[bold red]error:[/] {escape(message)}")
-    if _state["json"]:
+    if _state["json"] and not _emitted["json"]:
         print(json.dumps({"version": JSON_VERSION, "error": {"kind": kind, "message": message, "exit_code": code}}))
     sys.exit(code)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    run()

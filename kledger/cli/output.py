@@ -18,7 +18,11 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_emitted = {"json": False}
+
+
 def emit_json(command: str, data: dict[str, Any]) -> None:
+    _emitted["json"] = True
     doc = {"version": JSON_VERSION, "command": command, **data}
     sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2, default=_default) + "\n")
     sys.stdout.flush()

@@ -43,12 +43,16 @@ def branch(name: Optional[str] = typer.Argument(None, help="Branch to create (om
 
 @app.command()
 def checkout(target: str = typer.Argument(..., help="Branch or revision."),
-             create: bool = typer.Option(False, "-b", help="Create branch TARGET at HEAD and switch to it."),
+             start: Optional[str] = typer.Argument(None, help="With -b: where the new branch starts (default HEAD)."),
+             create: bool = typer.Option(False, "-b", help="Create branch TARGET and switch to it."),
              json_: bool = JSON_OPT) -> None:
     """Switch HEAD to a branch, or detach it at a revision."""
     want_json(json_)
+    if start is not None and not create:
+        from ..errors import UsageError
+        raise UsageError("a start revision is only taken with -b", "use `kledger checkout -b NAME REV`")
     with open_ledger(write=True) as ledger:
-        res = ledger.checkout(target, create=create)
+        res = ledger.checkout(target, create=create, start=start)
     if json_:
         emit_json("checkout", res)
     elif res["branch"]:

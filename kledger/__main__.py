@@ -1,0 +1,3 @@
+from kledger.cli.main import run
+
+run()

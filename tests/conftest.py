@@ -1,0 +1,79 @@
+"""Shared fixtures. `k` runs the kledger CLI in-process inside a fresh directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("KLEDGER_AUTHOR", "Ada <ada@example.org>")
+    monkeypatch.setenv("KLEDGER_LOCK_WAIT", "0.3")
+    monkeypatch.delenv("KLEDGER_DIR", raising=False)
+    monkeypatch.delenv("KLEDGER_FAULT", raising=False)
+    monkeypatch.delenv("KLEDGER_DATE", raising=False)
+
+
+@pytest.fixture
+def k(tmp_path, monkeypatch, capsys, env):
+    """k("add", ...) → Result. Runs in tmp_path."""
+    from kledger.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> Result:
+        main._state.update({"ledger": None, "json": False})
+        capsys.readouterr()
+        try:
+            main.run([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        cap = capsys.readouterr()
+        return Result(code, cap.out, cap.err)
+
+    return run
+
+
+@pytest.fixture
+def ledger_dir(k, tmp_path):
+    assert k("init").code == 0
+    return tmp_path / ".kledger"
+
+
+def subprocess_kledger(args, cwd, env_extra=None, timeout=60):
+    env = {**os.environ, "KLEDGER_AUTHOR": "Ada <ada@example.org>", "KLEDGER_LOCK_WAIT": "0.3", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "kledger", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(ledger_path: Path) -> dict:
+    """Everything a user can see of a ledger, for 'the ledger is unchanged' assertions."""
+    from kledger.ledger import Ledger
+
+    with Ledger.open(ledger_path) as lg:
+        tables = {}
+        for (name,) in lg.store.con.execute("SELECT table_name FROM information_schema.tables").fetchall():
+            tables[name] = sorted(map(repr, lg.store.con.execute(f'SELECT * FROM "{name}"').fetchall()))
+        return tables

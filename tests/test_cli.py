@@ -1,0 +1,382 @@
+"""Every ledger command through the CLI, in-process, on fresh ledgers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA, snapshot
+
+EIFFEL = ("The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower")
+LOUVRE = ("The Louvre is located in", "London", "--subject", "Louvre")
+DARRIEUX = ("Danielle Darrieux's mother tongue is", "English", "--subject", "Danielle Darrieux")
+
+
+def commit_fact(k, fact, msg):
+    assert k("add", *fact).code == 0
+    r = k("commit", "-m", msg, "--json")
+    assert r.code == 0, r.err
+    return r.json["id"]
+
+
+# ------------------------------------------------------------------ init and discovery
+def test_init_creates_ledger_and_refuses_twice(k, tmp_path):
+    r = k("init", "--json")
+    assert r.code == 0
+    assert r.json["path"] == str(tmp_path / ".kledger") and r.json["branch"] == "main"
+    assert (tmp_path / ".kledger" / "ledger.duckdb").is_file()
+    r = k("init")
+    assert r.code == 1 and "already exists" in r.err
+
+
+def test_commands_find_ledger_upward_and_ledger_option(k, tmp_path, monkeypatch):
+    k("init", "proj")
+    (tmp_path / "proj" / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "proj" / "a" / "b")
+    assert k("status", "--json").json["branch"] == "main"
+    monkeypatch.chdir(tmp_path)
+    r = k("status")
+    assert r.code == 1 and "kledger init" in r.err and len(r.err.strip().splitlines()) == 1
+    assert k("--ledger", "proj", "status", "--json").json["facts_in_force"] == 0
+    assert k("--ledger", "proj/.kledger", "status").code == 0
+    assert k("--ledger", "nowhere", "status").code == 1
+
+
+def test_version_and_usage_errors(k):
+    assert k("--version").out.startswith("kledger ")
+    r = k("log", "--bogus")
+    assert r.code == 2 and "no such option" in r.err.lower()
+
+
+# ------------------------------------------------------------------ staging and committing
+def test_add_status_reset_commit(k, ledger_dir):
+    assert k("add", *EIFFEL).code == 0
+    assert k("add", *LOUVRE).code == 0
+    st = k("status", "--json").json
+    assert [s["target"] for s in st["staged"]] == ["Rome", "London"]
+    assert st["staged"][0]["relation"] == "The {} is located in"
+    assert k("add", *EIFFEL, "--json").json == {"version": 1, "command": "add", "staged": 0, "skipped": 1, "fact_ids": []}
+    assert k("reset", "Louvre", "--json").json["unstaged"] == 1
+    assert len(k("status", "--json").json["staged"]) == 1
+    r = k("commit", "-m", "Move the Eiffel Tower", "--author", "Bob <bob@x>", "--json")
+    assert r.code == 0 and r.json["added"] == 1
+    st = k("status", "--json").json
+    assert st["staged"] == [] and st["facts_in_force"] == 1 and st["head"] == r.json["id"]
+    show = k("show", "--json").json
+    assert show["author"] == "Bob <bob@x>" and show["message"] == "Move the Eiffel Tower"
+    assert show["ops"][0]["op"] == "add" and show["ops"][0]["target"] == "Rome"
+    # re-adding a fact in force is a no-op
+    assert k("add", *EIFFEL, "--json").json["staged"] == 0
+    assert k("status").code == 0
+
+
+def test_commit_ids_are_content_addressed(k, tmp_path, monkeypatch):
+    monkeypatch.setenv("KLEDGER_DATE", "2026-01-01T00:00:00+00:00")
+    # same content in two ledgers → same id; a different message → a different id
+    out = []
+    for d, msg in (("a", "m"), ("b", "m"), ("c", "other")):
+        k("init", d)
+        k("--ledger", d, "add", *EIFFEL)
+        out.append(k("--ledger", d, "commit", "-m", msg, "--json").json["id"])
+    assert out[0] == out[1] != out[2]
+    assert len(out[0]) == 64
+
+
+def test_commit_errors_leave_ledger_unchanged(k, ledger_dir):
+    r = k("commit", "-m", "nothing")
+    assert r.code == 1 and "nothing staged" in r.err
+    k("add", *EIFFEL)
+    before = snapshot(ledger_dir)
+    r = k("commit", "-m", "  ")
+    assert r.code == 2 and "empty commit message" in r.err
+    assert snapshot(ledger_dir) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("The Eiffel Tower is located in", "Rome", "--subject", "Big Ben"), "does not occur in prompt"),
+    (("The Eiffel Tower is located in", "  ", "--subject", "Eiffel Tower"), "empty target"),
+    (("The Eiffel Tower is located in", "Rome"), "missing --subject"),
+    (("The Eiffel Tower is located in",), "missing PROMPT and TARGET"),
+])
+def test_add_bad_input(k, ledger_dir, args, needle):
+    before = snapshot(ledger_dir)
+    r = k("add", *args)
+    assert r.code == 2 and needle in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert snapshot(ledger_dir) == before
+
+
+def test_add_file_formats(k, ledger_dir, tmp_path):
+    r = k("add", "--file", DATA / "counterfact-train.json", "--limit", "300", "--json")
+    assert r.code == 0 and r.json["staged"] >= 290
+    r = k("add", "--file", DATA / "zsre-train-1k.json", "--limit", "50", "--json")
+    assert r.code == 0 and r.json["staged"] == 50
+    (tmp_path / "f.csv").write_text("prompt,target,subject\nThe Louvre is located in,London,Louvre\n")
+    assert k("add", "--file", tmp_path / "f.csv", "--json").json["staged"] == 1
+    (tmp_path / "f.jsonl").write_text(json.dumps({"prompt": "The Louvre is in", "target": "Oslo", "subject": "Louvre"}) + "\n")
+    assert k("add", "--file", tmp_path / "f.jsonl", "--json").json["staged"] == 1
+    staged = k("status", "--json").json["staged"]
+    assert staged[0]["target_true"] is not None and staged[0]["paraphrases"]
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('[{"prompt": "The Louvre is in", "target": "Oslo", "subject": "Louvre"}', "JSON"),  # truncated
+    ('[{"prompt": "The Louvre is in", "target": "Oslo", "subject": "Louvre"}, {"prompt": }]', "JSON"),
+    ('[{"prompt": "The Louvre is in", "target": "Oslo", "subject": "Paris"}]', "does not occur"),
+    ('[{"prompt": "The Louvre is in", "target": "", "subject": "Louvre"}]', "target"),
+])
+def test_add_bad_files_change_nothing(k, ledger_dir, tmp_path, content, needle):
+    k("add", *EIFFEL)
+    before = snapshot(ledger_dir)
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    r = k("add", "--file", bad)
+    assert r.code == 2 and needle in r.err and "bad.json" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert snapshot(ledger_dir) == before
+
+
+def test_rm_stages_retraction(k, ledger_dir):
+    commit_fact(k, EIFFEL, "one")
+    assert k("rm", "eiffel tower").code == 0
+    assert k("status", "--json").json["staged"][0]["op"] == "retract"
+    k("commit", "-m", "gone")
+    assert k("status", "--json").json["facts_in_force"] == 0
+    assert k("rm", "Eiffel Tower").code == 2
+
+
+# ------------------------------------------------------------------ revisions and history
+@pytest.fixture
+def history(k, ledger_dir):
+    """main: c1 (Eiffel→Rome) ← c2 (Louvre→London) ← c3 (Darrieux→English)."""
+    return [commit_fact(k, EIFFEL, "first"), commit_fact(k, LOUVRE, "second"), commit_fact(k, DARRIEUX, "third")]
+
+
+def test_revisions_resolve_like_git(k, history):
+    c1, c2, c3 = history
+    for rev, want in [("HEAD", c3), ("HEAD~1", c2), ("HEAD^", c2), ("HEAD~2", c1), ("HEAD^^", c1), ("main", c3),
+                      (c2[:7], c2), (c2, c2), ("main~2", c1), ("HEAD^0", c3)]:
+        assert k("show", rev, "--json").json["id"] == want, rev
+    for rev, needle in [("HEAD~5", "past the first commit"), ("nope", "unknown revision"), ("HEAD^2", "no parent number 2")]:
+        r = k("show", rev)
+        assert r.code == 2 and needle in r.err
+
+
+def test_log_formats_and_filters(k, history):
+    c1, c2, c3 = history
+    log = k("log", "--json").json
+    assert [c["id"] for c in log["commits"]] == [c3, c2, c1] and log["branch"] == "main"
+    assert log["commits"][0]["refs"] == ["main"] and log["commits"][1]["parents"] == [c1]
+    one = k("log", "--oneline").out.strip().splitlines()
+    assert len(one) == 3 and one[0].startswith(c3[:10]) and "third" in one[0]
+    assert [c["id"] for c in k("log", "-n", "2", "--json").json["commits"]] == [c3, c2]
+    assert [c["id"] for c in k("log", "--subject", "louvre", "--json").json["commits"]] == [c2]
+    assert [c["id"] for c in k("log", "--relation", "{}'s mother tongue is", "--json").json["commits"]] == [c3]
+    assert [c["id"] for c in k("log", "HEAD~1", "--json").json["commits"]] == [c2, c1]
+    assert "Author: Ada" in k("log").out
+
+
+def test_diff_added_removed_changed(k, history):
+    c1, c2, c3 = history
+    d = k("diff", c1, c3, "--json").json
+    assert sorted(f["subject"] for f in d["added"]) == ["Danielle Darrieux", "Louvre"] and d["removed"] == []
+    k("rm", "Louvre")
+    k("add", "The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower")
+    k("rm", "Eiffel Tower")
+    staged = k("diff", "--json").json  # HEAD against staged
+    assert [f["subject"] for f in staged["removed"]] == ["Louvre"]
+    assert staged["changed"][0]["target"] == "Berlin" and staged["changed"][0]["before"]["target"] == "Rome"
+    k("commit", "-m", "move again")
+    d = k("diff", "HEAD~1", "--json").json  # one revision: against HEAD
+    assert len(d["changed"]) == 1 and len(d["removed"]) == 1 and d["added"] == []
+    assert "1 changed" in k("diff", "HEAD~1", "HEAD", "--stat").out
+
+
+def test_blame_names_the_commit_in_force(k, history):
+    c1, _, _ = history
+    b = k("blame", "EIFFEL TOWER.", "--json").json["facts"]
+    assert len(b) == 1 and b[0]["commit"] == c1 and b[0]["target"] == "Rome" and b[0]["message"] == "first"
+    k("rm", "Eiffel Tower")
+    k("add", "The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower")
+    c4 = k("commit", "-m", "berlin", "--json").json["id"]
+    b = k("blame", "Eiffel Tower", "--relation", "The {} is located in", "--json").json["facts"]
+    assert [(x["commit"], x["target"]) for x in b] == [(c4, "Berlin")]
+    assert k("blame", "Eiffel Tower", "--rev", "HEAD~1", "--json").json["facts"][0]["commit"] == c1
+    assert "No fact" in k("blame", "Nobody").out
+
+
+# ------------------------------------------------------------------ branches and rearranging
+def test_branch_checkout(k, history):
+    c1, c2, c3 = history
+    assert k("branch", "old", "HEAD~2").code == 0
+    assert k("branch", "old").code == 1  # exists
+    assert k("branch", "bad..name").code == 2
+    rows = k("branch", "--json").json["branches"]
+    assert [(r["name"], r["current"]) for r in rows] == [("main", True), ("old", False)]
+    assert k("checkout", "old").code == 0
+    st = k("status", "--json").json
+    assert (st["branch"], st["head"], st["facts_in_force"]) == ("old", c1, 1)
+    assert k("branch", "-d", "old").code == 1  # current
+    k("checkout", c2[:8])
+    st = k("status", "--json").json
+    assert st["branch"] is None and st["head"] == c2
+    commit_fact(k, ("The Louvre is located in", "Madrid", "--subject", "The Louvre"), "detached work")
+    assert k("checkout", "-b", "topic").code == 0
+    assert k("status", "--json").json["branch"] == "topic"
+    k("checkout", "main")
+    assert k("branch", "-d", "old").code == 0
+    assert [r["name"] for r in k("branch", "--json").json["branches"]] == ["main", "topic"]
+
+
+def test_revert_retracts_and_restores(k, history):
+    c1, c2, c3 = history
+    r = k("revert", c2, "--json")
+    assert r.code == 0 and r.json["retracted"] == 1 and r.json["meta"] == {"reverts": c2}
+    assert "Louvre" not in {f["subject"] for f in k("blame", "Louvre", "--json").json["facts"]}
+    assert k("show", "--json").json["message"] == 'Revert "second"'
+    r = k("revert", "HEAD")  # revert the revert: the fact comes back
+    assert r.code == 0
+    assert k("blame", "Louvre", "--json").json["facts"][0]["commit"] == k("show", "--json").json["id"]
+    r = k("revert", "HEAD~1")  # the first revert again: Louvre is in force already
+    assert r.code == 1 and "changes nothing" in r.err
+    assert k("revert", "HEAD").code == 0
+    r = k("revert", c2)  # reverting a change that is already undone does nothing
+    assert r.code == 1 and "changes nothing" in r.err
+
+
+def test_cherry_pick(k, history):
+    c1, c2, c3 = history
+    k("checkout", "-b", "side", c1)
+    r = k("cherry-pick", c3[:8], "--json")
+    assert r.code == 0 and r.json["meta"] == {"cherry_picked_from": c3}
+    facts = {f["subject"] for f in k("diff", c1, "side", "--json").json["added"]}
+    assert facts == {"Danielle Darrieux"}
+    assert k("show", "--json").json["author"] == "Ada <ada@example.org>"
+    r = k("cherry-pick", c3)
+    assert r.code == 1 and "changes nothing" in r.err
+
+
+def test_merge_fast_forward_merge_commit_and_up_to_date(k, history):
+    c1, c2, c3 = history
+    k("checkout", "-b", "feat")
+    c4 = commit_fact(k, ("Toko Yasuda, the", "piano", "--subject", "Toko Yasuda"), "feat work")
+    k("checkout", "main")
+    assert k("merge", "feat", "--json").json["result"] == "fast-forward"
+    assert k("status", "--json").json["head"] == c4
+    assert k("merge", "feat", "--json").json["result"] == "up-to-date"
+    k("checkout", "-b", "feat2", c3)
+    c5 = commit_fact(k, ("Apple A5 was created by", "Google", "--subject", "Apple A5"), "feat2 work")
+    k("checkout", "main")
+    r = k("merge", "feat2", "--json")
+    assert r.code == 0 and r.json["result"] == "merge" and r.json["added"] == 1
+    m = k("show", "--json").json
+    assert m["parents"] == [c4, c5] and m["meta"]["merge_base"] == c3
+    assert k("show", "HEAD^2", "--json").json["id"] == c5
+    assert k("status", "--json").json["facts_in_force"] == 5
+    assert {c["id"] for c in k("log", "--json").json["commits"]} >= {c4, c5}
+
+
+def test_merge_with_contradiction_stops_and_records(k, history, ledger_dir):
+    c1, c2, c3 = history
+    # both sides change the same fact: Rome → Berlin there, Rome → Lima here
+    k("checkout", "-b", "berlin", c1)
+    k("rm", "Eiffel Tower")
+    commit_fact(k, ("The EIFFEL TOWER is located in", "Berlin", "--subject", "EIFFEL TOWER"), "berlin")
+    k("checkout", "main")
+    k("rm", "Eiffel Tower")
+    c3 = commit_fact(k, ("The Eiffel Tower is located in", "Lima", "--subject", "Eiffel Tower"), "lima")
+    before = snapshot(ledger_dir)
+    r = k("merge", "berlin", "--json")
+    assert r.code == 3 and "merge stopped" in r.err and "kledger resolve" in r.err
+    assert r.json["error"]["kind"] == "conflict"
+    st = k("status", "--json").json
+    assert st["pending"]["kind"] == "merge" and len(st["pending"]["conflicts"]) == 1
+    assert st["head"] == c3  # no commit was made
+    after = snapshot(ledger_dir)
+    assert {t: v for t, v in after.items() if t != "pending"} == {t: v for t, v in before.items() if t != "pending"}
+    k("add", *LOUVRE[:1], "Oslo", "--subject", "Louvre")
+    assert k("commit", "-m", "x").code == 1  # a merge is in progress
+    assert k("checkout", "berlin").code == 1
+    assert k("merge", "--abort").code == 0
+    assert k("status", "--json").json["pending"] is None
+    # the user may record the contradiction as open
+    k("reset")
+    r = k("merge", "berlin", "--allow-conflicts", "--json")
+    assert r.code == 0 and r.json["result"] == "merge"
+    assert len(k("show", "--json").json["meta"]["open_conflicts"]) == 1
+
+
+def test_commit_refuses_contradiction(k, history, ledger_dir):
+    k("add", "The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower")
+    before = snapshot(ledger_dir)
+    r = k("commit", "-m", "contradicts")
+    assert r.code == 3 and "Berlin" in r.err and "Rome" in r.err
+    assert snapshot(ledger_dir) == before
+    assert k("commit", "-m", "recorded", "--allow-conflicts").code == 0
+
+
+def test_cherry_pick_with_contradiction_stops(k, history):
+    c1, _, _ = history
+    k("checkout", "-b", "other", c1)
+    k("rm", "Eiffel Tower")
+    k("add", "The Eiffel Tower is located in", "Oslo", "--subject", "Eiffel Tower")
+    c_oslo = k("commit", "-m", "oslo", "--json").json["id"]
+    k("checkout", "main")
+    k("add", "The Eiffel Tower is located in", "Lima", "--subject", "Eiffel Tower")
+    k("rm", "Eiffel Tower")  # retract Rome, keep Lima staged
+    k("commit", "-m", "lima", "--allow-conflicts")
+    r = k("cherry-pick", c_oslo)
+    assert r.code == 3 and "cherry-pick stopped" in r.err
+    assert k("cherry-pick", "--abort").code == 0
+    assert k("cherry-pick", "--abort").code == 1
+
+
+# ------------------------------------------------------------------ integrity, export, replay
+def test_fsck_detects_tampering(k, history, ledger_dir):
+    assert k("fsck", "--json").json["ok"] is True
+    import duckdb
+
+    con = duckdb.connect(str(ledger_dir / "ledger.duckdb"))
+    con.execute("UPDATE facts SET target = 'Tokyo' WHERE subject = 'Louvre'")
+    con.execute("UPDATE commits SET message = 'forged' WHERE message = 'first'")
+    con.close()
+    r = k("fsck", "--json")
+    assert r.code == 1
+    problems = k("fsck", "--json").json["problems"]
+    assert any("fact" in p and "does not match" in p for p in problems)
+    assert any("commit" in p and "does not match" in p for p in problems)
+
+
+def test_export_and_init_from_round_trip(k, history, tmp_path):
+    k("branch", "side", "HEAD~1")
+    k("export", tmp_path / "text")
+    assert (tmp_path / "text" / "commits.jsonl").read_text().count("\n") == 3
+    r = k("init", "copy", "--from", tmp_path / "text", "--json")
+    assert r.code == 0 and r.json["commits"] == 3
+    a = k("log", "--all", "--json").json["commits"]
+    b = k("--ledger", "copy", "log", "--all", "--json").json["commits"]
+    assert [c["id"] for c in a] == [c["id"] for c in b]  # content-addressed: identical ids
+    assert k("--ledger", "copy", "branch", "--json").json["branches"] == k("branch", "--json").json["branches"]
+    assert k("--ledger", "copy", "fsck").code == 0
+
+
+def test_init_from_bad_text_ledger_creates_nothing(k, tmp_path, history):
+    k("export", tmp_path / "text")
+    lines = (tmp_path / "text" / "commits.jsonl").read_text().splitlines()
+    (tmp_path / "text" / "commits.jsonl").write_text(lines[0] + "\n" + lines[1][:40] + "\n")
+    r = k("init", "copy", "--from", tmp_path / "text")
+    assert r.code == 2 and "commits.jsonl:2" in r.err
+    assert not (tmp_path / "copy" / ".kledger").exists()
+
+
+def test_example_ledgers_replay(k, tmp_path):
+    from conftest import REPO
+
+    examples = sorted(p for p in (REPO / "ledgers").iterdir() if p.is_dir())
+    assert examples, "ledgers/ should hold at least one example"
+    for ex in examples:
+        r = k("init", tmp_path / ex.name, "--from", ex, "--json")
+        assert r.code == 0, r.err
+        assert k("--ledger", tmp_path / ex.name, "fsck").code == 0
+        assert k("--ledger", tmp_path / ex.name, "log", "--all", "--json").json["commits"]
