@@ -8,11 +8,13 @@ where the relation is single-valued (the default; see `kledger relation set --mu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
-
-import networkx as nx
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .records import Fact, canonical_json, sha256_hex
+
+
+if TYPE_CHECKING:  # networkx is imported when a graph is built: read commands stay fast
+    import networkx as nx
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,11 @@ class Conflict:
         return sha256_hex(canonical_json([self.kind, self.subject, self.relation, list(self.objects)]))
 
 
-def conflict_graph(facts: Mapping[str, Fact], multi_valued: Iterable[str] = ()) -> nx.Graph:
+def conflict_graph(facts: Mapping[str, Fact], multi_valued: Iterable[str] = ()) -> "nx.Graph":
     """Graph over the facts that take part in a contradiction (others are left out: they are not
     in any conflict). Edge attribute `kind` says which contradiction links two facts."""
+    import networkx as nx
+
     multi = set(multi_valued)
     groups: dict[tuple[str, str], list[str]] = {}
     for fid, f in facts.items():
@@ -54,6 +58,10 @@ def find_conflicts(facts: Mapping[str, Fact], multi_valued: Iterable[str] = (),
                    involving: Iterable[str] | None = None) -> list[Conflict]:
     """Conflicts among `facts`; with `involving`, only those that include one of those fact ids
     (the conflicts a proposed change would bring in)."""
+    if len(facts) < 2:
+        return []
+    import networkx as nx
+
     g = conflict_graph(facts, multi_valued)
     wanted = None if involving is None else set(involving)
     out = []

@@ -240,11 +240,10 @@ class Ledger:
                 ids.discard(o.fact_id)
         return ids
 
-    def conflicts_in(self, ids: Iterable[str], involving: Iterable[str] | None = None,
-                     facts: dict[str, Fact] | None = None) -> list[Conflict]:
-        ids = list(ids)
-        facts = facts if facts is not None else self.store.facts(ids)
-        return find_conflicts({i: facts[i] for i in ids}, self.multi_valued(), involving)
+    def conflicts_in(self, ids: Iterable[str], involving: Iterable[str] | None = None) -> list[Conflict]:
+        """Hard conflicts among the facts `ids` (only those involving `involving`, if given)."""
+        facts = self.store.facts(self.store.contradiction_candidates(ids))
+        return find_conflicts(facts, self.multi_valued(), involving)
 
     # ================================================================ staging
     def add(self, facts: list[Fact]) -> dict:

@@ -250,6 +250,21 @@ class Store:
             [ids]).fetchall()
         return {r[0]: _fact_from_row(r) for r in rows}
 
+    def contradiction_candidates(self, ids: Iterable[str]) -> list[str]:
+        """Those of `ids` that share a matching (subject, relation) with another of `ids` that has
+        a different object: the only facts that can be in a hard conflict. One aggregate query, so
+        a check over 100,000 facts never loads them all."""
+        ids = list(ids)
+        if len(ids) < 2:
+            return []
+        return [r[0] for r in self.con.execute(
+            """
+            WITH s AS (SELECT f.id, f.subject_key, f.relation_key, f.object_key FROM facts f
+                       SEMI JOIN (SELECT unnest(?::VARCHAR[]) AS id) i ON f.id = i.id),
+                 g AS (SELECT subject_key, relation_key FROM s GROUP BY ALL HAVING count(DISTINCT object_key) > 1)
+            SELECT s.id FROM s JOIN g USING (subject_key, relation_key)
+            """, [ids]).fetchall()]
+
     def all_fact_ids(self) -> list[str]:
         return [r[0] for r in self.con.execute("SELECT id FROM facts").fetchall()]
 
