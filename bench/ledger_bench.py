@@ -32,7 +32,7 @@ def build(ledger_dir: Path, n_facts: int, n_commits: int) -> float:
 
     per = n_facts // n_commits
     t0 = time.perf_counter()
-    with Ledger.init(ledger_dir) as lg:
+    with Ledger.init(ledger_dir, model="none") as lg:  # facts only: no model is loaded
         for c in range(n_commits):
             facts = []
             for j in range(per):

@@ -26,6 +26,7 @@ from .records import OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, fact_id, l
 from .store import LEDGER_DIR, Store, find_ledger_dir
 
 DEFAULT_BRANCH = "main"
+DEFAULT_MODEL = "smollm2-135m"
 _BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])$")
 _REV_SUFFIX = re.compile(r"^(.*?)((?:[~^]\d*)+)$")
 
@@ -98,7 +99,7 @@ class Ledger:
             raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
         if root.exists() and not root.is_dir():
             raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
-        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or "smollm2-135m",
+        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or os.environ.get("KLEDGER_MODEL") or DEFAULT_MODEL,
                 "created": now_iso(), "created_by": f"kledger {__version__}"}
         return cls(Store.create(ldir, meta))
 
@@ -121,7 +122,7 @@ class Ledger:
 
     @property
     def model(self) -> str:
-        return self.store.meta("model") or "smollm2-135m"
+        return self.store.meta("model") or DEFAULT_MODEL
 
     def _changed(self) -> None:
         self._graph = None
@@ -306,7 +307,7 @@ class Ledger:
     # ================================================================ committing
     def _new_commit(self, parents: list[str], ops: list[Op], message: str, author: str | None,
                     meta: dict | None = None, allow_conflicts: bool = False,
-                    introduced: Iterable[str] | None = None) -> str:
+                    introduced: Iterable[str] | None = None, constraints: str | None = None) -> str:
         """Write a commit on HEAD's branch (or detached HEAD) in the current transaction."""
         if not message or not message.strip():
             raise UsageError("empty commit message", "give -m MESSAGE")
@@ -322,7 +323,8 @@ class Ledger:
         if found:
             meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
         commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(),
-                        author=(author or default_author()).strip(), timestamp=now_iso(), meta=meta or {})
+                        author=(author or default_author()).strip(), timestamp=now_iso(), meta=meta or {},
+                        constraints=constraints)
         cid = self.store.put_commit(commit)
         self._move_head(cid)
         return cid
@@ -335,19 +337,59 @@ class Ledger:
             self.store.set_head(cid)
         self._changed()
 
-    def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False) -> str:
+    def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
+               compute: bool | None = None, progress=None) -> str:
+        """Commit the staged changes. On a ledger with a model (the default), the constraints of
+        the added facts are first measured against apply(HEAD) (sequential editing) and stored
+        with the commit, in the same transaction; `compute=False` records facts only."""
         if self.store.pending():
             raise StateError(f"a {self.store.pending()['kind']} is in progress",
                              "finish it with `kledger resolve`, or abandon it with --abort")
+        ops = self.store.staged()
+        if not ops:
+            raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
+        if not message or not message.strip():
+            raise UsageError("empty commit message", "give -m MESSAGE")
+        head = self.head()
+        rows: list = []
+        digest = None
+        if compute if compute is not None else self.has_model:
+            from .materialize import constraints_hash
+
+            added = self.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
+            new_facts = [added[o.fact_id] for o in ops if o.op == OP_ADD]
+            if new_facts:
+                rows = self.editor(progress=progress).compute(head, new_facts)
+                digest = constraints_hash(rows)
         with self.store.transaction():
-            ops = self.store.staged()
-            if not ops:
-                raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
-            head = self.head()
-            cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts)
+            if self.store.staged() != ops or self.head() != head:
+                raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
+            cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
+                                   constraints=digest)
+            if rows:
+                from .materialize import constraint_db_rows
+
+                ed = self.editor()
+                fp_id, body = ed.fingerprint()
+                self.store.put_fingerprint(fp_id, body)
+                self.store.put_constraints(constraint_db_rows(cid, rows))
             self.store.clear_staged()
             fault_point("commit")
         return cid
+
+    @property
+    def has_model(self) -> bool:
+        return self.model not in ("", "none")
+
+    def editor(self, progress=None, **kwargs):
+        """The ledger's model side (imports torch). One per Ledger unless options differ."""
+        from .materialize import Editor
+
+        if kwargs or getattr(self, "_editor", None) is None:
+            self._editor = Editor(self, progress=progress, **kwargs)
+        elif progress is not None:
+            self._editor.progress = progress
+        return self._editor
 
     # ================================================================ history
     def log(self, rev: str | None = "HEAD", limit: int | None = None, subject: str | None = None,

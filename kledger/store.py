@@ -435,6 +435,14 @@ class Store:
             "WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, fact_id, layer",
             [commit_ids]).fetchall()
 
+    def constraints_for_facts(self, fact_ids: list[str]) -> list[tuple]:
+        """Every stored constraint row of those facts, from any commit, ordered by fact and layer."""
+        if not fact_ids:
+            return []
+        return self.con.execute(
+            "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
+            "WHERE fact_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY fact_id, layer, commit_id", [fact_ids]).fetchall()
+
     def stats(self, model_fp: str, corpus_fp: str) -> list[tuple]:
         return self.con.execute(
             "SELECT layer, n_tokens, dtype, dim, matrix FROM stats WHERE model_fp = ? AND corpus_fp = ? "

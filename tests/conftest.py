@@ -30,6 +30,8 @@ class Result:
 def env(monkeypatch):
     monkeypatch.setenv("KLEDGER_AUTHOR", "Ada <ada@example.org>")
     monkeypatch.setenv("KLEDGER_LOCK_WAIT", "0.3")
+    # ledger tests use facts-only ledgers; the edit engine has its own tests
+    monkeypatch.setenv("KLEDGER_MODEL", "none")
     monkeypatch.delenv("KLEDGER_DIR", raising=False)
     monkeypatch.delenv("KLEDGER_FAULT", raising=False)
     monkeypatch.delenv("KLEDGER_DATE", raising=False)
@@ -63,7 +65,8 @@ def ledger_dir(k, tmp_path):
 
 
 def subprocess_kledger(args, cwd, env_extra=None, timeout=60):
-    env = {**os.environ, "KLEDGER_AUTHOR": "Ada <ada@example.org>", "KLEDGER_LOCK_WAIT": "0.3", **(env_extra or {})}
+    env = {**os.environ, "KLEDGER_AUTHOR": "Ada <ada@example.org>", "KLEDGER_LOCK_WAIT": "0.3",
+           "KLEDGER_MODEL": "none", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "kledger", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -8,14 +8,16 @@ from typing import Optional
 import typer
 
 from .main import app, open_ledger, want_json
-from .output import emit_json, escape, out, say, short
+from .output import emit_json, escape, out, progress_bar, say, short
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSON (docs/json.md) on stdout.")
 
 
 @app.command()
 def init(path: Path = typer.Argument(Path("."), help="Directory to create the ledger in (.kledger/ inside)."),
-         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the ledger edits (default smollm2-135m)."),
+         model: Optional[str] = typer.Option(None, "--model", "-m", envvar="KLEDGER_MODEL",
+                                            help="Model the ledger edits: smollm2-135m (default), a local HF "
+                                                 "directory or a cached hub id; 'none' for a facts-only ledger."),
          from_: Optional[Path] = typer.Option(None, "--from", help="Replay a text ledger (e.g. ledgers/NAME)."),
          json_: bool = JSON_OPT) -> None:
     """Create a ledger in PATH/.kledger/."""
@@ -136,8 +138,8 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
            json_: bool = JSON_OPT) -> None:
     """Record the staged facts as a new commit."""
     want_json(json_)
-    with open_ledger(write=True) as ledger:
-        cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts)
+    with open_ledger(write=True) as ledger, progress_bar() as progress:
+        cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)
     if json_:
         emit_json("commit", {"id": cid, "branch": info["refs"], "added": info["added"], "retracted": info["retracted"]})
