@@ -1,0 +1,22 @@
+"""What the model says: greedy answer and the top next tokens with probabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .weights import quiet_transformers
+
+
+@torch.no_grad()
+def answer(lm: Any, prompt: str, top: int = 5, max_new_tokens: int = 8) -> dict:
+    tok, model = lm.tokenizer, lm.model
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids  # [1, T]
+    probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)  # [V]
+    p, idx = probs.topk(top)
+    with quiet_transformers():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"answer": text.strip(), "top": [{"token": tok.decode([int(i)]), "prob": float(q)} for q, i in zip(p, idx)]}

@@ -1,0 +1,301 @@
+"""Keys and values: from edit requests to per-layer constraints (k, v), and applying them.
+
+For a commit's requests, against a model whose edited layers hold apply(prior):
+  1. values: optimise one residual delta δ_i per fact at the last edited layer L (hook on the
+     decoder layer's output at the subject's last token), batched over all facts; z_i = h_i + δ_i.
+  2. spreading: for each edited layer l in order: keys k at l with the current weights (mean over
+     the bare prompt and the prefix contexts), current z at L, residual r = (z − z_cur)/(layers
+     left), v = W_cur k + r; then write layer l with the solve over prior + new constraints.
+Gemma 3 normalises the MLP output before adding it to the residual; there the residual is spread
+as if it were added directly (an approximation). Shapes: N facts, C contexts, d residual width,
+d_in the down-projection's input width.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+
+from ..errors import InputError, ModelError
+from .hooks import (add_to_residual, boundary_token, capture_down_inputs, capture_residual, encode,
+                    logits_at, pad_batch, pad_id_of, run_until)
+from .hparams import HParams
+from .solve import Batch, solve_history
+from .spec import get_weight, set_weight
+
+Progress = Callable[[str, int, int], None]
+LayerConstraints = Union[Batch, Sequence[Batch]]  # one (K, V) or the batches of commits in order
+
+# Short neutral contexts put before the prompt (MEMIT's prefix contexts, fixed for determinism).
+PREFIXES = (
+    "The following is a short note.",
+    "Here is what I learned today.",
+    "It was a quiet morning in the town.",
+    "Therefore, the answer is clear.",
+    "Because of this, many people agreed.",
+    "I read about it in the news.",
+    "You may have heard this before.",
+    "According to the old records,",
+    "In the last chapter of the book,",
+    "She said that it was true.",
+)
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Make the model complete `prompt` (which contains `subject`) with `target`."""
+
+    prompt: str
+    subject: str
+    target: str
+
+    @classmethod
+    def from_fact(cls, fact: Any) -> "EditRequest":
+        return cls(prompt=fact.prompt, subject=fact.subject, target=fact.target)
+
+
+def context_prefixes(hp: HParams) -> list[str]:
+    """"" (the bare prompt) and hp.n_prefixes prefixes, chosen by hp.seed, each cut to at most
+    hp.prefix_len words."""
+    order = list(range(len(PREFIXES)))
+    random.Random(hp.seed).shuffle(order)
+    chosen = [PREFIXES[i] for i in order[:hp.n_prefixes]]
+    return [""] + [" ".join(p.split()[:hp.prefix_len]) + " " for p in chosen]
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    ctx: list[list[int]]  # per context: ids of (boundary +) prefix + prompt
+    subj: list[int]  # per context: index of the subject's last token
+    target: list[int]  # the target's ids as a continuation of the prompt
+    kl: list[int]  # ids of "{subject} is a"
+    kl_subj: int
+
+
+def _subject_last(tok: Any, text: str, end: int, bos_id: int | None) -> int:
+    return len(encode(tok, text[:end], bos_id)) - 1
+
+
+def tokenize_request(tok: Any, req: EditRequest, prefixes: Sequence[str], bos_id: int | None) -> _Tokens:
+    prompt = req.prompt.rstrip()
+    target = req.target.strip()
+    at = prompt.find(req.subject) if req.subject else -1
+    if at < 0:
+        raise InputError(f"subject {req.subject!r} does not occur in prompt {prompt!r}",
+                         "give the subject exactly as it is spelled in the prompt")
+    p_ids = encode(tok, prompt)
+    full = encode(tok, prompt + " " + target)
+    t_ids = full[len(p_ids):] if full[:len(p_ids)] == p_ids else encode(tok, " " + target)
+    if not target or not t_ids:
+        raise InputError(f"target {req.target!r} of prompt {prompt!r} tokenises to nothing",
+                         "give a non-empty target")
+    ctx, subj = [], []
+    for pre in prefixes:
+        text = pre + prompt
+        ctx.append(encode(tok, text, bos_id))
+        subj.append(_subject_last(tok, text, len(pre) + at + len(req.subject), bos_id))
+    kl_text = KL_TEMPLATE.format(req.subject)
+    return _Tokens(ctx, subj, list(t_ids), encode(tok, kl_text, bos_id),
+                   _subject_last(tok, kl_text, len(req.subject), bos_id))
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ModelError(f"non-finite values in {what} during the edit",
+                         "lower the learning rate or check the model weights")
+
+
+# ---- values ---------------------------------------------------------------------------------
+
+def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
+                    progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
+    prompt) and diagnostics. One forward/backward per step for all facts; each fact has its own
+    delta and stops (is frozen) once its mean target probability exceeds hp.early_stop_prob."""
+    model, spec = lm.model, lm.spec
+    L = hp.layers[-1]
+    N, C = len(toks), len(toks[0].ctx)
+    seqs: list[list[int]] = []
+    d_rows, d_cols, d_fact = [], [], []  # where each fact's delta is added
+    t_rows, t_cols, t_ids, t_seq = [], [], [], []  # target token positions, ids, rewrite-seq index
+    for i, t in enumerate(toks):
+        for c in range(C):
+            s = len(seqs)
+            seqs.append(t.ctx[c] + t.target[:-1])
+            d_rows.append(s), d_cols.append(t.subj[c]), d_fact.append(i)
+            for j, tid in enumerate(t.target):
+                t_rows.append(s), t_cols.append(len(t.ctx[c]) - 1 + j), t_ids.append(tid), t_seq.append(i * C + c)
+    kl_rows = []
+    for i, t in enumerate(toks):
+        kl_rows.append(len(seqs))
+        d_rows.append(len(seqs)), d_cols.append(t.kl_subj), d_fact.append(i)
+        seqs.append(t.kl)
+    batch = pad_batch(seqs, pad_id_of(lm.tokenizer))
+    kl_cols = torch.tensor([len(t.kl) - 1 for t in toks])
+    d_rows_t, d_cols_t, d_fact_t = (torch.tensor(x) for x in (d_rows, d_cols, d_fact))
+    t_rows_t, t_cols_t, t_ids_t, t_seq_t = (torch.tensor(x) for x in (t_rows, t_cols, t_ids, t_seq))
+    n_tok = torch.zeros(N * C).index_add_(0, t_seq_t, torch.ones(len(t_ids)))  # target tokens per seq
+    M = len(t_ids)
+    out_rows = torch.cat([t_rows_t, torch.tensor(kl_rows)])  # [M + N] positions whose logits we need
+    out_cols = torch.cat([t_cols_t, kl_cols])
+    bare_rows = torch.tensor([i * C for i in range(N)])
+    bare_cols = torch.tensor([t.subj[0] for t in toks])
+
+    d = model.get_input_embeddings().weight.shape[1]
+    delta = torch.zeros(N, d, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    active = torch.ones(N, dtype=torch.bool)
+    h0 = kl_init = None
+    prob = torch.zeros(N)
+    steps_done = torch.zeros(N, dtype=torch.long)
+    with torch.enable_grad():
+        for step in range(hp.steps + 1):
+            if progress is not None:
+                progress("values", step, hp.steps)
+            with capture_residual(model, spec, L) as got, \
+                    add_to_residual(model, spec, L, d_rows_t, d_cols_t, delta[d_fact_t]):
+                logits = logits_at(model, spec, batch.input_ids, batch.attention_mask,
+                                   out_rows, out_cols).float()  # [M + N, V]
+            if h0 is None:
+                h0 = got[L][bare_rows, bare_cols].detach().clone()  # [N, d], δ = 0 at step 0
+            lp = torch.log_softmax(logits[:M], -1)  # [M, V]
+            tok_lp = lp.gather(1, t_ids_t[:, None])[:, 0]  # [M]
+            seq_lp = torch.zeros(N * C).index_add(0, t_seq_t, tok_lp) / n_tok  # [N*C] mean per seq
+            nll = -seq_lp.view(N, C).mean(1)  # [N]
+            prob = seq_lp.detach().exp().view(N, C).mean(1)  # [N]
+            kl_lp = torch.log_softmax(logits[M:], -1)  # [N, V]
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)  # [N] KL(unedited ‖ edited)
+            wd = hp.weight_decay * (delta.norm(dim=1) / h0.norm(dim=1)) ** 2  # [N]
+            loss_each = nll + hp.kl_weight * kl + wd
+            _check_finite(loss_each, "the value optimisation loss")
+            active &= prob < hp.early_stop_prob
+            if step == hp.steps or not active.any():
+                break
+            steps_done += active.long()
+            opt.zero_grad()
+            loss_each[active].sum().backward()
+            frozen = delta.detach()[~active].clone()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = frozen
+                max_norm = hp.clamp * h0.norm(dim=1, keepdim=True)  # [N, 1]
+                norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+    z = (h0 + delta.detach()).clone()  # [N, d]
+    _check_finite(z, "the target values")
+    info = {"target_prob": prob.tolist(), "steps": steps_done.tolist(),
+            "delta_norm_ratio": (delta.detach().norm(dim=1) / h0.norm(dim=1)).tolist()}
+    return z, info
+
+
+# ---- keys and spreading ---------------------------------------------------------------------
+
+@torch.no_grad()
+def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` ([N, d_in], mean over contexts) and the residual at `z_layer` ([N, d],
+    bare prompt), at the subject's last token, with the model's current weights."""
+    model, spec = lm.model, lm.spec
+    N, C = len(toks), len(toks[0].ctx)
+    batch = pad_batch([c for t in toks for c in t.ctx], pad_id_of(lm.tokenizer))
+    rows = torch.arange(N * C)
+    cols = torch.tensor([s for t in toks for s in t.subj])
+    with capture_down_inputs(model, spec, [layer]) as keys, \
+            capture_residual(model, spec, z_layer, stop=True) as res:
+        run_until(model, batch.input_ids, batch.attention_mask)
+    K = keys[layer][rows, cols].float().view(N, C, -1).mean(1)  # [N, d_in]
+    z = res[z_layer][rows, cols].float().view(N, C, -1)[:, 0]  # [N, d]
+    return K, z
+
+
+def _batches(c: LayerConstraints | None) -> list[Batch]:
+    if c is None:
+        return []
+    if isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], torch.Tensor):
+        return [c]
+    return list(c)
+
+
+def prepare(lm: Any, requests: Sequence[EditRequest], hp: HParams) -> list[_Tokens]:
+    """Tokenise requests with their contexts; InputError on a bad request."""
+    if not requests:
+        raise InputError("no edit requests", "stage at least one fact")
+    bos_id = boundary_token(lm.tokenizer, hp.bos)
+    prefixes = context_prefixes(hp)
+    return [tokenize_request(lm.tokenizer, r, prefixes, bos_id) for r in requests]
+
+
+def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
+           c0: Mapping[int, torch.Tensor], W0: Mapping[int, torch.Tensor],
+           prior: Mapping[int, LayerConstraints] | None = None,
+           progress: Progress | None = None) -> dict[int, Batch]:
+    """Spread target residuals z [N, d] over hp.layers, writing each layer as it goes; returns
+    the new constraints. Same pre/postconditions as `compute_constraints`."""
+    prior = prior or {}
+    missing = [la for la in hp.layers if la not in c0 or la not in W0]
+    if missing:
+        raise ModelError(f"no C0 or base weight for layers {missing}", "compute C0 for the edited layers")
+    L = hp.layers[-1]
+    new: dict[int, Batch] = {}
+    for i, layer in enumerate(hp.layers):
+        if progress is not None:
+            progress("layers", i, len(hp.layers))
+        K, z_cur = measure(lm, toks, layer, L)  # [N, d_in], [N, d]
+        resid = (z - z_cur) / (len(hp.layers) - i)  # [N, d]
+        W_cur = get_weight(lm.model, lm.spec, layer).double()  # [d_out, d_in]
+        V = (K.double() @ W_cur.T + resid.double()).float()  # [N, d_out]
+        _check_finite(V, f"the values of layer {layer}")
+        new[layer] = (K, V)
+        W = solve_history(W0[layer], _batches(prior.get(layer)) + [new[layer]], c0[layer], hp.lam, hp.mode)
+        _check_finite(W, f"the solved weight of layer {layer}")
+        set_weight(lm.model, lm.spec, layer, W)
+    if progress is not None:
+        progress("layers", len(hp.layers), len(hp.layers))
+    return new
+
+
+def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
+                        c0: Mapping[int, torch.Tensor], W0: Mapping[int, torch.Tensor],
+                        prior: Mapping[int, LayerConstraints] | None = None,
+                        progress: Progress | None = None,
+                        diagnostics: dict | None = None) -> dict[int, Batch]:
+    """New constraints {layer: (K [N, d_in], V [N, d_out])} (float32, CPU) for `requests`.
+
+    Precondition: lm's edited layers hold apply(prior) (W0 when prior is empty).
+    Postcondition: they hold apply(prior + new), solved with hp.mode. `prior[layer]` is one
+    (K, V) or the list of commits' (K, V) in order. `diagnostics`, if given, receives the value
+    optimisation's per-fact target probabilities and step counts."""
+    toks = prepare(lm, requests, hp)
+    missing = [la for la in hp.layers if la not in c0 or la not in W0]
+    if missing:
+        raise ModelError(f"no C0 or base weight for layers {missing}", "compute C0 for the edited layers")
+    z, info = optimise_values(lm, toks, hp, progress)
+    new = spread(lm, toks, z, hp, c0, W0, prior, progress)
+    if diagnostics is not None:
+        diagnostics.update(info)
+    return new
+
+
+def apply_constraints(W0: Mapping[int, torch.Tensor], constraints: Mapping[int, LayerConstraints],
+                      c0: Mapping[int, torch.Tensor], lam: float,
+                      mode: str = "accumulated") -> dict[int, torch.Tensor]:
+    """The solved weights {layer: W [d_out, d_in] float64}: a pure function of W0, the stored
+    constraints (per layer one (K, V) or the commits' batches in order), C0 and λ."""
+    return {layer: solve_history(W0[layer], _batches(constraints.get(layer)), c0[layer], lam, mode)
+            for layer in sorted(W0)}
+
+
+def write_weights(lm: Any, weights: Mapping[int, torch.Tensor]) -> None:
+    """Write canonical weights {layer: W [d_out, d_in]} into the model (cast to its dtype)."""
+    for layer, W in weights.items():
+        set_weight(lm.model, lm.spec, layer, W)
+
+
+def base_weights(lm: Any, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The current down-projection weights of `layers`, canonical, float64 copies."""
+    return {la: get_weight(lm.model, lm.spec, la).double() for la in layers}

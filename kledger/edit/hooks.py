@@ -1,0 +1,148 @@
+"""Scoped forward hooks and tokenisation helpers. Every hook is removed when its `with` block
+ends, also on error. Shapes: B sequences, T tokens, d_in the down-projection's input width,
+d the residual width."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .spec import ArchSpec, down_proj, get_module, layer_module
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early; caught by `run_until`."""
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_down_inputs(model: Any, spec: ArchSpec, layers: Sequence[int],
+                        stop_after: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input [B, T, d_in] of each layer's down-projection into the yielded dict
+    (detached). With `stop_after`, the forward ends after that layer's down-projection; run the
+    forward through `run_until`."""
+    got: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def pre(_mod, args, _layer=layer):
+            got[_layer] = args[0].detach()
+        handles.append(down_proj(model, spec, layer).register_forward_pre_hook(pre))
+    if stop_after is not None:
+        def stop(_mod, _args, _out):
+            raise _StopForward
+        handles.append(down_proj(model, spec, stop_after).register_forward_hook(stop))
+    with _hooks(handles):
+        yield got
+
+
+@contextlib.contextmanager
+def capture_residual(model: Any, spec: ArchSpec, layer: int,
+                     stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the output of decoder layer `layer` (the residual stream, [B, T, d]); with `stop`,
+    end the forward there."""
+    got: dict[int, torch.Tensor] = {}
+
+    def hook(_mod, _args, out):
+        got[layer] = (out[0] if isinstance(out, tuple) else out).detach()
+        if stop:
+            raise _StopForward
+
+    with _hooks([layer_module(model, spec, layer).register_forward_hook(hook)]):
+        yield got
+
+
+@contextlib.contextmanager
+def add_to_residual(model: Any, spec: ArchSpec, layer: int, rows: torch.Tensor, cols: torch.Tensor,
+                    delta: torch.Tensor) -> Iterator[None]:
+    """Add delta[j] [d] to the output of decoder layer `layer` at (rows[j], cols[j]) (differentiably)."""
+    def hook(_mod, _args, out):
+        h = out[0] if isinstance(out, tuple) else out  # [B, T, d]
+        add = torch.zeros_like(h)
+        add = add.index_put((rows, cols), delta.to(h.dtype))
+        h = h + add
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    with _hooks([layer_module(model, spec, layer).register_forward_hook(hook)]):
+        yield
+
+
+def run_until(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """Forward pass that may be ended early by a stop hook; returns the output or None."""
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        return None
+
+
+def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits [M, V] at positions (rows[j], cols[j]) only: the decoder stack runs on all tokens,
+    the lm head (the largest matmul of a small model) on the M positions needed."""
+    base = get_module(model, spec.layers.rsplit(".", 1)[0])
+    h = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    logits = get_module(model, spec.lm_head)(h[rows, cols])  # [M, V]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# ---- tokenisation ---------------------------------------------------------------------------
+
+def boundary_token(tokenizer: Any, bos: str) -> int | None:
+    """The document-boundary token to prepend to every sequence, or None. "auto" prepends one
+    when the tokenizer adds none by itself (SmolLM2, GPT-2); "always" prepends one regardless;
+    "never" none. The token: `<|endoftext|>` if the vocabulary has it, else BOS, else EOS."""
+    if bos == "never":
+        return None
+    if bos == "auto":
+        probe = tokenizer("a").input_ids
+        specials = {tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+        if probe and probe[0] in specials:
+            return None
+    vocab = tokenizer.get_vocab()
+    for cand in (vocab.get("<|endoftext|>"), tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return None
+
+
+def encode(tokenizer: Any, text: str, bos_id: int | None = None) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    return ([bos_id] if bos_id is not None else []) + ids
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T] 1 = token, 0 = padding
+    lengths: list[int]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> Batch:
+    """Right-pad token lists into a batch (positions stay 0..len-1 for every sequence)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return Batch(ids, mask, [len(s) for s in seqs])
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0

@@ -1,0 +1,102 @@
+"""Edit hyper-parameters: one frozen record, hashed into every stored constraint's fingerprint.
+Pure: no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ..errors import InputError
+
+BOS_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class HParams:
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)  # edited layers (MLP down-projections), ascending
+    lam: float = 3000.0  # λ, the weight of C0 (a per-token mean second moment)
+    mode: str = "accumulated"  # solver mode, see kledger.edit.solve.MODES
+    # value optimisation
+    steps: int = 25  # Adam steps at most
+    lr: float = 0.5
+    clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖ at the last edited layer
+    kl_weight: float = 0.0625
+    weight_decay: float = 0.0  # L2 on δ/‖h‖ (MEMIT's v_weight_decay); 0 = only the clamp
+    early_stop_prob: float = 0.9  # stop when every fact's mean target probability exceeds it
+    # contexts for keys and values
+    n_prefixes: int = 5  # seeded short prefix contexts besides the bare prompt
+    prefix_len: int = 8  # tokens per generated prefix
+    seed: int = 0
+    bos: str = "auto"  # prepend a document-boundary token: auto (if the tokenizer adds none), always, never
+    # C0
+    c0_tokens: int = 100_000
+    c0_seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(x) for x in self.layers)
+        object.__setattr__(self, "layers", layers)
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+            raise InputError(f"layers must be distinct, ascending and non-negative, got {list(layers)}",
+                             "e.g. --layers 3,4,5,6,7")
+        if self.bos not in BOS_MODES:
+            raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
+        for name in ("lam", "lr", "clamp"):
+            if not float(getattr(self, name)) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1:
+            raise InputError("steps, prefix_len and c0_tokens must be >= 1 and n_prefixes >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HParams":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown hyper-parameters: {', '.join(unknown)}",
+                             f"known: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "layers" in d:
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "HParams":
+        return replace(self, **changes)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of all fields."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(("hparams\0" + text).encode()).hexdigest()
+
+    @property
+    def c0_fields(self) -> dict[str, Any]:
+        """The fields C0 depends on (besides the corpus and the model)."""
+        return {"layers": list(self.layers), "bos": self.bos, "c0_tokens": self.c0_tokens,
+                "c0_seq_len": self.c0_seq_len}
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """Five consecutive layers starting at about a tenth of the depth (3–7 of SmolLM2's 30, in the
+    MEMIT range for GPT-J's 28 layers: 3–8); fewer for very shallow models."""
+    if n_layers <= 2:
+        return tuple(range(n_layers))
+    start = max(1, round(n_layers / 10))
+    width = min(5, n_layers - start - 1) if n_layers > 3 else n_layers - start
+    return tuple(range(start, start + max(1, width)))
+
+
+# Per-model-type settings measured on this project's machines (see docs/results).
+_PER_TYPE: dict[str, dict[str, Any]] = {
+    "llama": {"lam": 3000.0, "lr": 0.5},
+}
+
+
+def defaults_for(model_type: str, n_layers: int) -> HParams:
+    """Default hyper-parameters for a model of `model_type` with `n_layers` decoder layers."""
+    over = dict(_PER_TYPE.get(model_type, {}))
+    return HParams(layers=default_layers(n_layers), **over)

