@@ -1,0 +1,88 @@
+"""apply, ask: the commands that load the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .main import app, open_ledger, want_json
+from .output import emit_json, escape, out, progress_bar, say, short
+from .staging import JSON_OPT
+
+MODES = ("accumulated", "alphaedit", "alphaedit-no-history", "no-history")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        from ..errors import UsageError
+        raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")
+    return mode
+
+
+@app.command()
+def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write into the model."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a Hugging Face model directory."),
+          delta: Optional[Path] = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
+          mode: str = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}."),
+          json_: bool = JSON_OPT) -> None:
+    """Solve the constraints in force at REV (float64) and write the edited model."""
+    want_json(json_)
+    _check_mode(mode)
+    with open_ledger(write=True) as ledger, progress_bar() as progress:
+        cid = ledger.resolve(rev)
+        ed = ledger.editor(progress=progress)
+        weights, info = ed.solve(cid, mode)
+        written = {}
+        if delta is not None:
+            from ..edit.weights import save_delta
+
+            fp_id, body = ed.fingerprint()
+            t, m = save_delta(delta, weights, ed.lm.spec, meta={"revision": cid, "mode": mode, "fingerprint": fp_id,
+                                                               "model": ed.model_name})
+            written["delta"], written["manifest"] = str(t), str(m)
+        if out_dir is not None:
+            from ..edit.weights import save_model
+
+            ed.load(cid, mode)
+            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
+    res = {**info, "revision": cid, **written}
+    if json_:
+        emit_json("apply", res)
+    else:
+        src = "cache" if info["cached"] else "solve"
+        say(f"Applied {short(cid)}: {info['facts']} fact(s), {info['constraints']} constraint(s) on layers "
+            f"{info['layers']} ({info['mode']}, from {src})")
+        for k, v in written.items():
+            say(f"  wrote {k}: {escape(v)}")
+
+
+@app.command()
+def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."),
+        rev: str = typer.Option("HEAD", "--rev", help="Revision to ask (its facts applied)."),
+        top: int = typer.Option(5, "--top", min=1, max=50, help="How many next tokens to show."),
+        max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, max=200, help="Length of the answer."),
+        mode: str = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}."),
+        json_: bool = JSON_OPT) -> None:
+    """The model's answer and top next tokens at REV, beside the base model's."""
+    want_json(json_)
+    _check_mode(mode)
+    from ..edit.ask import answer
+
+    with open_ledger(write=True) as ledger, progress_bar() as progress:
+        cid = ledger.resolve(rev)
+        ed = ledger.editor(progress=progress)
+        ed.load(None)
+        base = answer(ed.lm, prompt, top, max_new_tokens)
+        ed.load(cid, mode)
+        edited = answer(ed.lm, prompt, top, max_new_tokens)
+    if json_:
+        emit_json("ask", {"prompt": prompt, "revision": cid, "mode": mode, "base": base, "edited": edited})
+        return
+    out.print(f"[bold]{escape(prompt)}[/]")
+    for label, a in ((f"at {short(cid)}", edited), ("base", base)):
+        out.print(f"  {label:>14}: [bold]{escape(a['answer'])}[/]")
+    out.print(f"  {'next token':>14}  {'at ' + short(cid):>24}  {'base':>24}")
+    for e, b in zip(edited["top"], base["top"]):
+        out.print(f"  {'':>14}  {escape(repr(e['token'])):>16} {e['prob']:6.3f}  {escape(repr(b['token'])):>16} {b['prob']:6.3f}")

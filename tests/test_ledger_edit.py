@@ -1,0 +1,156 @@
+"""The ledger with a model: commits store constraints measured against apply(parent), and `apply`
+of any revision is the one-shot solve of the constraints in force. On a tiny random Llama saved
+as a local Hugging Face directory (no download)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest_edit import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+
+from kledger.edit.solve import rel_fro, sequential_update, solve_layer  # noqa: E402
+from kledger.errors import FingerprintError  # noqa: E402
+from kledger.ledger import Ledger  # noqa: E402
+from kledger.records import Fact  # noqa: E402
+
+FACTS = [
+    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
+    ("the Louvre is located in the city of", "Louvre", "Berlin"),
+    ("the Colosseum is located in the city of", "Colosseum", "London"),
+    ("Big Ben is located in the city of", "Big Ben", "Madrid"),
+    ("Danielle Darrieux speaks the language", "Danielle Darrieux", "English"),
+    ("Toko Yasuda plays the", "Toko Yasuda", "guitar"),
+    ("the capital of France is", "France", "Rome"),
+    ("the capital of Italy is", "Italy", "Paris"),
+    ("the capital of Germany is", "Germany", "Madrid"),
+    ("the capital of Spain is", "Spain", "Berlin"),
+]
+SETTINGS = {"hparams": {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 6, "n_prefixes": 2, "lam": 5.0}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    rng = random.Random(0)
+    (d / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)))
+    return d
+
+
+@pytest.fixture(scope="module")
+def history(model_dir, tmp_path_factory):
+    """5 commits of 2 facts each, made one after another (sequential editing)."""
+    root = tmp_path_factory.mktemp("ledger")
+    lg = Ledger.init(root, model=str(model_dir), settings={**SETTINGS, "corpus": str(model_dir / "corpus.txt")})
+    ids = []
+    for i in range(5):
+        lg.add([Fact.create(p, t, subject=s) for p, s, t in FACTS[2 * i:2 * i + 2]])
+        ids.append(lg.commit(f"batch {i}", author="t"))
+    ed = lg.editor()
+    left_by_last_commit = {la: ed.lm.model.model.layers[la].mlp.down_proj.weight.detach().clone()
+                           for la in ed.hparams.layers}
+    yield lg, ids, left_by_last_commit
+    lg.close()
+
+
+def stacked(rows, layer):
+    rows = sorted((r for r in rows if r.layer == layer), key=lambda r: r.fact_id)
+    return torch.stack([r.key for r in rows]).double(), torch.stack([r.value for r in rows]).double()
+
+
+def test_commits_store_constraints_with_fingerprints(history):
+    lg, ids, _ = history
+    ed = lg.editor()
+    for cid in ids:
+        c = lg.store.commit(cid)
+        assert c.constraints is not None and len(c.constraints) == 64
+    rows = ed.constraints_at(ids[-1])
+    assert len(rows) == 10 * len(ed.hparams.layers)
+    fp_id, body = ed.fingerprint()
+    assert {r.fingerprint for r in rows} == {fp_id}
+    assert lg.store.fingerprint(fp_id)["hparams"]["lam"] == 5.0
+    assert lg.fsck()["ok"]
+
+
+def test_sequential_equals_one_shot(history):
+    """The paper's claim: the sequential updates, commit by commit with the running H, equal the
+    one-shot solve over all stored constraints, to float64 round-off."""
+    lg, ids, left = history
+    ed = lg.editor()
+    lam, c0 = ed.hparams.lam, ed.c0()
+    one_shot, _ = ed.solve(ids[-1])
+    for la in ed.hparams.layers:
+        W = ed.W0[la].double()
+        H = None
+        for cid in ids:
+            new = [r for r in ed.constraints_at(cid) if r.fact_id in set(lg.state(cid)) - set(lg.state(lg.graph()[cid][0] if lg.graph()[cid] else None))]
+            K, V = stacked(new, la)
+            W, H = sequential_update(W, K, V, c0[la], lam, H)
+        K_all, V_all = stacked(ed.constraints_at(ids[-1]), la)
+        exact = solve_layer(ed.W0[la], K_all, V_all, c0[la], lam)
+        assert rel_fro(W, exact) < 1e-9
+        assert rel_fro(one_shot[la].double(), exact) < 1e-6  # stored as float32
+        # the weights the last commit left in the model are apply(HEAD)
+        assert rel_fro(left[la].double(), exact) < 1e-5
+
+
+def test_revert_equals_solve_without_that_commit(history):
+    lg, ids, _ = history
+    lg.revert(ids[2], author="t")
+    ed = lg.editor()
+    after, info = ed.solve(lg.head())
+    assert info["facts"] == 8
+    keep = [r for r in ed.constraints_at(ids[-1]) if r.fact_id not in {o.fact_id for o in lg.store.commit(ids[2]).ops}]
+    for la in ed.hparams.layers:
+        K, V = stacked(keep, la)
+        assert rel_fro(after[la].double(), solve_layer(ed.W0[la], K, V, ed.c0()[la], ed.hparams.lam)) < 1e-6
+
+
+def test_apply_is_cached_and_writes_outputs(history, tmp_path):
+    lg, ids, _ = history
+    ed = lg.editor()
+    _, first = ed.solve(ids[1])
+    _, again = ed.solve(ids[1])
+    assert again["cached"] and again["cache_key"] == first["cache_key"]
+    from transformers import AutoModelForCausalLM
+
+    from kledger.edit.weights import save_delta, save_model
+
+    weights, _ = ed.solve(ids[1])
+    ed.load(ids[1])
+    save_model(ed.lm.model, ed.lm.tokenizer, tmp_path / "out")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    la = ed.hparams.layers[0]
+    assert torch.allclose(m.model.layers[la].mlp.down_proj.weight, weights[la])
+    t, manifest = save_delta(tmp_path / "delta.safetensors", weights, ed.lm.spec)
+    assert t.is_file() and manifest.is_file()
+
+
+def test_solver_modes_differ_and_no_history_forgets(history):
+    lg, ids, _ = history
+    ed = lg.editor()
+    acc, _ = ed.solve(ids[-1], "accumulated")
+    nohist, _ = ed.solve(ids[-1], "no-history")
+    alpha, _ = ed.solve(ids[-1], "alphaedit")
+    la = ed.hparams.layers[-1]
+    assert rel_fro(nohist[la].double(), acc[la].double()) > 1e-6
+    assert torch.isfinite(alpha[la]).all()
+
+
+def test_fingerprint_mismatch_is_refused(history):
+    lg, ids, _ = history
+    # a different λ means different hyper-parameters than the constraints were measured with
+    lg.store.set_meta("hparams", '{"c0_tokens": 1200, "c0_seq_len": 64, "steps": 6, "n_prefixes": 2, "lam": 50.0}')
+    try:
+        fresh = lg.editor(model=lg.model)  # a new Editor reads the ledger's settings again
+        with pytest.raises(FingerprintError, match="hyper-parameters"):
+            fresh.solve(ids[-1])
+    finally:
+        lg.store.set_meta("hparams", '{"c0_tokens": 1200, "c0_seq_len": 64, "lam": 5.0, "n_prefixes": 2, "steps": 6}')
+        lg._editor = None
