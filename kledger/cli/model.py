@@ -74,9 +74,10 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
         cid = ledger.resolve(rev)
         ed = ledger.editor(progress=progress)
         ed.load(None)
-        base = answer(ed.lm, prompt, top, max_new_tokens)
+        bos = ed.hparams.bos
+        base = answer(ed.lm, prompt, top, max_new_tokens, bos)
         ed.load(cid, mode)
-        edited = answer(ed.lm, prompt, top, max_new_tokens)
+        edited = answer(ed.lm, prompt, top, max_new_tokens, bos)
     if json_:
         emit_json("ask", {"prompt": prompt, "revision": cid, "mode": mode, "base": base, "edited": edited})
         return

@@ -6,13 +6,16 @@ from typing import Any
 
 import torch
 
+from .hooks import boundary_token, encode
 from .weights import quiet_transformers
 
 
 @torch.no_grad()
-def answer(lm: Any, prompt: str, top: int = 5, max_new_tokens: int = 8) -> dict:
+def answer(lm: Any, prompt: str, top: int = 5, max_new_tokens: int = 8, bos: str = "auto") -> dict:
+    """Encoded as the edit engine encodes prompts (with the document-boundary token per `bos`)."""
     tok, model = lm.tokenizer, lm.model
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids  # [1, T]
+    bos_id = boundary_token(tok, bos)
+    ids = torch.tensor([encode(tok, prompt, bos_id)])  # [1, T]
     probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)  # [V]
     p, idx = probs.topk(top)
     with quiet_transformers():
@@ -20,3 +23,10 @@ def answer(lm: Any, prompt: str, top: int = 5, max_new_tokens: int = 8) -> dict:
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     return {"answer": text.strip(), "top": [{"token": tok.decode([int(i)]), "prob": float(q)} for q, i in zip(p, idx)]}
+
+
+@torch.no_grad()
+def next_token_probs(lm: Any, prompt: str, bos: str = "auto") -> torch.Tensor:
+    """The next-token distribution [V] after `prompt`."""
+    ids = torch.tensor([encode(lm.tokenizer, prompt, boundary_token(lm.tokenizer, bos))])
+    return torch.softmax(lm.model(input_ids=ids).logits[0, -1].float(), dim=-1)
