@@ -13,16 +13,17 @@ import os
 import re
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
 from . import __version__
-from .conflicts import Conflict, find_conflicts
+from .conflicts import Conflict, find_conflicts, settle
 from .errors import (ConflictError, InputError, KledgerError, RevisionError, StateError,
                      UsageError)
-from .records import OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, fact_id, looks_like_id, short
+from .records import (OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, constraint_digest, constraints_hash, fact_id,
+                      looks_like_id, normalize, relation_key, short)
 from .store import LEDGER_DIR, Store, find_ledger_dir
 
 DEFAULT_BRANCH = "main"
@@ -82,6 +83,28 @@ class FactChange:
     before_id: str | None = None
 
 
+@dataclass
+class ProposedFacts:
+    """Where conflicts are looked for: the facts in force at `commit` with `ops` applied.
+
+    `kind` is "rev" (a revision), "head" (HEAD, nothing staged), "staged" (HEAD and the staged
+    ops), "merge" or "cherry-pick" (a stopped operation). `incoming` maps each fact the ops add to
+    the commit it comes from (None when staged); `involving` limits the conflicts to those touching
+    the incoming facts (a stopped operation), or is None (all of them). `base` (fact → commit that
+    put it in force) is None until the conflicts of a revision are found in one query, which then
+    fills it with the candidate facts only."""
+
+    kind: str
+    commit: str | None
+    base: dict[str, str] | None
+    ops: list[Op]
+    parents: list[str]
+    incoming: dict[str, str | None]
+    involving: set[str] | None = None
+    pending: dict | None = None
+    n_facts: int = 0  # facts looked at, set when the conflicts are found
+
+
 class Ledger:
     """A ledger on disk. Open with `Ledger.open()` (read) or `Ledger.open(write=True)`."""
 
@@ -92,7 +115,9 @@ class Ledger:
 
     # ================================================================ opening
     @classmethod
-    def init(cls, path: str | os.PathLike = ".", model: str | None = None) -> "Ledger":
+    def init(cls, path: str | os.PathLike = ".", model: str | None = None, settings: dict | None = None) -> "Ledger":
+        """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
+        "corpus" (a text file for C0)."""
         root = Path(path).expanduser().resolve()
         ldir = root / LEDGER_DIR
         if (ldir / "ledger.duckdb").exists():
@@ -101,6 +126,11 @@ class Ledger:
             raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
         meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or os.environ.get("KLEDGER_MODEL") or DEFAULT_MODEL,
                 "created": now_iso(), "created_by": f"kledger {__version__}"}
+        settings = settings or {}
+        if settings.get("hparams"):
+            meta["hparams"] = json.dumps(settings["hparams"], sort_keys=True)
+        if settings.get("corpus"):
+            meta["corpus"] = str(settings["corpus"])
         return cls(Store.create(ldir, meta))
 
     @classmethod
@@ -229,9 +259,6 @@ class Ledger:
         cid = self.resolve(rev) if rev is not None else None
         return self.store.facts(self.state(cid))
 
-    def multi_valued(self) -> set[str]:
-        return {k for k, v in self.store.relations().items() if v["multi"]}
-
     def _apply_ops(self, base: dict[str, str], ops: Iterable[Op]) -> set[str]:
         ids = set(base)
         for o in ops:
@@ -242,9 +269,13 @@ class Ledger:
         return ids
 
     def conflicts_in(self, ids: Iterable[str], involving: Iterable[str] | None = None) -> list[Conflict]:
-        """Hard conflicts among the facts `ids` (only those involving `involving`, if given)."""
-        facts = self.store.facts(self.store.contradiction_candidates(ids))
-        return find_conflicts(facts, self.multi_valued(), involving)
+        """Hard and inverse conflicts among the facts `ids` (only those involving `involving`, if
+        given). One aggregate query finds the few facts that can take part; only those are loaded."""
+        return self._conflicts_among(self.store.conflict_candidates(ids), involving)
+
+    def _conflicts_among(self, candidates: Iterable[str], involving: Iterable[str] | None = None) -> list[Conflict]:
+        multi, inverse = self.relation_rules()
+        return find_conflicts(self.store.facts(candidates), multi, involving, inverse=inverse)
 
     # ================================================================ staging
     def add(self, facts: list[Fact]) -> dict:
@@ -315,6 +346,10 @@ class Ledger:
         after = self._apply_ops(base, ops)
         added = [o.fact_id for o in ops if o.op == OP_ADD] if introduced is None else list(introduced)
         found = self.conflicts_in(after, involving=added)
+        if found:  # replay remembered decisions (rerere) before refusing
+            ops, found, replayed = self._replay_decisions(base, ops, added)
+            if replayed:
+                meta = {**(meta or {}), "resolved": [*(meta or {}).get("resolved", []), *replayed]}
         if found and not allow_conflicts:
             raise ConflictError(
                 f"{len(found)} unresolved conflict(s): {describe(found[0], self.store.facts(found[0].fact_ids))}",
@@ -338,7 +373,7 @@ class Ledger:
         self._changed()
 
     def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
-               compute: bool | None = None, progress=None) -> str:
+               compute: bool | None = None, progress=None, meta: dict | None = None) -> str:
         """Commit the staged changes. On a ledger with a model (the default), the constraints of
         the added facts are first measured against apply(HEAD) (sequential editing) and stored
         with the commit, in the same transaction; `compute=False` records facts only."""
@@ -351,31 +386,44 @@ class Ledger:
         if not message or not message.strip():
             raise UsageError("empty commit message", "give -m MESSAGE")
         head = self.head()
-        rows: list = []
-        digest = None
+        digest, rows = None, []
         if compute if compute is not None else self.has_model:
-            from .materialize import constraints_hash
-
             added = self.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
-            new_facts = [added[o.fact_id] for o in ops if o.op == OP_ADD]
-            if new_facts:
-                rows = self.editor(progress=progress).compute(head, new_facts)
-                digest = constraints_hash(rows)
+            digest, rows = self._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress)
         with self.store.transaction():
             if self.store.staged() != ops or self.head() != head:
                 raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
             cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
-                                   constraints=digest)
-            if rows:
-                from .materialize import constraint_db_rows
-
-                ed = self.editor()
-                fp_id, body = ed.fingerprint()
-                self.store.put_fingerprint(fp_id, body)
-                self.store.put_constraints(constraint_db_rows(cid, rows))
+                                   constraints=digest, meta=meta)
+            self._store_constraints(cid, rows)
             self.store.clear_staged()
             fault_point("commit")
         return cid
+
+    def _measure(self, parent: str | None, facts: list[Fact], progress=None,
+                 skip_known: bool = False) -> tuple[str | None, list]:
+        """(constraints hash, rows) of `facts` measured against apply(parent); with `skip_known`,
+        only of those no commit has measured yet. (None, []) when there is nothing to measure."""
+        if not self.has_model:
+            return None, []
+        if skip_known:
+            known = {r[1] for r in self.store.constraints_for_facts([f.id for f in facts])}
+            facts = [f for f in facts if f.id not in known]
+        if not facts:
+            return None, []
+        from .materialize import constraints_hash
+
+        rows = self.editor(progress=progress).compute(parent, facts)
+        return constraints_hash(rows), rows
+
+    def _store_constraints(self, cid: str, rows: list) -> None:
+        if not rows:
+            return
+        from .materialize import constraint_db_rows
+
+        fp_id, body = self.editor().fingerprint()
+        self.store.put_fingerprint(fp_id, body)
+        self.store.put_constraints(constraint_db_rows(cid, rows))
 
     @property
     def has_model(self) -> bool:
@@ -544,7 +592,8 @@ class Ledger:
             raise StateError(f"cannot {what}: HEAD has no commits yet", "commit something first")
         return head
 
-    def revert(self, rev: str, author: str | None = None, message: str | None = None) -> str:
+    def revert(self, rev: str, author: str | None = None, message: str | None = None,
+               allow_conflicts: bool = False) -> str:
         cid = self.resolve(rev)
         head = self._require_head("revert")
         added, removed = self._delta(cid)
@@ -554,9 +603,9 @@ class Ledger:
         if not ops:
             raise StateError(f"reverting {short(cid)} changes nothing at HEAD", "its facts are already gone")
         c = self.store.commit(cid)
-        with self.store.transaction():
-            return self._new_commit([head], ops, message or f'Revert "{c.message}"', author,
-                                    meta={"reverts": cid})
+        body = {"theirs": cid, "head": head, "ops": [o.to_list() for o in ops],
+                "message": message or f'Revert "{c.message}"', "author": author, "meta": {"reverts": cid}}
+        return self._finish_or_stop("revert", [head], body, allow_conflicts)
 
     def cherry_pick(self, rev: str, author: str | None = None, allow_conflicts: bool = False) -> str:
         cid = self.resolve(rev)
@@ -577,12 +626,12 @@ class Ledger:
         theirs = self.resolve(branch)
         head = self._require_head("merge")
         if theirs in self.ancestors(head):
-            return {"result": "up-to-date", "head": head}
+            return {"result": "up-to-date", "head": head, **self._change_counts(head, head)}
         base = self.merge_base(head, theirs)
         if base == head and not no_ff:
             with self.store.transaction():
                 self._move_head(theirs)
-            return {"result": "fast-forward", "head": theirs}
+            return {"result": "fast-forward", "head": theirs, **self._change_counts(head, theirs)}
         base_ids = set(self.state(base)) if base else set()
         their_ids, our_ids = set(self.state(theirs)), set(self.state(head))
         ops = [Op(OP_ADD, i) for i in sorted(their_ids - base_ids) if i not in our_ids]
@@ -591,7 +640,12 @@ class Ledger:
                 "message": message or f"Merge {branch!r} into {self.current_branch() or short(head)}",
                 "author": author, "meta": {"merged": theirs, "merge_base": base}}
         cid = self._finish_or_stop("merge", [head, theirs], body, allow_conflicts)
-        return {"result": "merge", "head": cid}
+        return {"result": "merge", "head": cid, **self._change_counts(head, cid)}
+
+    def _change_counts(self, a: str, b: str) -> dict:
+        """How many facts came into force and went out of force from a to b."""
+        sa, sb = set(self.state(a)), set(self.state(b))
+        return {"added": len(sb - sa), "retracted": len(sa - sb)}
 
     def _finish_or_stop(self, kind: str, parents: list[str], body: dict, allow_conflicts: bool) -> str:
         """Commit a merge or cherry-pick, or — when it would bring contradictions — record it as
@@ -618,6 +672,302 @@ class Ledger:
             self.store.set_pending(None)
         return pending
 
+    # ================================================================ conflicts, decisions, relations
+    def relation_rules(self) -> tuple[set[str], dict[str, str]]:
+        """(multi-valued relation keys, relation key → its declared inverse, in both directions)."""
+        multi, inverse = set(), {}
+        for key, rel in self.store.relations().items():
+            if rel["multi"]:
+                multi.add(key)
+            if rel["inverse_of"]:
+                inverse[key] = rel["inverse_of"]
+                inverse[rel["inverse_of"]] = key
+        return multi, inverse
+
+    def relations(self) -> list[dict]:
+        return [{"relation": k, "multi": bool(v["multi"]), "inverse_of": v["inverse_of"]}
+                for k, v in sorted(self.store.relations().items())]
+
+    def set_multi(self, relation: str, multi: bool) -> dict:
+        """Declare a relation multi-valued (several objects per subject are no contradiction) or
+        single-valued again (the default)."""
+        key = _relation_arg(relation)
+        with self.store.transaction():
+            self.store.set_relation(key, multi=multi)
+        return next(r for r in self.relations() if r["relation"] == key)
+
+    def set_inverse(self, relation: str, other: str | None) -> dict:
+        """Declare `relation` and `other` inverse of each other (a relation may be its own inverse);
+        with `other` None, remove `relation`'s inverse declaration. A relation has one inverse: an
+        older declaration of either is replaced."""
+        key = _relation_arg(relation)
+        with self.store.transaction():
+            rels = self.store.relations()
+            if other is None:
+                old = rels.get(key, {}).get("inverse_of")
+                if not old:
+                    raise InputError(f"relation {key!r} has no inverse declared", "see `kledger relation list`")
+                self.store.unset_inverse(key)
+                self.store.unset_inverse(old)
+            else:
+                key2 = _relation_arg(other)
+                for k in (key, key2):
+                    old = rels.get(k, {}).get("inverse_of")
+                    if old and old not in (key, key2):
+                        self.store.unset_inverse(old)
+                self.store.set_relation(key, inverse_of=key2)
+                self.store.set_relation(key2, inverse_of=key)
+        return next(r for r in self.relations() if r["relation"] == key)
+
+    def proposed(self, rev: str | None = None, staged: bool = False, pending: bool = False,
+                 lazy: bool = False) -> ProposedFacts:
+        """The facts to look for conflicts in: REV's; else, with `pending`, the stopped merge or
+        cherry-pick if there is one; else HEAD's, with the staged ops when `staged`. With `lazy`, a
+        revision's facts in force (no ops) are not loaded: `_conflicts_of` needs one query."""
+        if rev is not None and staged:
+            raise UsageError("give a revision or --staged, not both", "--staged means HEAD with the staged facts")
+        if rev is not None:
+            cid = self.resolve(rev)
+            return ProposedFacts("rev", cid, None if lazy else self.state(cid), [], [cid], {})
+        p = self.store.pending() if pending else None
+        if p is not None:
+            ops = [Op(o, f) for o, f in p["ops"]]
+            theirs = self.state(p["theirs"])
+            adds = {o.fact_id for o in ops if o.op == OP_ADD}
+            return ProposedFacts(p["kind"], p["head"], self.state(p["head"]), ops, list(p["parents"]),
+                                 {f: theirs.get(f, p["theirs"]) for f in adds}, adds, p)
+        head = self.head()
+        ops = self.store.staged() if staged else []
+        return ProposedFacts("staged" if ops else "head", head, None if lazy and not ops else self.state(head), ops,
+                             [head] if head else [], {o.fact_id: None for o in ops if o.op == OP_ADD})
+
+    def _conflicts_of(self, pf: ProposedFacts) -> list[Conflict]:
+        """The conflicts in `pf`; sets `pf.n_facts`."""
+        if pf.base is None:  # a revision: facts in force and candidates in one query
+            pf.n_facts, pf.base = self.store.conflict_candidates_at(self.first_parent_chain(pf.commit)
+                                                                    if pf.commit else [])
+            return self._conflicts_among(pf.base, pf.involving)
+        after = self._apply_ops(pf.base, pf.ops)
+        pf.n_facts = len(after)
+        return self.conflicts_in(after, involving=pf.involving)
+
+    def _drop(self, base: dict[str, str], ops: list[Op], dropped: Iterable[str]) -> list[Op]:
+        """`ops` changed so that the `dropped` facts are not in force afterwards: their add ops are
+        left out, and those in force before are retracted."""
+        dropped = set(dropped)
+        ops = [o for o in ops if not (o.op == OP_ADD and o.fact_id in dropped)]
+        still = self._apply_ops(base, ops) & dropped
+        return ops + [Op(OP_RETRACT, f) for f in sorted(still)]
+
+    def _replay_decisions(self, base: dict[str, str], ops: list[Op], involving: Iterable[str] | None,
+                          fresh: Iterable[str] = ()) -> tuple[list[Op], list[Conflict], list[dict]]:
+        """Apply the recorded decisions (the `resolutions` table) to the conflicts that `ops` on
+        `base` leave (those touching `involving`, if given), as git rerere does. Returns the new
+        ops, the conflicts left, and one entry per decision applied (`remembered` is False for the
+        keys in `fresh`, decided by the running command). Reads only."""
+        fresh, involving = set(fresh), None if involving is None else set(involving)
+        entries: list[dict] = []
+        tried: set[str] = set()
+        while True:
+            after = self._apply_ops(base, ops)
+            found = self.conflicts_in(after, involving=None if involving is None else involving & after)
+            progress = False
+            for c in found:
+                if c.key in tried:
+                    continue
+                tried.add(c.key)
+                decision = self.store.resolution(c.key)
+                if decision is None:
+                    continue
+                try:
+                    _, dropped = settle(c, keep=decision["keep"])
+                except InputError:  # the recorded decision does not fit: leave it to the user
+                    continue
+                ops = self._drop(base, ops, dropped)
+                entries.append({**_conflict_id(c), "keep": decision["keep"], "dropped": sorted(dropped),
+                                "decided_by": decision.get("author"), "decided_at": decision.get("at"),
+                                "remembered": c.key not in fresh})
+                progress = True
+            if not progress:
+                return ops, found, entries
+
+    def _sources(self, pf: ProposedFacts, ids: Iterable[str]) -> dict[str, dict]:
+        """fact id → side ("ours", "theirs", "staged"), the commit that brought it, its author,
+        date and message, and `age` (a sort key: staged facts are the newest)."""
+        src = {f: (pf.incoming[f] if f in pf.incoming else pf.base.get(f)) for f in ids}
+        commits = self.store.commits({c for c in src.values() if c}, with_ops=False)
+        order = self.store.commit_order() if commits else {}
+        incoming_side = "theirs" if pf.kind in ("merge", "cherry-pick") else "staged"
+        out = {}
+        for f, cid in src.items():
+            c = commits.get(cid) if cid else None
+            out[f] = {"side": incoming_side if f in pf.incoming else "ours", "commit": cid,
+                      "author": c.author if c else None, "timestamp": c.timestamp if c else None,
+                      "message": c.message if c else None,
+                      "age": (1, "", 0) if c is None else (0, c.timestamp, order.get(cid, 0))}
+        return out
+
+    def _report(self, pf: ProposedFacts, conflicts: list[Conflict]) -> list[dict]:
+        ids = [f for c in conflicts for f in c.fact_ids]
+        facts, src = self.store.facts(ids), self._sources(pf, ids)
+        out = []
+        for c in conflicts:
+            newest_age = max(src[f]["age"] for f in c.fact_ids)
+            newest = [f for f in c.fact_ids if src[f]["age"] == newest_age]
+            sides = {src[f]["side"] for f in newest}
+            rows = []
+            for f in sorted(c.fact_ids, key=lambda f: src[f]["age"]):
+                fact, s = facts[f], src[f]
+                rows.append({"fact_id": f, "subject": fact.subject, "prompt": fact.prompt, "target": fact.target,
+                             "relation": fact.relation, **{k: v for k, v in s.items() if k != "age"},
+                             "newest": f in newest,
+                             "claims": [{k: v for k, v in cl.to_dict().items() if k != "fact_id"}
+                                        for cl in c.claims if cl.fact_id == f]})
+            remembered = self.store.resolution(c.key)
+            out.append({**_conflict_id(c), "fact_ids": list(c.fact_ids), "edges": [list(e) for e in c.edges],
+                        "newest": {"side": sides.pop() if len(sides) == 1 else None, "fact_ids": newest,
+                                   "objects": list(c.values_of(newest))},
+                        "remembered": remembered, "facts": rows})
+        return out
+
+    def conflicts(self, rev: str | None = None, staged: bool = False) -> dict:
+        """Every conflict in REV; with no REV, in the stopped merge or cherry-pick if there is one,
+        else at HEAD with the staged facts."""
+        pf = self.proposed(rev, staged=staged or rev is None, pending=rev is None and not staged, lazy=True)
+        found = self._conflicts_of(pf)
+        return {"target": _target(pf), "facts": pf.n_facts, "conflicts": self._report(pf, found)}
+
+    def check(self, rev: str | None = None, staged: bool = False) -> dict:
+        """The CI gate: unresolved conflicts in the facts in force at REV (default HEAD), or, with
+        `staged`, in what `kledger commit` would make of HEAD and the staged facts (remembered
+        decisions replayed, as the commit would). `ok` is True when there are none."""
+        pf = self.proposed(rev, staged=staged, lazy=True)
+        replayed: list[dict] = []
+        if pf.ops:
+            pf.ops, _, replayed = self._replay_decisions(pf.base, pf.ops, set(pf.incoming))
+        found = self._conflicts_of(pf)
+        return {"ok": not found, "target": _target(pf), "facts": pf.n_facts,
+                "unresolved": len(found), "conflicts": self._report(pf, found), "replayed": replayed}
+
+    def _pick(self, found: list[Conflict], selector: str | None, keep: str | None) -> list[Conflict]:
+        hits = found
+        if selector is not None and selector.strip():
+            sel, norm = selector.strip().lower(), normalize(selector)
+            facts = self.store.facts(f for c in found for f in c.fact_ids)
+            hits = [c for c in found
+                    if (looks_like_id(sel) and c.key.startswith(sel)) or norm == c.subject
+                    or norm in {cl.subject for cl in c.claims} or norm in {facts[f].key[0] for f in c.fact_ids}]
+            if not hits:
+                raise InputError(f"no conflict matches {selector!r}",
+                                 "give a key (prefix) or a subject from `kledger conflicts`")
+        if keep is None:  # --ours/--theirs/--newest: the undecided ones unless a conflict is named
+            if selector is None or not selector.strip():
+                undecided = [c for c in hits if self.store.resolution(c.key) is None]
+                return undecided or hits
+            return hits
+        value = normalize(keep)
+        with_value = [c for c in hits if value in c.objects]
+        if len(with_value) == 1:
+            return with_value
+        if not with_value:
+            choices = "; ".join(f"{c.key[:10]}: {', '.join(c.objects)}" for c in hits[:5])
+            raise InputError(f"no conflict has the object {keep!r}", f"keep one of the objects listed ({choices})")
+        raise InputError(f"{len(with_value)} conflicts have the object {keep!r}",
+                         f"name one: `kledger resolve KEY --keep {keep}` with KEY one of "
+                         + ", ".join(c.key[:10] for c in with_value))
+
+    def resolve_conflicts(self, conflict: str | None = None, keep: str | None = None, strategy: str = "keep",
+                          message: str | None = None, author: str | None = None) -> dict:
+        """Decide conflicts and commit the decision, in one transaction.
+
+        Where: the stopped merge or cherry-pick if there is one, else HEAD with the staged facts.
+        Which: `conflict` (a key prefix or a subject), else the one conflict that has the object
+        `keep`, else (ours, theirs, newest) all that have no recorded decision yet. How (`strategy`): "keep" the facts that
+        claim `keep`; "ours" or "theirs" (a stopped operation only); "newest" (the facts from the
+        latest commit, staged facts being newer than any). Each decision is recorded in
+        `resolutions` (kept objects, who, when) and replayed whenever the same conflict comes back.
+        The losing facts are not in force after the commit: the incoming add ops are left out, the
+        others retracted. The commit (the merge or cherry-pick itself, or a commit of the staged
+        facts and retractions on HEAD) lists the decisions in `meta.resolved`. When conflicts that
+        block it remain, the decisions are recorded and no commit is made yet."""
+        if strategy not in ("keep", "ours", "theirs", "newest"):
+            raise UsageError(f"unknown strategy {strategy!r}", "use --keep, --ours, --theirs or --newest")
+        if (strategy == "keep") != (keep is not None and bool(keep.strip())):
+            raise UsageError("give exactly one of --keep OBJECT, --ours, --theirs, --newest",
+                             "e.g. `kledger resolve --keep Rome`")
+        with self.store.transaction():
+            pf = self.proposed(staged=True, pending=True)
+            if strategy in ("ours", "theirs") and pf.pending is None:
+                raise StateError(f"--{strategy} applies to a stopped merge or cherry-pick, and none is in progress",
+                                 "use --keep OBJECT or --newest")
+            found = self._conflicts_of(pf)
+            if not found and pf.pending is None:
+                raise StateError("there is no conflict to resolve",
+                                 "`kledger conflicts [REV]` lists conflicts; `kledger check` checks HEAD")
+            # (a stopped operation whose conflicts are gone, e.g. after `relation set --multi`, just finishes)
+            targets = self._pick(found, conflict, keep if strategy == "keep" else None) if found else []
+            src = self._sources(pf, [f for c in targets for f in c.fact_ids]) if strategy != "keep" else {}
+            who, at = (author or default_author()).strip(), now_iso()
+            decided = []
+            for c in targets:
+                if strategy == "keep":
+                    values = [normalize(keep)]
+                else:
+                    if strategy == "newest":
+                        newest_age = max(src[f]["age"] for f in c.fact_ids)
+                        chosen = [f for f in c.fact_ids if src[f]["age"] == newest_age]
+                    else:
+                        chosen = [f for f in c.fact_ids if src[f]["side"] == ("ours" if strategy == "ours" else "theirs")]
+                    values = list(c.values_of(chosen))
+                    if not values:
+                        raise InputError(f"conflict {c.key[:10]} has no fact on {strategy} side", "use --keep OBJECT")
+                    if len(values) > 1:
+                        raise InputError(f"--{strategy} is ambiguous in conflict {c.key[:10]} "
+                                         f"({' and '.join(repr(v) for v in values)})",
+                                         f"name the object: `kledger resolve {c.key[:10]} --keep OBJECT`")
+                kept, dropped = settle(c, keep=values)
+                self.store.put_resolution(c.key, {**_conflict_id(c), "keep": values, "strategy": strategy,
+                                                  "author": who, "at": at}, at)
+                decided.append({**_conflict_id(c), "keep": values, "strategy": strategy,
+                                "kept": sorted(kept), "dropped": sorted(dropped)})
+            ops, left, entries = self._replay_decisions(pf.base, pf.ops, pf.involving, {c.key for c in targets})
+            adds = {o.fact_id for o in ops if o.op == OP_ADD}
+            blocking = [c for c in left if pf.pending is not None or set(c.fact_ids) & adds]
+            cid = None
+            if blocking:
+                if pf.pending is not None:
+                    body = {k: v for k, v in pf.pending.items() if k != "kind"}
+                    self.store.set_pending(pf.kind, {**body, "conflicts": [c.key for c in blocking]})
+            elif pf.pending is not None:
+                p = pf.pending
+                cid = self._new_commit(pf.parents, ops, message or p["message"], author or p.get("author"),
+                                       meta={**p["meta"], "resolved": entries})
+                self.store.set_pending(None)
+            else:
+                message = message or "Resolve " + "; ".join(
+                    f"{d['subject']} · {d['relation']}: keep {', '.join(d['keep'])}" for d in decided)
+                self.store.clear_staged()
+                if ops:  # the staging area with the decisions applied, committed as `commit` does
+                    self.store.stage(ops)  # (on a model ledger, that measures the kept facts' constraints)
+                    cid = self.commit(message, author, meta={"resolved": entries})
+                else:  # only staged facts lost: the commit records the decision
+                    cid = self._new_commit(pf.parents, ops, message, author, meta={"resolved": entries})
+            fault_point("resolve")
+        return {"context": pf.kind, "decided": decided, "commit": cid, "resolved": entries,
+                "remaining": [_conflict_id(c) for c in blocking]}
+
+    def forget_decision(self, key_prefix: str) -> dict:
+        """Forget a recorded decision (by conflict key or a prefix of it): it is no longer replayed."""
+        prefix = key_prefix.strip().lower()
+        with self.store.transaction():
+            keys = self.store.resolutions_with_prefix(prefix) if looks_like_id(prefix) else []
+            if len(keys) != 1:
+                raise InputError(f"{'no' if not keys else len(keys)} recorded decision(s) match {key_prefix!r}",
+                                 "give the conflict key (see `kledger show` of the resolution commit: meta.resolved)")
+            body = self.store.resolution(keys[0])
+            self.store.delete_resolution(keys[0])
+        return {"conflict": keys[0], **body}
+
     # ================================================================ integrity
     def fsck(self) -> dict:
         problems: list[str] = []
@@ -634,6 +984,12 @@ class Ledger:
             for p in c.parents:
                 if p not in g:
                     problems.append(f"commit {short(cid)}: parent {short(p)} is missing")
+        digests: dict[str, list[str]] = {}
+        for cid, fid, layer, _dt, _di, _do, key, value, fp in self.store.constraints(list(g)):
+            digests.setdefault(cid, []).append(constraint_digest(fid, layer, fp, key, value))
+        for cid, c in commits.items():
+            if (c.constraints or None) != (constraints_hash(digests[cid]) if cid in digests else None):
+                problems.append(f"commit {short(cid)}: stored constraints do not match its constraints hash")
         for cid, fid in self.store.dangling_ops():
             problems.append(f"commit {short(cid)}: fact {short(fid)} is missing")
         for name, cid in self.store.refs().items():
@@ -667,7 +1023,8 @@ class Ledger:
         return {"commits": len(ids), "facts": len(facts), "path": str(out)}
 
     @classmethod
-    def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None) -> "Ledger":
+    def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None,
+                  settings: dict | None = None, progress=None) -> "Ledger":
         src = Path(source)
         commits_file, refs_file = src / "commits.jsonl", src / "refs.json"
         if not commits_file.is_file() or not refs_file.is_file():
@@ -696,17 +1053,29 @@ class Ledger:
                 raise InputError(f"{commits_file}:{n}: missing or malformed field {exc}",
                                  "each line needs id, parents, message, author, timestamp, ops") from exc
             mapped[rec.get("id", str(n))] = commit.id
-            plan.append((commit, [f for _, f in ops]))
-        ledger = cls.init(path, model=model or refs.get("model"))
+            plan.append((commit, ops))
+        _check_refs(refs, mapped, refs_file)
+        ledger = cls.init(path, model=model or refs.get("model"), settings=settings)
         try:
             with ledger.store.transaction():
-                for commit, facts in plan:
-                    ledger.store.put_facts(facts)
-                    ledger.store.put_commit(commit)
+                # On a ledger with a model, facts that no earlier commit measured are measured
+                # against apply(their commit's parent) as the history is replayed (sequential
+                # editing), so ids change with the constraints they now cover; `remap` follows.
+                remap: dict[str, str] = {}
+                for commit, ops in plan:
+                    ledger.store.put_facts([f for _, f in ops])
+                    parents = tuple(remap[p] for p in commit.parents)
+                    ledger._changed()
+                    digest, rows = ledger._measure(parents[0] if parents else None,
+                                                   [f for op, f in ops if op == OP_ADD], progress, skip_known=True)
+                    new_id = ledger.store.put_commit(replace(commit, parents=parents, constraints=digest))
+                    ledger._store_constraints(new_id, rows)
+                    remap[commit.id] = new_id
+                final = {text_id: remap[cid] for text_id, cid in mapped.items()}
                 for name, cid in (refs.get("branches") or {}).items():
-                    ledger.store.set_ref(check_branch_name(name), mapped[cid])
+                    ledger.store.set_ref(check_branch_name(name), final[cid])
                 head = refs.get("head") or f"ref: {DEFAULT_BRANCH}"
-                ledger.store.set_head(head if head.startswith("ref: ") else mapped[head])
+                ledger.store.set_head(head if head.startswith("ref: ") else final[head])
                 for key, rel in (refs.get("relations") or {}).items():
                     ledger.store.set_relation(key, bool(rel.get("multi")), rel.get("inverse_of"))
         except BaseException:
@@ -715,6 +1084,27 @@ class Ledger:
             raise
         ledger._changed()
         return ledger
+
+
+def _check_refs(refs: object, mapped: dict[str, str], refs_file: Path) -> None:
+    """Validate refs.json before anything is created."""
+    def bad(what: str) -> InputError:
+        return InputError(f"{refs_file}: {what}", "fix the file or re-export the ledger with `kledger export`")
+
+    if not isinstance(refs, dict):
+        raise bad("expected a JSON object with 'branches' and 'head'")
+    branches = refs.get("branches") or {}
+    if not isinstance(branches, dict):
+        raise bad("'branches' must map branch names to commit ids")
+    for name, cid in branches.items():
+        check_branch_name(name)
+        if cid not in mapped:
+            raise bad(f"branch {name!r} points at {str(cid)[:12]!r}, which is not in commits.jsonl")
+    head = refs.get("head") or f"ref: {DEFAULT_BRANCH}"
+    if not isinstance(head, str) or not (head.startswith("ref: ") or head in mapped):
+        raise bad(f"'head' must be 'ref: BRANCH' or a commit id in commits.jsonl, got {head!r}")
+    if not isinstance(refs.get("relations") or {}, dict):
+        raise bad("'relations' must be an object")
 
 
 def _fact_args(d: dict) -> dict:
@@ -741,10 +1131,30 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _relation_arg(relation: str) -> str:
+    if not isinstance(relation, str) or not relation.strip():
+        raise InputError("empty relation", "give a relation id (e.g. P36) or a template with {} for the subject")
+    return relation_key(relation)
+
+
+def _conflict_id(c: Conflict) -> dict:
+    return {"conflict": c.key, "kind": c.kind, "subject": c.subject, "relation": c.relation,
+            "objects": list(c.objects)}
+
+
+def _target(pf: ProposedFacts) -> dict:
+    p = pf.pending or {}
+    return {"kind": pf.kind, "commit": pf.commit, "theirs": p.get("theirs"),
+            "staged": len(pf.ops) if pf.kind == "staged" else 0}
+
+
 def describe(conflict: Conflict, facts: dict[str, Fact]) -> str:
     fs = [facts[i] for i in conflict.fact_ids if i in facts]
     if not fs:
         return conflict.subject
+    if conflict.kind != "hard":
+        return (f"{conflict.kind} conflict on {conflict.subject!r} / {conflict.relation!r}: "
+                + " vs ".join(f"{f.prompt!r} → {f.target!r}" for f in fs))
     objs = " vs ".join(repr(f.target) for f in fs)
     return f"{fs[0].subject!r} / {fs[0].relation!r}: {objs}"
 

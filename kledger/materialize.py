@@ -14,7 +14,6 @@ torch and transformers are imported here and in kledger.edit only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from .edit.hparams import HParams, defaults_for
 from .edit.spec import get_weight, set_weight
 from .edit.weights import LoadedModel, load_model
 from .errors import FingerprintError, ModelError, StateError
-from .records import Fact, canonical_json, sha256_hex, short
+from .records import Fact, canonical_json, constraint_digest, sha256_hex, short
+from .records import constraints_hash as records_constraints_hash
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -53,15 +53,12 @@ class ConstraintRow:
     fingerprint: str
 
     def digest(self) -> str:
-        h = hashlib.sha256(f"{self.fact_id}\0{self.layer}\0{self.fingerprint}\0".encode())
-        h.update(pack(self.key))
-        h.update(pack(self.value))
-        return h.hexdigest()
+        return constraint_digest(self.fact_id, self.layer, self.fingerprint, pack(self.key), pack(self.value))
 
 
 def constraints_hash(rows: Iterable[ConstraintRow]) -> str:
     """The hash a commit records over the constraints it computed (order-independent)."""
-    return sha256_hex("constraints\0" + "\n".join(sorted(r.digest() for r in rows)))
+    return records_constraints_hash(r.digest() for r in rows)
 
 
 class Editor:
@@ -74,13 +71,17 @@ class Editor:
         if self.model_name in (None, "", "none"):
             raise StateError("this ledger has no model (it was made with --model none)",
                              "make a ledger with `kledger init --model NAME` to edit a model")
-        self.corpus_path = Path(corpus) if corpus else (Path(ledger.store.meta("corpus")) if ledger.store.meta("corpus") else None)
+        corpus = corpus or ledger.store.meta("corpus")
+        self.corpus_path = Path(corpus) if corpus else None
         self.progress = progress
         self._lm: LoadedModel | None = None
+        self._hp: HParams | None = None
         self._W0: dict[int, torch.Tensor] = {}
+        self._base_fp_value: str | None = None
         self._c0: dict[int, torch.Tensor] | None = None
+        self._c0_tokens = 0
         self._fp: tuple[str, dict] | None = None
-        self._loaded_rev: str | None = "base"
+        self._loaded_rev: str | None = "base"  # which revision the in-memory weights hold
 
     # ------------------------------------------------------------------ model, hparams, C0
     @property
@@ -94,7 +95,7 @@ class Editor:
     @property
     def hparams(self) -> HParams:
         """The model's defaults with the ledger's overrides (`kledger init --set KEY=VALUE`)."""
-        if getattr(self, "_hp", None) is None:
+        if self._hp is None:
             lm = self._lm if self._lm is not None else self.lm
             base = defaults_for(lm.model_type, lm.n_layers).to_dict()
             base.update(json.loads(self.ledger.store.meta("hparams") or "{}"))
@@ -125,7 +126,7 @@ class Editor:
 
     def _base_fp(self) -> str:
         """Hash of the BASE edited tensors and config, taken once, before any edit is written."""
-        if not hasattr(self, "_base_fp_value"):
+        if self._base_fp_value is None:
             self._ensure_base_weights()
             self._base_fp_value = self.lm.fingerprint(self.hparams.layers)
         return self._base_fp_value

@@ -175,6 +175,20 @@ def commit_id(payload: dict) -> str:
     return sha256_hex("commit\0" + canonical_json(payload))
 
 
+def constraint_digest(fact_id: str, layer: int, fingerprint: str, key: bytes, value: bytes) -> str:
+    """Hash of one stored constraint: the fact, the layer, what it was measured with, and the raw
+    float32 bytes of its key and value."""
+    h = hashlib.sha256(f"{fact_id}\0{int(layer)}\0{fingerprint}\0".encode())
+    h.update(key)
+    h.update(value)
+    return h.hexdigest()
+
+
+def constraints_hash(digests: Iterable[str]) -> str:
+    """The hash a commit records over the constraints it computed (order-independent)."""
+    return sha256_hex("constraints\0" + "\n".join(sorted(digests)))
+
+
 def short(id_: str, n: int = 10) -> str:
     return id_[:n]
 

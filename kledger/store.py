@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import duckdb
 
-from .errors import LedgerLocked, LedgerNotFound, SchemaError
+from .errors import LedgerLocked, LedgerNotFound, SchemaError, UsageError
 from .records import OP_ADD, Commit, Fact, Op, normalize, relation_key
 
 SCHEMA_VERSION = 1
@@ -58,6 +58,33 @@ CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NUL
 
 _FACT_COLS = ("id", "subject", "prompt", "target", "relation", "target_true", "paraphrases",
               "neighborhood", "extra")
+
+
+# The facts in force at chain[0] given its first-parent chain (params: chain, chain, 'add'):
+# `in_force(id, commit_id)`. An op in a newer commit wins; within a commit, a later op wins.
+_IN_FORCE = """
+    chain AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth),
+    ranked AS (SELECT o.fact_id, o.op, o.commit_id,
+                      row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
+               FROM commit_ops o JOIN chain c ON o.commit_id = c.id),
+    in_force AS MATERIALIZED (SELECT fact_id AS id, commit_id FROM ranked WHERE rn = 1 AND op = ?)"""
+
+# Given `ids(id)`: `candidates(id)`, the facts that can be in a contradiction (kledger.conflicts):
+# hard (same matching subject and relation, another object) or inverse (a fact's implied value, in
+# the slot of a declared single-valued inverse, differs from a value stated there; both ends).
+_CANDIDATES = """
+    s AS MATERIALIZED (SELECT f.id, f.subject_key, f.relation_key, f.object_key FROM facts f
+                       SEMI JOIN ids i ON f.id = i.id),
+    g AS (SELECT subject_key, relation_key FROM s GROUP BY ALL HAVING count(DISTINCT object_key) > 1),
+    hard AS (SELECT s.id FROM s JOIN g USING (subject_key, relation_key)),
+    inv AS (SELECT relation_key AS r, inverse_of AS r2 FROM relations WHERE inverse_of IS NOT NULL
+            UNION SELECT inverse_of, relation_key FROM relations WHERE inverse_of IS NOT NULL),
+    imp AS (SELECT s.id, s.object_key AS sk, inv.r2 AS rk, s.subject_key AS ok FROM s
+            JOIN inv ON s.relation_key = inv.r
+            WHERE inv.r2 NOT IN (SELECT relation_key FROM relations WHERE multi)),
+    pairs AS (SELECT imp.id AS a, t.id AS b FROM imp JOIN s t ON t.subject_key = imp.sk AND t.relation_key = imp.rk
+              WHERE t.object_key <> imp.ok AND t.id <> imp.id),
+    candidates AS (SELECT id FROM hard UNION SELECT a FROM pairs UNION SELECT b FROM pairs)"""
 
 
 def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
@@ -121,7 +148,12 @@ class Store:
         db = ledger_dir / DB_NAME
         if not db.is_file():
             raise LedgerNotFound(f"no ledger database at {db}", "run `kledger init`")
-        wait = float(os.environ.get("KLEDGER_LOCK_WAIT", "5")) if wait is None else wait
+        if wait is None:
+            try:
+                wait = float(os.environ.get("KLEDGER_LOCK_WAIT", "5"))
+            except ValueError:
+                raise UsageError(f"KLEDGER_LOCK_WAIT={os.environ['KLEDGER_LOCK_WAIT']!r} is not a number",
+                                 "set it to the seconds to wait for a busy ledger, e.g. 5") from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -157,7 +189,7 @@ class Store:
         if version < SCHEMA_VERSION:
             if not write:
                 raise SchemaError(f"this ledger has the old schema version {version}",
-                                  "run any writing command (e.g. `kledger status --upgrade`) to migrate it")
+                                  "run a command that writes, such as `kledger reset`, once to migrate it")
             self._migrate(version)
 
     def _migrate(self, version: int) -> None:  # pragma: no cover - no older schema exists yet
@@ -250,20 +282,30 @@ class Store:
             [ids]).fetchall()
         return {r[0]: _fact_from_row(r) for r in rows}
 
-    def contradiction_candidates(self, ids: Iterable[str]) -> list[str]:
-        """Those of `ids` that share a matching (subject, relation) with another of `ids` that has
-        a different object: the only facts that can be in a hard conflict. One aggregate query, so
-        a check over 100,000 facts never loads them all."""
+    def conflict_candidates(self, ids: Iterable[str]) -> list[str]:
+        """Those of `ids` that can take part in a contradiction (kledger.conflicts): hard, sharing a
+        matching (subject, relation) with another of `ids` that has a different object; inverse, a
+        fact (s, r, o) whose relation has a declared inverse r' that is single-valued, and a fact
+        (o, r', x) with x other than s (both ends). One aggregate query, so a check over 100,000
+        facts never loads them all."""
         ids = list(ids)
         if len(ids) < 2:
             return []
         return [r[0] for r in self.con.execute(
-            """
-            WITH s AS (SELECT f.id, f.subject_key, f.relation_key, f.object_key FROM facts f
-                       SEMI JOIN (SELECT unnest(?::VARCHAR[]) AS id) i ON f.id = i.id),
-                 g AS (SELECT subject_key, relation_key FROM s GROUP BY ALL HAVING count(DISTINCT object_key) > 1)
-            SELECT s.id FROM s JOIN g USING (subject_key, relation_key)
-            """, [ids]).fetchall()]
+            f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {_CANDIDATES} SELECT id FROM candidates",
+            [ids]).fetchall()]
+
+    def conflict_candidates_at(self, chain: list[str]) -> tuple[int, dict[str, str]]:
+        """`conflict_candidates` of the facts in force at chain[0] (see `in_force`), in one query:
+        (number of facts in force, candidate fact id → the commit that put it in force)."""
+        if not chain:
+            return 0, {}
+        n, pairs = self.con.execute(
+            f"""WITH {_IN_FORCE}, ids AS MATERIALIZED (SELECT id FROM in_force), {_CANDIDATES}
+            SELECT (SELECT count(*) FROM ids),
+                   (SELECT list([f.id, f.commit_id]) FROM in_force f SEMI JOIN candidates c ON f.id = c.id)""",
+            [chain, chain, OP_ADD]).fetchone()
+        return n, {f: c for f, c in pairs or ()}
 
     def all_fact_ids(self) -> list[str]:
         return [r[0] for r in self.con.execute("SELECT id FROM facts").fetchall()]
@@ -282,7 +324,10 @@ class Store:
 
     # ----------------------------------------------------------------- commits
     def put_commit(self, commit: Commit) -> str:
+        """Store a commit; an identical one (same content, so same id) is already there."""
         cid = commit.id
+        if self.has_commit(cid):
+            return cid
         seq = self.con.execute("SELECT coalesce(max(seq), 0) + 1 FROM commits").fetchone()[0]
         self.con.execute(
             "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -352,15 +397,7 @@ class Store:
         op wins."""
         if not chain:
             return {}
-        rows = self.con.execute(
-            """
-            WITH chain AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth),
-            ranked AS (
-                SELECT o.fact_id, o.op, o.commit_id,
-                       row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
-                FROM commit_ops o JOIN chain c ON o.commit_id = c.id)
-            SELECT fact_id, commit_id FROM ranked WHERE rn = 1 AND op = ?
-            """, [chain, chain, OP_ADD]).fetchall()
+        rows = self.con.execute(f"WITH {_IN_FORCE} SELECT id, commit_id FROM in_force", [chain, chain, OP_ADD]).fetchall()
         return dict(rows)
 
     # ----------------------------------------------------------------- staging
@@ -393,6 +430,9 @@ class Store:
                          [key, cur["multi"] if multi is None else multi,
                           cur["inverse_of"] if inverse_of is None else inverse_of])
 
+    def unset_inverse(self, key: str) -> None:
+        self.con.execute("UPDATE relations SET inverse_of = NULL WHERE relation_key = ?", [key])
+
     # ----------------------------------------------------------------- pending operation
     def pending(self) -> dict | None:
         row = self.con.execute("SELECT kind, body FROM pending").fetchone()
@@ -411,6 +451,14 @@ class Store:
     def put_resolution(self, key: str, body: dict, created: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?)",
                          [key, json.dumps(body, sort_keys=True), created])
+
+    def resolutions_with_prefix(self, prefix: str) -> list[str]:
+        return [r[0] for r in self.con.execute(
+            "SELECT conflict_key FROM resolutions WHERE starts_with(conflict_key, ?) ORDER BY conflict_key",
+            [prefix]).fetchall()]
+
+    def delete_resolution(self, key: str) -> None:
+        self.con.execute("DELETE FROM resolutions WHERE conflict_key = ?", [key])
 
     # ----------------------------------------------------------------- constraints and stats
     def put_fingerprint(self, fid: str, body: dict) -> None:

@@ -380,3 +380,51 @@ def test_example_ledgers_replay(k, tmp_path):
         assert r.code == 0, r.err
         assert k("--ledger", tmp_path / ex.name, "fsck").code == 0
         assert k("--ledger", tmp_path / ex.name, "log", "--all", "--json").json["commits"]
+
+
+def test_revert_that_reintroduces_a_contradiction_stops(k, ledger_dir):
+    commit_fact(k, EIFFEL, "rome")
+    k("rm", "Eiffel Tower")
+    commit_fact(k, ("The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower"), "berlin")
+    k("rm", "Eiffel Tower")
+    commit_fact(k, ("The Eiffel Tower is located in", "Lima", "--subject", "Eiffel Tower"), "lima")
+    r = k("revert", "HEAD~1")  # would bring Berlin back beside Lima
+    assert r.code == 3 and "revert stopped" in r.err
+    assert k("status", "--json").json["pending"]["kind"] == "revert"
+    assert k("revert", "--abort").code == 0
+    assert k("revert", "HEAD~1", "--allow-conflicts").code == 0
+
+
+def test_identical_commit_on_two_branches_is_one_object(k, ledger_dir, monkeypatch):
+    monkeypatch.setenv("KLEDGER_DATE", "2026-01-01T00:00:00+00:00")
+    commit_fact(k, LOUVRE, "base")
+    k("checkout", "-b", "a")
+    a = commit_fact(k, EIFFEL, "same")
+    k("checkout", "-b", "b", "main")
+    b = commit_fact(k, EIFFEL, "same")
+    assert a == b and k("fsck").code == 0
+
+
+def test_option_misuse_is_refused(k, ledger_dir, tmp_path):
+    assert k("add", "--file", DATA / "zsre-train-1k.json", "--subject", "x").code == 2
+    assert k("add", *EIFFEL, "--limit", "3").code == 2
+    assert k("log", "HEAD", "--all").code == 2
+    r = k("commit", "--json")  # missing -m: still a JSON error document
+    assert r.code == 2 and r.json["error"]["kind"] == "usage"
+    assert k().code == 0  # no arguments: help
+
+
+def test_init_honours_ledger_option(k, tmp_path):
+    assert k("-C", "there", "init").code == 0
+    assert (tmp_path / "there" / ".kledger" / "ledger.duckdb").is_file()
+
+
+def test_init_from_bad_refs(k, tmp_path, ledger_dir):
+    commit_fact(k, EIFFEL, "one")
+    k("export", tmp_path / "text")
+    (tmp_path / "text" / "refs.json").write_text('{"branches": {"main": "0123abcd"}, "head": "ref: main"}')
+    r = k("init", "copy", "--from", tmp_path / "text")
+    assert r.code == 2 and "not in commits.jsonl" in r.err
+    (tmp_path / "text" / "refs.json").write_text("[1]")
+    assert k("init", "copy", "--from", tmp_path / "text").code == 2
+    assert not (tmp_path / "copy" / ".kledger").exists()

@@ -156,3 +156,23 @@ def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
     assert default_corpus(lm, 40, seed=1, cache_dir=str(tmp_path)) == text
     c0, n = compute_c0(lm, [1], text, n_tokens=30, seq_len=16)
     assert n > 0 and c0[1].shape == (48, 48)
+
+
+@pytest.mark.parametrize("mode", ["no-history", "alphaedit", "alphaedit-no-history"])
+def test_other_modes_commits_equal_apply(mode):
+    from kledger.edit.spec import get_weight
+
+    lm, c0, W0 = setup()
+    hp = HP.with_(mode=mode, steps=3, weight_decay=0.5)
+    stored: list[dict] = []
+    for t in range(3):
+        prior = {la: [c[la] for c in stored] for la in hp.layers}
+        stored.append(compute_constraints(lm, FACTS[2 * t:2 * t + 2], hp, c0, W0, prior))
+    applied = apply_constraints(W0, {la: [c[la] for c in stored] for la in hp.layers}, c0, hp.lam, mode)
+    for la in hp.layers:
+        assert rel_fro(get_weight(lm.model, lm.spec, la), applied[la]) < 1e-9
+    # with its history AlphaEdit is order-free too (the paper's point: it is least squares); without
+    # history the order of commits matters (the later ones overwrite the earlier ones)
+    rev = apply_constraints(W0, {la: [c[la] for c in stored][::-1] for la in hp.layers}, c0, hp.lam, mode)
+    diff = max(rel_fro(rev[la], applied[la]) for la in hp.layers)
+    assert diff < 1e-9 if mode == "alphaedit" else diff > 1e-6

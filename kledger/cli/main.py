@@ -48,15 +48,17 @@ def want_json(flag: bool) -> bool:
 
 
 def _register() -> None:
-    from . import admin, history, rearrange, staging  # noqa: F401  (commands register on import)
+    from . import admin, conflicts, history, model, rearrange, staging  # noqa: F401  (commands register on import)
 
 
 def run(argv: list[str] | None = None) -> None:
     _register()
     _emitted["json"] = False
+    argv = list(argv if argv is not None else sys.argv[1:])
+    _state["json"] = "--json" in argv  # so that even a usage error is reported as JSON
     cmd = typer.main.get_command(app)
     try:
-        cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="kledger", standalone_mode=False)
+        cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
     except typer.Exit as exc:

@@ -62,14 +62,24 @@ def checkout(target: str = typer.Argument(..., help="Branch or revision."),
 
 
 @app.command()
-def revert(rev: str = typer.Argument(..., help="Commit whose changes to undo."),
+def revert(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to undo."),
            message: Optional[str] = typer.Option(None, "--message", "-m"),
            author: Optional[str] = typer.Option(None, "--author"),
-           json_: bool = JSON_OPT) -> None:
+           abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Make a new commit that retracts what REV added (and restores what it retracted)."""
     want_json(json_)
     with open_ledger(write=True) as ledger:
-        cid = ledger.revert(rev, author=author, message=message)
+        if abort:
+            p = ledger.abort("revert")
+            if json_:
+                emit_json("revert", {"aborted": p["theirs"]})
+            else:
+                say(f"Abandoned the revert of {short(p['theirs'])}")
+            return
+        if rev is None:
+            from ..errors import UsageError
+            raise UsageError("missing REV", "give the commit to revert, or --abort")
+        cid = ledger.revert(rev, author=author, message=message, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
     _report("revert", cid, info, json_)
 
@@ -100,6 +110,9 @@ def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose cha
             raise UsageError("missing REV", "give the commit to cherry-pick, or --abort")
         cid = ledger.cherry_pick(rev, author=author, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
+    from .conflicts import note_resolved
+
+    note_resolved(info["meta"])
     _report("cherry-pick", cid, info, json_)
 
 
@@ -124,11 +137,15 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
             raise UsageError("missing BRANCH", "give the branch to merge, or --abort")
         res = ledger.merge(branch_, author=author, message=message, no_ff=no_ff, allow_conflicts=allow_conflicts)
         info = ledger.show(res["head"])
+    from .conflicts import note_resolved
+
+    resolved = info["meta"].get("resolved", []) if res["result"] == "merge" else []
+    note_resolved({"resolved": resolved})
     if json_:
-        emit_json("merge", {**res, "added": info["added"], "retracted": info["retracted"]})
+        emit_json("merge", {**res, "resolved": resolved})
     elif res["result"] == "up-to-date":
         say("Already up to date")
     elif res["result"] == "fast-forward":
-        say(f"Fast-forward to {short(res['head'])}")
+        say(f"Fast-forward to {short(res['head'])} (+{res['added']} / -{res['retracted']} facts)")
     else:
-        say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{info['added']} / -{info['retracted']} facts)")
+        say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{res['added']} / -{res['retracted']} facts)")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
+from .main import _state, app, open_ledger, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSON (docs/json.md) on stdout.")
@@ -19,15 +19,28 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
                                             help="Model the ledger edits: smollm2-135m (default), a local HF "
                                                  "directory or a cached hub id; 'none' for a facts-only ledger."),
          from_: Optional[Path] = typer.Option(None, "--from", help="Replay a text ledger (e.g. ledgers/NAME)."),
+         corpus: Optional[Path] = typer.Option(None, "--corpus", help="Text file for C0 (default: text sampled from the model)."),
+         set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE (repeatable), e.g. lam=5000."),
          json_: bool = JSON_OPT) -> None:
     """Create a ledger in PATH/.kledger/."""
     from ..ledger import Ledger
 
     want_json(json_)
+    if path == Path(".") and _state["ledger"]:  # `kledger -C DIR init` makes the ledger in DIR
+        path = Path(_state["ledger"])
+        if path.name == ".kledger":
+            path = path.parent
+    settings = _parse_settings(set_ or [])
+    if corpus is not None:
+        if not corpus.is_file():
+            from ..errors import InputError
+            raise InputError(f"corpus file {corpus} does not exist", "give a UTF-8 text file")
+        settings["corpus"] = str(corpus.resolve())
     if from_ is not None:
-        ledger = Ledger.init_from(path, from_, model=model)
+        with progress_bar() as progress:
+            ledger = Ledger.init_from(path, from_, model=model, settings=settings, progress=progress)
     else:
-        ledger = Ledger.init(path, model=model)
+        ledger = Ledger.init(path, model=model, settings=settings)
     with ledger:
         info = {"path": str(ledger.path), "model": ledger.model, "head": ledger.head(),
                 "branch": ledger.current_branch(), "commits": len(ledger.graph())}
@@ -36,6 +49,28 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
     else:
         extra = f", {info['commits']} commits replayed" if from_ is not None else ""
         say(f"Initialised kledger ledger in {escape(info['path'])} (model {escape(info['model'])}{extra})")
+
+
+def _parse_settings(items: list[str]) -> dict:
+    """--set KEY=VALUE pairs → {"hparams": {...}} with JSON-typed values (numbers, lists)."""
+    import json
+
+    from ..errors import UsageError
+
+    hp = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r} is not KEY=VALUE", "e.g. --set lam=5000 --set layers=[3,4,5]")
+        try:
+            hp[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            hp[key.strip()] = value
+    if hp:
+        from ..edit.hparams import HParams  # validates names and values (no torch import)
+
+        HParams.from_dict({k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in hp.items()})
+    return {"hparams": hp} if hp else {}
 
 
 @app.command()
@@ -56,6 +91,9 @@ def add(prompt: Optional[str] = typer.Argument(None, help="Text the model comple
     if file is not None:
         if prompt is not None or target is not None:
             raise UsageError("give either PROMPT TARGET or --file, not both", "run two `kledger add` commands")
+        if subject is not None or relation is not None or target_true is not None:
+            raise UsageError("--subject, --relation and --old apply to one fact, not to --file",
+                             "put those fields in the file's records")
         from ..formats import read_facts
 
         facts = read_facts(file, fmt, limit=limit)
@@ -63,6 +101,8 @@ def add(prompt: Optional[str] = typer.Argument(None, help="Text the model comple
         if prompt is None or target is None:
             raise UsageError("missing PROMPT and TARGET", "e.g. kledger add 'The Eiffel Tower is located in' Rome "
                                                           "--subject 'Eiffel Tower', or use --file")
+        if limit is not None or fmt is not None:
+            raise UsageError("--limit and --format apply to --file", "drop them, or read the facts from a file")
         if subject is None:
             raise UsageError("missing --subject", "name the entity the fact is about, as spelled in the prompt")
         facts = [Fact.create(prompt, target, subject=subject, relation=relation, target_true=target_true)]
@@ -141,10 +181,15 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
     with open_ledger(write=True) as ledger, progress_bar() as progress:
         cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)
+        branch = ledger.current_branch()
+    from .conflicts import note_resolved
+
+    note_resolved(info["meta"])
     if json_:
-        emit_json("commit", {"id": cid, "branch": info["refs"], "added": info["added"], "retracted": info["retracted"]})
+        emit_json("commit", {"id": cid, "branch": branch, "added": info["added"], "retracted": info["retracted"],
+                             "resolved": info["meta"].get("resolved", [])})
     else:
-        say(escape(f"[{', '.join(info['refs']) or 'detached'} {short(cid)}] ") + f"{escape(info['message'])} "
+        say(escape(f"[{branch or 'detached'} {short(cid)}] ") + f"{escape(info['message'])} "
             f"(+{info['added']} / -{info['retracted']} facts)")
 
 

@@ -171,7 +171,7 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)  # [N] KL(unedited ‖ edited)
-            wd = hp.weight_decay * (delta.norm(dim=1) / h0.norm(dim=1)) ** 2  # [N]
+            wd = hp.weight_decay * delta.pow(2).sum(1) / h0.pow(2).sum(1)  # [N] (‖δ‖/‖h‖)²
             loss_each = nll + hp.kl_weight * kl + wd
             _check_finite(loss_each, "the value optimisation loss")
             active &= prob < hp.early_stop_prob
