@@ -91,8 +91,8 @@ class ProposedFacts:
     ops), "merge" or "cherry-pick" (a stopped operation). `incoming` maps each fact the ops add to
     the commit it comes from (None when staged); `involving` limits the conflicts to those touching
     the incoming facts (a stopped operation), or is None (all of them). `base` (fact → commit that
-    put it in force) is None until the conflicts of a revision are found in one query, which then
-    fills it with the candidate facts only."""
+    put it in force) is None when not loaded (`proposed(lazy=True)`): finding the conflicts then
+    takes one query, which fills it with the candidate facts only."""
 
     kind: str
     commit: str | None
@@ -399,6 +399,49 @@ class Ledger:
             self.store.clear_staged()
             fault_point("commit")
         return cid
+
+    def replay(self, base: str | None = None, author: str | None = None, progress=None) -> dict:
+        """Rewrite the commits after `base` on HEAD's first-parent chain (all of them without
+        `base`) as new commits whose added facts are measured afresh against apply(new parent),
+        as `git rebase` rewrites commits; then move HEAD's branch to the new tip. A merge becomes
+        an ordinary commit with the same changes (its second parent is not kept). The old commits
+        stay, reachable by id."""
+        head = self._require_head("replay")
+        if not self.has_model:
+            raise StateError("this ledger has no model, so there is nothing to measure",
+                             "replay is for ledgers made with a model")
+        chain = list(reversed(self.first_parent_chain(head)))
+        start, parent = 0, None
+        if base is not None:
+            parent = self.resolve(base)
+            if parent not in chain:
+                raise UsageError(f"{short(parent)} is not on HEAD's first-parent history",
+                                 "give a commit that `kledger log --oneline` lists")
+            start = chain.index(parent) + 1
+        todo = chain[start:]
+        if not todo:
+            raise StateError("nothing to replay after that commit", "give an older base")
+        commits = self.store.commits(todo)
+        mapping = {}
+        with self.store.transaction():
+            for i, cid in enumerate(todo):
+                c = commits[cid]
+                if progress is not None:
+                    progress("replay", i, len(todo))
+                added = self.store.facts(o.fact_id for o in c.ops if o.op == OP_ADD)
+                self._changed()
+                digest, rows = self._measure(parent, [added[o.fact_id] for o in c.ops if o.op == OP_ADD], progress)
+                meta = {k: v for k, v in c.meta.items() if k not in ("merged", "merge_base")}
+                new = Commit(parents=(parent,) if parent else (), ops=c.ops, message=c.message,
+                             author=author or c.author, timestamp=now_iso(), constraints=digest,
+                             meta={**meta, "replayed_from": cid})
+                parent = self.store.put_commit(new)
+                self._store_constraints(parent, rows)
+                mapping[cid] = parent
+            self._move_head(parent)
+        if progress is not None:
+            progress("replay", len(todo), len(todo))
+        return {"replayed": len(todo), "head": parent, "mapping": mapping}
 
     def _measure(self, parent: str | None, facts: list[Fact], progress=None,
                  skip_known: bool = False) -> tuple[str | None, list]:
@@ -722,8 +765,8 @@ class Ledger:
     def proposed(self, rev: str | None = None, staged: bool = False, pending: bool = False,
                  lazy: bool = False) -> ProposedFacts:
         """The facts to look for conflicts in: REV's; else, with `pending`, the stopped merge or
-        cherry-pick if there is one; else HEAD's, with the staged ops when `staged`. With `lazy`, a
-        revision's facts in force (no ops) are not loaded: `_conflicts_of` needs one query."""
+        cherry-pick if there is one; else HEAD's, with the staged ops when `staged`. With `lazy`, the
+        facts in force at a revision or HEAD are not loaded: `_conflicts_of` needs one query."""
         if rev is not None and staged:
             raise UsageError("give a revision or --staged, not both", "--staged means HEAD with the staged facts")
         if rev is not None:
@@ -738,14 +781,17 @@ class Ledger:
                                  {f: theirs.get(f, p["theirs"]) for f in adds}, adds, p)
         head = self.head()
         ops = self.store.staged() if staged else []
-        return ProposedFacts("staged" if ops else "head", head, None if lazy and not ops else self.state(head), ops,
+        return ProposedFacts("staged" if ops else "head", head, None if lazy else self.state(head), ops,
                              [head] if head else [], {o.fact_id: None for o in ops if o.op == OP_ADD})
 
     def _conflicts_of(self, pf: ProposedFacts) -> list[Conflict]:
         """The conflicts in `pf`; sets `pf.n_facts`."""
-        if pf.base is None:  # a revision: facts in force and candidates in one query
-            pf.n_facts, pf.base = self.store.conflict_candidates_at(self.first_parent_chain(pf.commit)
-                                                                    if pf.commit else [])
+        if pf.base is None:  # not loaded: the facts in force, the ops and the candidates in one query
+            last = {o.fact_id: o.op for o in pf.ops}  # a fact's last op decides (as in _apply_ops)
+            pf.n_facts, pf.base = self.store.conflict_candidates_at(
+                self.first_parent_chain(pf.commit) if pf.commit else [],
+                added=[f for f, op in last.items() if op == OP_ADD],
+                retracted=[f for f, op in last.items() if op != OP_ADD])
             return self._conflicts_among(pf.base, pf.involving)
         after = self._apply_ops(pf.base, pf.ops)
         pf.n_facts = len(after)
@@ -842,10 +888,13 @@ class Ledger:
         `staged`, in what `kledger commit` would make of HEAD and the staged facts (remembered
         decisions replayed, as the commit would). `ok` is True when there are none."""
         pf = self.proposed(rev, staged=staged, lazy=True)
-        replayed: list[dict] = []
-        if pf.ops:
-            pf.ops, _, replayed = self._replay_decisions(pf.base, pf.ops, set(pf.incoming))
         found = self._conflicts_of(pf)
+        replayed: list[dict] = []
+        incoming = set(pf.incoming)
+        if any(incoming.intersection(c.fact_ids) and self.store.resolution(c.key) for c in found):
+            pf.base = self.state(pf.commit)  # replay as `commit` would, then look again
+            pf.ops, _, replayed = self._replay_decisions(pf.base, pf.ops, incoming)
+            found = self._conflicts_of(pf)
         return {"ok": not found, "target": _target(pf), "facts": pf.n_facts,
                 "unresolved": len(found), "conflicts": self._report(pf, found), "replayed": replayed}
 

@@ -182,3 +182,36 @@ def test_init_from_text_ledger_measures_constraints(model_dir, tmp_path):
         assert info["facts"] == 30
     finally:
         lg.close()
+
+
+def test_replay_measures_afresh_like_a_fresh_history(model_dir, tmp_path):
+    """History A, B, C. Drop B by cherry-picking C onto A: C keeps the constraints it was measured
+    with on top of B. `replay A` measures C afresh on A, exactly as a history of A then C."""
+    settings = {**SETTINGS, "corpus": str(model_dir / "corpus.txt")}
+    A, B, C = FACTS[0:2], FACTS[2:4], FACTS[4:6]
+    a = Ledger.init(tmp_path / "a", model=str(model_dir), settings=settings)
+    ids = []
+    for i, batch in enumerate((A, B, C)):
+        a.add([Fact.create(p, t, subject=s) for p, s, t in batch])
+        ids.append(a.commit(f"batch {i}", author="t"))
+    a.checkout("without-b", create=True, start=ids[0])
+    picked = a.cherry_pick(ids[2], author="t")
+    stale = {(r.fact_id, r.layer): r for r in a.editor().constraints_at(picked)}
+    res = a.replay(ids[0], author="t")
+    assert res["replayed"] == 1 and res["mapping"] == {picked: res["head"]} and a.fsck()["ok"]
+    assert set(a.state(a.head())) == set(a.state(picked))
+    fresh = Ledger.init(tmp_path / "b", model=str(model_dir), settings=settings)
+    for i, batch in enumerate((A, C)):
+        fresh.add([Fact.create(p, t, subject=s) for p, s, t in batch])
+        fresh.commit(f"batch {i}", author="t")
+    replayed = {(r.fact_id, r.layer): r for r in a.editor().constraints_at(a.head())}
+    clean = {(r.fact_id, r.layer): r for r in fresh.editor().constraints_at(fresh.head())}
+    assert replayed.keys() == clean.keys() == stale.keys()
+    for key, r in clean.items():
+        assert torch.allclose(replayed[key].key, r.key, atol=1e-5)
+        assert torch.allclose(replayed[key].value, r.value, atol=1e-5)
+    c_fact = Fact.create(C[0][0], C[0][2], subject=C[0][1]).id
+    la = a.editor().hparams.layers[0]
+    assert not torch.allclose(stale[(c_fact, la)].value, replayed[(c_fact, la)].value, atol=1e-4)
+    a.close()
+    fresh.close()
