@@ -609,3 +609,17 @@ def test_merge_stops_on_an_inverse_conflict(k, ledger_dir):
     assert k("resolve", "--theirs").code == 0
     assert in_force(k, "France") == [] and in_force(k, "Paris") == ["France"]
     assert len(k("show", "--json").json["parents"]) == 2 and k("check").code == 0
+
+
+def test_check_staged_follows_the_staged_ops(k, ledger_dir):
+    k("add", "The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower")
+    k("add", "The Eiffel Tower is located in", "Oslo", "--subject", "Eiffel Tower")
+    r = k("check", "--staged", "--json")  # no commit yet: the staged facts alone
+    assert r.code == 3 and r.json["target"]["commit"] is None and r.json["facts"] == 2
+    k("reset", "Eiffel Tower")
+    commit(k, "The Eiffel Tower is located in", "Rome", "Eiffel Tower", "rome")
+    k("rm", "Eiffel Tower")
+    k("add", "The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower")
+    r = k("check", "--staged", "--json")  # Rome retracted in the same change: no conflict
+    assert r.code == 0 and r.json["facts"] == 1
+    assert k("commit", "-m", "berlin").code == 0 and k("check").code == 0

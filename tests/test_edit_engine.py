@@ -176,3 +176,13 @@ def test_other_modes_commits_equal_apply(mode):
     rev = apply_constraints(W0, {la: [c[la] for c in stored][::-1] for la in hp.layers}, c0, hp.lam, mode)
     diff = max(rel_fro(rev[la], applied[la]) for la in hp.layers)
     assert diff < 1e-9 if mode == "alphaedit" else diff > 1e-6
+
+
+def test_measure_c0_records_its_corpus(tmp_path):
+    from kledger.edit.stats import measure_c0
+
+    lm = tiny_lm("llama")
+    hp = HP.with_(c0_tokens=300, c0_seq_len=32)
+    c0, meta = measure_c0(lm, hp, corpus(), cache_dir=str(tmp_path))
+    assert set(c0) == set(hp.layers) and meta["corpus"] == "text" and 250 < meta["n_tokens"] <= 300
+    assert meta["corpus_fingerprint"] == corpus_fingerprint(corpus(), meta["n_tokens"])

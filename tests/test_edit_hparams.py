@@ -29,7 +29,7 @@ def test_validation(bad):
 
 def test_defaults_for():
     hp = defaults_for("llama", 30)
-    assert hp.layers == (3, 4, 5, 6, 7) and hp.lr == 0.5 and 1500 <= hp.lam <= 5000
+    assert hp.layers == (3, 4, 5, 6, 7) and hp.lr == 1.0 and 1500 <= hp.lam <= 5000
     assert defaults_for("gpt2", 12).layers == default_layers(12)
     for n in range(1, 49):
         layers = default_layers(n)

@@ -90,9 +90,12 @@ def default_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(start, start + max(1, width)))
 
 
-# Per-model-type settings measured on this project's machines (see docs/results).
+# Per-model-type settings measured on this project's machine. Llama (SmolLM2-135M-Instruct, layers
+# 3-7, CounterFact train records 0-9, C0 on 50k WikiText-2 tokens): lr 1.0 and 0.5 score the same
+# (efficacy 90, generalization 70, specificity 80 = before) but 1.0 stops after 11 steps, 0.5 after
+# 17; λ 1,500-5,000 score the same, 15,000 is too stiff (efficacy 70).
 _PER_TYPE: dict[str, dict[str, Any]] = {
-    "llama": {"lam": 3000.0, "lr": 0.5},
+    "llama": {"lam": 3000.0, "lr": 1.0},
 }
 
 
