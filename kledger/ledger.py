@@ -522,36 +522,31 @@ class Ledger:
         out["ops"] = [{"op": o.op, "fact_id": o.fact_id, **facts[o.fact_id].to_dict()} for o in c.ops]
         return out
 
-    def diff(self, rev_a: str | None = None, rev_b: str | None = None) -> dict:
-        """Facts added, removed and changed from a to b. With no revisions: HEAD against HEAD plus
-        the staged changes; with one: that revision against HEAD."""
+    def diff(self, rev_a: str | None = None, rev_b: str | None = None, with_facts: bool = True) -> dict:
+        """Facts added, removed and changed (same subject and relation, another fact) from a to b.
+        With no revisions: HEAD against HEAD plus the staged changes; with one: that revision
+        against HEAD. `with_facts=False` gives only the counts (no fact is loaded)."""
         if rev_a is None and rev_b is None:
             head = self.head()
-            a_ids = set(self.state(head))
-            b_ids = self._apply_ops(self.state(head), self.store.staged())
+            before = set(self.state(head))
+            after = self._apply_ops(self.state(head), self.store.staged())
+            facts = self.store.facts((after - before) | (before - after))
+            added, removed, changed = _pair_changes(sorted(after - before), sorted(before - after), facts)
             label = ("HEAD", "staged")
         else:
-            a = self.resolve(rev_a)
-            b = self.resolve(rev_b or "HEAD")
-            a_ids, b_ids = set(self.state(a)), set(self.state(b))
+            a, b = self.resolve(rev_a), self.resolve(rev_b or "HEAD")
+            added, removed, changed = self.store.diff(self.first_parent_chain(a), self.first_parent_chain(b))
             label = (a, b)
-        added_ids, removed_ids = b_ids - a_ids, a_ids - b_ids
-        facts = self.store.facts(added_ids | removed_ids)
-        removed_by_key: dict[tuple, list[str]] = {}
-        for i in removed_ids:
-            removed_by_key.setdefault(facts[i].key, []).append(i)
-        added, changed = [], []
-        for i in sorted(added_ids, key=lambda i: (facts[i].subject, facts[i].relation)):
-            olds = removed_by_key.get(facts[i].key)
-            if olds:
-                old = olds.pop()
-                removed_ids = removed_ids - {old}
-                changed.append(FactChange(i, facts[i], facts[old], old))
-            else:
-                added.append(FactChange(i, facts[i]))
-        removed = [FactChange(i, facts[i]) for i in sorted(removed_ids, key=lambda i: (facts[i].subject,
-                                                                                          facts[i].relation))]
-        return {"from": label[0], "to": label[1], "added": added, "removed": removed, "changed": changed}
+            facts = None
+        counts = {"added": len(added), "removed": len(removed), "changed": len(changed)}
+        if not with_facts:
+            return {"from": label[0], "to": label[1], "counts": counts}
+        if facts is None:
+            facts = self.store.facts([*added, *removed, *(i for pair in changed for i in pair)])
+        return {"from": label[0], "to": label[1], "counts": counts,
+                "added": [FactChange(i, facts[i]) for i in added],
+                "removed": [FactChange(i, facts[i]) for i in removed],
+                "changed": [FactChange(new, facts[new], facts[old], old) for old, new in changed]}
 
     def blame(self, subject: str, relation: str | None = None, rev: str = "HEAD") -> list[dict]:
         cid = self.resolve(rev)
@@ -1133,6 +1128,22 @@ class Ledger:
             raise
         ledger._changed()
         return ledger
+
+
+def _pair_changes(added: list[str], removed: list[str], facts: dict[str, Fact]):
+    """Pair added and removed facts with the same matching (subject, relation) as changes."""
+    by_key: dict[tuple, list[str]] = {}
+    for i in removed:
+        by_key.setdefault(facts[i].key, []).append(i)
+    changed, plain = [], []
+    for i in added:
+        olds = by_key.get(facts[i].key)
+        if olds:
+            changed.append((olds.pop(0), i))
+        else:
+            plain.append(i)
+    paired = {old for old, _ in changed}
+    return plain, [i for i in removed if i not in paired], changed
 
 
 def _check_refs(refs: object, mapped: dict[str, str], refs_file: Path) -> None:

@@ -406,6 +406,41 @@ class Store:
         rows = self.con.execute(f"WITH {_IN_FORCE} SELECT id, commit_id FROM in_force", [chain, chain, OP_ADD]).fetchall()
         return dict(rows)
 
+    def diff(self, chain_a: list[str], chain_b: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+        """(added, removed, changed) fact ids from the state at chain_a[0] to that at chain_b[0]
+        (first-parent chains, newest first). Only facts touched by a commit outside the shared part
+        of the chains can differ. `changed` pairs (old, new) facts with the same matching subject
+        and relation; they are left out of added and removed."""
+        common = set(chain_a) & set(chain_b)
+        touched = [c for c in dict.fromkeys(chain_a + chain_b) if c not in common]
+        if not touched:
+            return [], [], []
+        rows = self.con.execute(
+            f"""
+            WITH t AS (SELECT DISTINCT fact_id FROM commit_ops WHERE commit_id IN (SELECT unnest(?::VARCHAR[]))),
+            sides AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth, 'a' AS side
+                      UNION ALL
+                      SELECT unnest(?::VARCHAR[]), unnest(range(len(?::VARCHAR[]))), 'b'),
+            ranked AS (SELECT o.fact_id, o.op, s.side,
+                              row_number() OVER (PARTITION BY s.side, o.fact_id ORDER BY s.depth, o.pos DESC) AS rn
+                       FROM commit_ops o SEMI JOIN t ON o.fact_id = t.fact_id JOIN sides s ON o.commit_id = s.id),
+            st AS (SELECT fact_id, bool_or(side = 'a') AS in_a, bool_or(side = 'b') AS in_b
+                   FROM ranked WHERE rn = 1 AND op = '{OP_ADD}' GROUP BY fact_id),
+            d AS (SELECT st.fact_id, CASE WHEN in_b THEN 'added' ELSE 'removed' END AS kind,
+                         f.subject_key, f.relation_key, f.subject, f.relation
+                  FROM st JOIN facts f ON f.id = st.fact_id WHERE in_a <> in_b),
+            n AS (SELECT *, row_number() OVER (PARTITION BY kind, subject_key, relation_key ORDER BY fact_id) AS k FROM d)
+            SELECT n.kind, n.fact_id, m.fact_id FROM n
+            LEFT JOIN n m ON m.kind = 'removed' AND n.kind = 'added' AND m.subject_key = n.subject_key
+                          AND m.relation_key = n.relation_key AND m.k = n.k
+            ORDER BY n.subject, n.relation, n.fact_id
+            """, [touched, chain_a, chain_a, chain_b, chain_b]).fetchall()
+        paired = {old for kind, _, old in rows if old is not None}
+        added = [new for kind, new, old in rows if kind == "added" and old is None]
+        removed = [fid for kind, fid, _ in rows if kind == "removed" and fid not in paired]
+        changed = [(old, new) for kind, new, old in rows if old is not None]
+        return added, removed, changed
+
     # ----------------------------------------------------------------- staging
     def staged(self) -> list[Op]:
         return [Op(op, fid) for op, fid in
@@ -524,4 +559,4 @@ class Store:
 
 def _fact_from_row(r) -> Fact:
     return Fact(subject=r[1], prompt=r[2], target=r[3], relation=r[4], target_true=r[5],
-                paraphrases=tuple(r[6]), neighborhood=tuple(r[7]), extra=json.loads(r[8]))
+                paraphrases=tuple(r[6]), neighborhood=tuple(r[7]), extra=json.loads(r[8]) if r[8] != "{}" else {})

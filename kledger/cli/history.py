@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -60,6 +61,15 @@ def log(rev: Optional[str] = typer.Argument(None, help="Start from this revision
         out.print("")
 
 
+def print_lines(lines: list[tuple[str, str, str]]) -> None:
+    """(main text, dim suffix, colour) lines: coloured on a terminal, plain text fast when piped."""
+    if not out.is_terminal:
+        sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
+        return
+    for a, b, colour in lines:
+        out.print(f"[{colour}]{escape(a)}[/][dim]{escape(b)}[/]")
+
+
 def _fact_line(sign: str, f: dict, colour: str) -> str:
     return (f"[{colour}]{sign} {escape(f['prompt'])} → {escape(f['target'])}[/]"
             f"  [dim]({escape(f['subject'])} · {escape(f['relation'])})[/]")
@@ -95,7 +105,7 @@ def diff(rev_a: Optional[str] = typer.Argument(None, help="From (default HEAD; w
     """Facts added, removed and changed between two revisions."""
     want_json(json_)
     with open_ledger() as ledger:
-        d = ledger.diff(rev_a, rev_b)
+        d = ledger.diff(rev_a, rev_b, with_facts=json_ or not stat)
     def rows(items, with_before=False):
         return [{"fact_id": c.fact_id, **c.fact.to_dict(),
                  **({"before": {"fact_id": c.before_id, **c.before.to_dict()}} if with_before else {})}
@@ -104,17 +114,17 @@ def diff(rev_a: Optional[str] = typer.Argument(None, help="From (default HEAD; w
         emit_json("diff", {"from": d["from"], "to": d["to"], "added": rows(d["added"]),
                            "removed": rows(d["removed"]), "changed": rows(d["changed"], True)})
         return
-    counts = f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed"
+    counts = f"{d['counts']['added']} added, {d['counts']['removed']} removed, {d['counts']['changed']} changed"
     if stat:
         out.print(counts)
         return
-    for c in d["changed"]:
-        out.print(f"[yellow]~ {escape(c.fact.prompt)}: {escape(c.before.target)} → {escape(c.fact.target)}[/]"
-                  f"  [dim]({escape(c.fact.subject)})[/]")
-    for c in d["added"]:
-        out.print(_fact_line("+", c.fact.to_dict(), "green"))
-    for c in d["removed"]:
-        out.print(_fact_line("-", c.fact.to_dict(), "red"))
+    lines = [(f"~ {c.fact.prompt}: {c.before.target} → {c.fact.target}", f"  ({c.fact.subject})", "yellow")
+             for c in d["changed"]]
+    lines += [(f"+ {c.fact.prompt} → {c.fact.target}", f"  ({c.fact.subject} · {c.fact.relation})", "green")
+              for c in d["added"]]
+    lines += [(f"- {c.fact.prompt} → {c.fact.target}", f"  ({c.fact.subject} · {c.fact.relation})", "red")
+              for c in d["removed"]]
+    print_lines(lines)
     out.print(f"[dim]{counts}[/]")
 
 
