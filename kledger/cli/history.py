@@ -16,7 +16,7 @@ def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
     names = [("HEAD -> " + n) if n == branch else n for n in sorted(entry["refs"], key=lambda n: n != branch)]
     if entry["id"] == head and branch is None:
         names.insert(0, "HEAD")
-    return f" [yellow]({escape(', '.join(names))})[/]" if names else ""
+    return f" ({', '.join(names)})" if names else ""
 
 
 @app.command()
@@ -43,22 +43,21 @@ def log(rev: Optional[str] = typer.Argument(None, help="Start from this revision
         return
     if not entries:
         out.print("No commits yet" if head is None else "No matching commits")
+    lines: list[tuple[str, str, str]] = []  # (text, dim suffix, colour), as print_lines takes them
     for e in entries:
         label = _refs_label(e, head, branch)
         counts = f"+{e['added']}/-{e['retracted']}"
         if oneline:
-            out.print(f"[yellow]{short(e['id'])}[/]{label} {escape(e['message'].splitlines()[0])} [dim]({counts})[/]")
+            lines.append((f"{short(e['id'])}{label} {e['message'].splitlines()[0]}", f" ({counts})", "default"))
             continue
-        out.print(f"[yellow]commit {e['id']}[/]{label}")
+        lines.append((f"commit {e['id']}{label}", "", "yellow"))
         if len(e["parents"]) > 1:
-            out.print("Merge:  " + " ".join(short(p) for p in e["parents"]))
-        out.print(f"Author: {escape(e['author'])}")
-        out.print(f"Date:   {e['timestamp']}")
-        out.print("")
-        for line in e["message"].splitlines():
-            out.print("    " + escape(line))
-        out.print(f"    [dim]({counts} facts)[/]")
-        out.print("")
+            lines.append(("Merge:  " + " ".join(short(p) for p in e["parents"]), "", "default"))
+        lines += [(f"Author: {e['author']}", "", "default"), (f"Date:   {e['timestamp']}", "", "default"),
+                  ("", "", "default")]
+        lines += [("    " + line, "", "default") for line in e["message"].splitlines()]
+        lines += [("", f"    ({counts} facts)", "default"), ("", "", "default")]
+    print_lines(lines)
 
 
 def print_lines(lines: list[tuple[str, str, str]]) -> None:
