@@ -83,12 +83,19 @@ def test_sequential_commits_equal_one_solve_and_retraction():
 
 def test_batched_values_match_one_at_a_time():
     lm, _, _ = setup(torch.float32)
-    hp = HP.with_(steps=6, early_stop_prob=0.5)
+    # subjects at the end of the prompt, so that facts reach the threshold at different steps and
+    # leave the batch one by one
+    reqs = [EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome"),
+            EditRequest("the city of Louvre", "Louvre", "Berlin"),
+            EditRequest("the capital of France", "France", "London"),
+            EditRequest("Big Ben", "Big Ben", "Madrid")]
+    hp = HP.with_(steps=12, lr=0.5, clamp=4.0, early_stop_prob=0.2)
     tok = lm.tokenizer
     bos = boundary_token(tok, hp.bos)
-    toks = [tokenize_request(tok, r, context_prefixes(hp), bos) for r in FACTS[:4]]
+    toks = [tokenize_request(tok, r, context_prefixes(hp), bos) for r in reqs]
     z_batch, info = optimise_values(lm, toks, hp)
     assert z_batch.shape == (4, 32) and len(info["target_prob"]) == 4
+    assert len(set(info["steps"])) > 1  # facts froze at different steps
     for i in range(4):
         z_one, info_one = optimise_values(lm, toks[i:i + 1], hp)
         assert info_one["steps"][0] == info["steps"][i]

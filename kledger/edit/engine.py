@@ -111,67 +111,89 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 
 # ---- values ---------------------------------------------------------------------------------
 
-def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
-                    progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
-    prompt) and diagnostics. One forward/backward per step for all facts; each fact has its own
-    delta and stops (is frozen) once its mean target probability exceeds hp.early_stop_prob."""
-    model, spec = lm.model, lm.spec
-    L = hp.layers[-1]
-    N, C = len(toks), len(toks[0].ctx)
+@dataclass(frozen=True)
+class _Layout:
+    """One value-optimisation batch for a subset of facts: rewrite sequences (every context +
+    target) then one KL sequence per fact. `fact` indexes are global, positions are local."""
+
+    ids: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T]
+    d_rows: torch.Tensor  # [n_d] where δ is added ...
+    d_cols: torch.Tensor
+    d_fact: torch.Tensor  # ... and whose δ (global fact index)
+    out_rows: torch.Tensor  # [M + n] positions whose logits are needed: targets, then KL
+    out_cols: torch.Tensor
+    t_ids: torch.Tensor  # [M] target token ids
+    t_seq: torch.Tensor  # [M] local rewrite-sequence index (local fact * C + context)
+    n_tok: torch.Tensor  # [n * C] target tokens per rewrite sequence
+    facts: torch.Tensor  # [n] global fact indexes in this layout
+
+
+def _layout(toks: Sequence[_Tokens], facts: Sequence[int], pad_id: int) -> _Layout:
+    C = len(toks[0].ctx)
     seqs: list[list[int]] = []
-    d_rows, d_cols, d_fact = [], [], []  # where each fact's delta is added
-    t_rows, t_cols, t_ids, t_seq = [], [], [], []  # target token positions, ids, rewrite-seq index
-    for i, t in enumerate(toks):
+    d_rows, d_cols, d_fact, t_rows, t_cols, t_ids, t_seq = [], [], [], [], [], [], []
+    for k, i in enumerate(facts):
+        t = toks[i]
         for c in range(C):
             s = len(seqs)
             seqs.append(t.ctx[c] + t.target[:-1])
             d_rows.append(s), d_cols.append(t.subj[c]), d_fact.append(i)
             for j, tid in enumerate(t.target):
-                t_rows.append(s), t_cols.append(len(t.ctx[c]) - 1 + j), t_ids.append(tid), t_seq.append(i * C + c)
-    kl_rows = []
-    for i, t in enumerate(toks):
-        kl_rows.append(len(seqs))
-        d_rows.append(len(seqs)), d_cols.append(t.kl_subj), d_fact.append(i)
-        seqs.append(t.kl)
-    batch = pad_batch(seqs, pad_id_of(lm.tokenizer))
-    kl_cols = torch.tensor([len(t.kl) - 1 for t in toks])
-    d_rows_t, d_cols_t, d_fact_t = (torch.tensor(x) for x in (d_rows, d_cols, d_fact))
-    t_rows_t, t_cols_t, t_ids_t, t_seq_t = (torch.tensor(x) for x in (t_rows, t_cols, t_ids, t_seq))
-    n_tok = torch.zeros(N * C).index_add_(0, t_seq_t, torch.ones(len(t_ids)))  # target tokens per seq
-    M = len(t_ids)
-    out_rows = torch.cat([t_rows_t, torch.tensor(kl_rows)])  # [M + N] positions whose logits we need
-    out_cols = torch.cat([t_cols_t, kl_cols])
-    bare_rows = torch.tensor([i * C for i in range(N)])
-    bare_cols = torch.tensor([t.subj[0] for t in toks])
+                t_rows.append(s), t_cols.append(len(t.ctx[c]) - 1 + j), t_ids.append(tid), t_seq.append(k * C + c)
+    kl_rows = list(range(len(seqs), len(seqs) + len(facts)))
+    for k, i in enumerate(facts):
+        d_rows.append(len(seqs)), d_cols.append(toks[i].kl_subj), d_fact.append(i)
+        seqs.append(toks[i].kl)
+    batch = pad_batch(seqs, pad_id)
+    T = torch.tensor
+    t_seq_t = T(t_seq)
+    return _Layout(batch.input_ids, batch.attention_mask, T(d_rows), T(d_cols), T(d_fact),
+                   T(t_rows + kl_rows), T(t_cols + [len(toks[i].kl) - 1 for i in facts]), T(t_ids), t_seq_t,
+                   torch.zeros(len(facts) * C).index_add_(0, t_seq_t, torch.ones(len(t_ids))), T(list(facts)))
 
+
+def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
+                    progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
+    prompt) and diagnostics. One forward/backward per step for all facts still optimising: each
+    fact has its own delta, and once its mean target probability exceeds hp.early_stop_prob it
+    is frozen and leaves the batch (so a batch costs no more than its facts one at a time)."""
+    model, spec = lm.model, lm.spec
+    L = hp.layers[-1]
+    N, C = len(toks), len(toks[0].ctx)
+    pad = pad_id_of(lm.tokenizer)
     d = model.get_input_embeddings().weight.shape[1]
     delta = torch.zeros(N, d, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     active = torch.ones(N, dtype=torch.bool)
-    h0 = kl_init = None
+    h0 = torch.zeros(N, d)  # [N, d] unedited residual at the bare prompt's subject token
+    kl_init = None  # [N, V] unedited log-probabilities after "{subject} is a"
     prob = torch.zeros(N)
     steps_done = torch.zeros(N, dtype=torch.long)
+    lay = _layout(toks, range(N), pad)
     with torch.enable_grad():
         for step in range(hp.steps + 1):
             if progress is not None:
                 progress("values", step, hp.steps)
+            n, M = len(lay.facts), len(lay.t_ids)
             with capture_residual(model, spec, L) as got, \
-                    add_to_residual(model, spec, L, d_rows_t, d_cols_t, delta[d_fact_t]):
-                logits = logits_at(model, spec, batch.input_ids, batch.attention_mask,
-                                   out_rows, out_cols).float()  # [M + N, V]
-            if h0 is None:
-                h0 = got[L][bare_rows, bare_cols].detach().clone()  # [N, d], δ = 0 at step 0
+                    add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
+                logits = logits_at(model, spec, lay.ids, lay.mask, lay.out_rows, lay.out_cols).float()
+            if step == 0:  # δ = 0: the unedited model
+                h0 = got[L][torch.arange(N) * C, torch.tensor([t.subj[0] for t in toks])].detach().clone()
             lp = torch.log_softmax(logits[:M], -1)  # [M, V]
-            tok_lp = lp.gather(1, t_ids_t[:, None])[:, 0]  # [M]
-            seq_lp = torch.zeros(N * C).index_add(0, t_seq_t, tok_lp) / n_tok  # [N*C] mean per seq
-            nll = -seq_lp.view(N, C).mean(1)  # [N]
-            prob = seq_lp.detach().exp().view(N, C).mean(1)  # [N]
-            kl_lp = torch.log_softmax(logits[M:], -1)  # [N, V]
+            tok_lp = lp.gather(1, lay.t_ids[:, None])[:, 0]  # [M]
+            seq_lp = torch.zeros(n * C).index_add(0, lay.t_seq, tok_lp) / lay.n_tok  # [n*C] mean per seq
+            nll = -seq_lp.view(n, C).mean(1)  # [n]
+            prob[lay.facts] = seq_lp.detach().exp().view(n, C).mean(1)
+            kl_lp = torch.log_softmax(logits[M:], -1)  # [n, V]
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
-            kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)  # [N] KL(unedited ‖ edited)
-            wd = hp.weight_decay * delta.pow(2).sum(1) / h0.pow(2).sum(1)  # [N] (‖δ‖/‖h‖)²
+            ref = kl_init[lay.facts]
+            kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n] KL(unedited ‖ edited)
+            dl = delta[lay.facts]
+            wd = hp.weight_decay * dl.pow(2).sum(1) / h0[lay.facts].pow(2).sum(1)  # [n] (‖δ‖/‖h‖)²
             loss_each = nll + hp.kl_weight * kl + wd
             _check_finite(loss_each, "the value optimisation loss")
             active &= prob < hp.early_stop_prob
@@ -179,14 +201,16 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                 break
             steps_done += active.long()
             opt.zero_grad()
-            loss_each[active].sum().backward()
+            loss_each[active[lay.facts]].sum().backward()
             frozen = delta.detach()[~active].clone()
             opt.step()
             with torch.no_grad():
-                delta[~active] = frozen
+                delta[~active] = frozen  # Adam's momentum would move them still
                 max_norm = hp.clamp * h0.norm(dim=1, keepdim=True)  # [N, 1]
                 norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+            if int(active.sum()) < n:
+                lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad)
     z = (h0 + delta.detach()).clone()  # [N, d]
     _check_finite(z, "the target values")
     info = {"target_prob": prob.tolist(), "steps": steps_done.tolist(),
@@ -230,6 +254,12 @@ def prepare(lm: Any, requests: Sequence[EditRequest], hp: HParams) -> list[_Toke
     return [tokenize_request(lm.tokenizer, r, prefixes, bos_id) for r in requests]
 
 
+def _require_layers(hp: HParams, c0: Mapping[int, Any], W0: Mapping[int, Any]) -> None:
+    missing = [la for la in hp.layers if la not in c0 or la not in W0]
+    if missing:
+        raise ModelError(f"no C0 or base weight for layers {missing}", "compute C0 for the edited layers")
+
+
 def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
            c0: Mapping[int, torch.Tensor], W0: Mapping[int, torch.Tensor],
            prior: Mapping[int, LayerConstraints] | None = None,
@@ -237,9 +267,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     """Spread target residuals z [N, d] over hp.layers, writing each layer as it goes; returns
     the new constraints. Same pre/postconditions as `compute_constraints`."""
     prior = prior or {}
-    missing = [la for la in hp.layers if la not in c0 or la not in W0]
-    if missing:
-        raise ModelError(f"no C0 or base weight for layers {missing}", "compute C0 for the edited layers")
+    _require_layers(hp, c0, W0)
     L = hp.layers[-1]
     new: dict[int, Batch] = {}
     for i, layer in enumerate(hp.layers):
@@ -271,9 +299,7 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
     (K, V) or the list of commits' (K, V) in order. `diagnostics`, if given, receives the value
     optimisation's per-fact target probabilities and step counts."""
     toks = prepare(lm, requests, hp)
-    missing = [la for la in hp.layers if la not in c0 or la not in W0]
-    if missing:
-        raise ModelError(f"no C0 or base weight for layers {missing}", "compute C0 for the edited layers")
+    _require_layers(hp, c0, W0)
     z, info = optimise_values(lm, toks, hp, progress)
     new = spread(lm, toks, z, hp, c0, W0, prior, progress)
     if diagnostics is not None:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError, ModelError
 from .hooks import boundary_token, capture_down_inputs, encode, pad_batch, pad_id_of, run_until
-from .spec import down_proj
+from .spec import down_proj, to_canonical
 
 Progress = Callable[[str, int, int], None]
 SAMPLED_CORPUS = "model-sampled"
@@ -52,7 +52,7 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
     bos_id = boundary_token(tok, bos)
     skip = 1 if bos_id is not None else 0
     chunks = corpus_chunks(tok, text, n_tokens, seq_len, bos_id)
-    d_in = down_proj(model, spec, layers[0]).weight.shape[1 if spec.layout == "out_in" else 0]
+    d_in = to_canonical(down_proj(model, spec, layers[0]).weight, spec).shape[1]
     sums = {la: torch.zeros(d_in, d_in, dtype=torch.float64) for la in layers}
     count = 0
     batches = [chunks[i:i + batch_size] for i in range(0, len(chunks), batch_size)]

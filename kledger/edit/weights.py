@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from ..errors import FingerprintError, ModelError
-from .spec import ArchSpec, get_weight, n_layers, spec_for
+from .spec import ArchSpec, from_canonical, get_weight, n_layers, spec_for
 
 Progress = Callable[[str, int, int], None]
 
@@ -264,19 +264,16 @@ def save_delta(path: str | os.PathLike, weights: Mapping[int, torch.Tensor], spe
     beside it (`<path>.json`). Returns (tensor file, manifest)."""
     from safetensors.torch import save_file
 
-    from .spec import from_canonical
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {spec.down_proj_name(int(layer)): from_canonical(w.detach().to("cpu", torch.float32), spec)
-               .contiguous() for layer, w in sorted(weights.items())}
+    names = {int(layer): spec.down_proj_name(int(layer)) for layer in weights}
+    tensors = {names[int(layer)]: from_canonical(w.detach().to("cpu", torch.float32), spec).contiguous()
+               for layer, w in weights.items()}
     save_file(tensors, str(path))
     manifest = {"format": "kledger-delta/1", "file": path.name, "sha256": _file_sha256(path),
                 "orientation": spec.layout, "family": spec.family,
-                "tensors": {n: {"layer": int(layer), "shape": list(t.shape), "dtype": "float32"}
-                            for (layer, n, t) in ((int(la), spec.down_proj_name(int(la)),
-                                                   tensors[spec.down_proj_name(int(la))])
-                                                  for la in sorted(weights))},
+                "tensors": {name: {"layer": layer, "shape": list(tensors[name].shape), "dtype": "float32"}
+                            for layer, name in sorted(names.items())},
                 "meta": dict(meta or {})}
     mpath = path.with_name(path.name + ".json")
     mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
