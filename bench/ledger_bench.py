@@ -86,12 +86,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--conflict-every", type=int, default=50, help="every N-th commit records open conflicts (0: none)")
     ap.add_argument("--dir", type=Path, default=None, help="keep the ledger here (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true", help="time the commands on the ledger already in --dir")
     a = ap.parse_args()
     root = a.dir or Path(tempfile.mkdtemp(prefix="kledger-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    if (root / ".kledger").exists():
-        shutil.rmtree(root / ".kledger")
-    build_s = build(root, a.facts, a.commits, a.conflict_every)
+    if a.reuse and (root / ".kledger").exists():
+        build_s = float("nan")
+    else:
+        if (root / ".kledger").exists():
+            shutil.rmtree(root / ".kledger")
+        build_s = build(root, a.facts, a.commits, a.conflict_every)
     size = sum(p.stat().st_size for p in (root / ".kledger").iterdir())
     k = [sys.executable, "-m", "kledger"]
     startup = time_cmd([sys.executable, "-c", "import kledger.cli.main"], root, a.repeat)

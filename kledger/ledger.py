@@ -329,7 +329,8 @@ class Ledger:
         return {
             "branch": self.current_branch(),
             "head": head,
-            "facts_in_force": len(self.state(head)),
+            "facts_in_force": (len(self._state_cache[head]) if head in self._state_cache
+                               else self.store.count_in_force(self.first_parent_chain(head)) if head else 0),
             "staged": [{"op": o.op, "fact_id": o.fact_id, **facts[o.fact_id].to_dict()} for o in staged],
             "pending": pending,
             "model": self.model,

@@ -441,6 +441,12 @@ class Store:
         changed = [(old, new) for kind, new, old in rows if old is not None]
         return added, removed, changed
 
+    def count_in_force(self, chain: list[str]) -> int:
+        """How many facts are in force at chain[0], counted in DuckDB."""
+        if not chain:
+            return 0
+        return self.con.execute(f"WITH {_IN_FORCE} SELECT count(*) FROM in_force", [chain, chain, OP_ADD]).fetchone()[0]
+
     # ----------------------------------------------------------------- staging
     def staged(self) -> list[Op]:
         return [Op(op, fid) for op, fid in
