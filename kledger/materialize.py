@@ -111,11 +111,11 @@ class Editor:
         """(corpus fingerprint, text or None). The default corpus is sampled from the model; its
         identity is the model's fingerprint with the sampling settings, so it is not re-sampled
         just to be named."""
-        from .edit.stats import corpus_fingerprint
+        from .edit.stats import SAMPLED_TOKENS, corpus_fingerprint
 
         hp = self.hparams
         if self.corpus_path is None:
-            return sha256_hex(canonical_json(["model-sampled", self._base_fp(), hp.seed, hp.c0_tokens,
+            return sha256_hex(canonical_json(["model-sampled", self._base_fp(), hp.seed, SAMPLED_TOKENS,
                                               hp.c0_seq_len])), None
         try:
             text = self.corpus_path.read_text(encoding="utf-8")
@@ -143,12 +143,13 @@ class Editor:
                         for la in hp.layers}
             self._c0_tokens = rows[hp.layers[0]][1]
             return self._c0
-        from .edit.stats import compute_c0, sample_corpus
+        from .edit.stats import SAMPLED_TOKENS, compute_c0, default_corpus
 
         self._ensure_base_weights()
-        if text is None:
-            text = sample_corpus(self.lm, hp.c0_tokens, seed=hp.seed, seq_len=hp.c0_seq_len, progress=self.progress)
-        c0, n = compute_c0(self.lm, hp.layers, text, n_tokens=hp.c0_tokens, seq_len=hp.c0_seq_len, bos=hp.bos,
+        n_tokens = hp.c0_tokens
+        if text is None:  # the default: text sampled once from the base model, cached beside the model
+            text, n_tokens = default_corpus(self.lm, SAMPLED_TOKENS, seed=hp.seed, progress=self.progress), SAMPLED_TOKENS
+        c0, n = compute_c0(self.lm, hp.layers, text, n_tokens=n_tokens, seq_len=hp.c0_seq_len, bos=hp.bos,
                            progress=self.progress)
         with self.ledger.store.transaction():
             for la, m in c0.items():
