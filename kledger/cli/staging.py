@@ -47,7 +47,7 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
     if json_:
         emit_json("init", info)
     else:
-        extra = f", {info['commits']} commits replayed" if from_ is not None else ""
+        extra = f", {info['commits']} commit(s) replayed" if from_ is not None else ""
         say(f"Initialised kledger ledger in {escape(info['path'])} (model {escape(info['model'])}{extra})")
 
 

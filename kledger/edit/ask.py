@@ -22,7 +22,7 @@ def answer(lm: Any, prompt: str, top: int = 5, max_new_tokens: int = 8, bos: str
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    return {"answer": text.strip(), "top": [{"token": tok.decode([int(i)]), "prob": float(q)} for q, i in zip(p, idx)]}
+    return {"answer": " ".join(text.split()), "top": [{"token": tok.decode([int(i)]), "prob": float(q)} for q, i in zip(p, idx)]}
 
 
 @torch.no_grad()
