@@ -70,18 +70,22 @@ def revert(rev: Optional[str] = typer.Argument(None, help="Commit whose changes 
     want_json(json_)
     with open_ledger(write=True) as ledger:
         if abort:
-            p = ledger.abort("revert")
-            if json_:
-                emit_json("revert", {"aborted": p["theirs"]})
-            else:
-                say(f"Abandoned the revert of {short(p['theirs'])}")
-            return
+            return _abort(ledger, "revert", json_)
         if rev is None:
             from ..errors import UsageError
             raise UsageError("missing REV", "give the commit to revert, or --abort")
         cid = ledger.revert(rev, author=author, message=message, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
     _report("revert", cid, info, json_)
+
+
+def _abort(ledger, kind: str, json_: bool) -> None:
+    """Abandon a revert, cherry-pick or merge that stopped on conflicts."""
+    p = ledger.abort(kind)
+    if json_:
+        emit_json(kind, {"aborted": p["theirs"]})
+    else:
+        say(f"Abandoned the {kind} of {short(p['theirs'])}")
 
 
 def _report(command: str, cid: str, info: dict, json_: bool) -> None:
@@ -99,12 +103,7 @@ def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose cha
     want_json(json_)
     with open_ledger(write=True) as ledger:
         if abort:
-            p = ledger.abort("cherry-pick")
-            if json_:
-                emit_json("cherry-pick", {"aborted": p["theirs"]})
-            else:
-                say(f"Abandoned the cherry-pick of {short(p['theirs'])}")
-            return
+            return _abort(ledger, "cherry-pick", json_)
         if rev is None:
             from ..errors import UsageError
             raise UsageError("missing REV", "give the commit to cherry-pick, or --abort")
@@ -126,12 +125,7 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
     want_json(json_)
     with open_ledger(write=True) as ledger:
         if abort:
-            p = ledger.abort("merge")
-            if json_:
-                emit_json("merge", {"aborted": p["theirs"]})
-            else:
-                say(f"Abandoned the merge of {short(p['theirs'])}")
-            return
+            return _abort(ledger, "merge", json_)
         if branch_ is None:
             from ..errors import UsageError
             raise UsageError("missing BRANCH", "give the branch to merge, or --abort")
