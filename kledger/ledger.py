@@ -255,10 +255,6 @@ class Ledger:
             self._state_cache[cid] = self.store.in_force(self.first_parent_chain(cid))
         return self._state_cache[cid]
 
-    def facts_at(self, rev: str | None = "HEAD") -> dict[str, Fact]:
-        cid = self.resolve(rev) if rev is not None else None
-        return self.store.facts(self.state(cid))
-
     def _apply_ops(self, base: dict[str, str], ops: Iterable[Op]) -> set[str]:
         ids = set(base)
         for o in ops:

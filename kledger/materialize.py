@@ -242,40 +242,26 @@ class Editor:
                 return {int(k): v for k, v in loaded.items()}, {**info, "cached": True}
             except Exception:
                 path.unlink(missing_ok=True)  # a corrupt cache entry is recomputed
-        if mode != "accumulated" and cid is not None:
-            weights = self._solve_history(cid, mode)
-        else:
-            c0, groups = self.c0(), self.by_layer(rows, hp.layers)
-            weights = {}
-            with solve_mod.no_tf32():
-                for la in hp.layers:
-                    if la in groups:
-                        K, V = groups[la]
-                        weights[la] = solve_mod.solve_layer(self.W0[la], K, V, c0[la], hp.lam).to(torch.float32)
-                    else:
-                        weights[la] = self.W0[la].clone()
+        weights = self._solve_batches(cid, rows, mode)
         self._store_cache(path, weights)
         return weights, info
 
-    def _solve_history(self, cid: str, mode: str) -> dict[int, torch.Tensor]:
-        """Non-accumulated modes depend on the order of commits: batches along the first-parent chain."""
+    def _solve_batches(self, cid: str | None, rows: list[ConstraintRow], mode: str) -> dict[int, torch.Tensor]:
+        """Solve `rows` with their commits as batches, in first-parent order (the order matters
+        only for the modes without history; the accumulated solve stacks them)."""
         hp, c0 = self.hparams, self.c0()
-        rows = self.constraints_at(cid)
         state = self.ledger.state(cid)
-        chain = list(reversed(self.ledger.first_parent_chain(cid)))
-        pos = {c: i for i, c in enumerate(chain)}
-        batches_by_commit: dict[int, list[ConstraintRow]] = {}
+        pos = {c: i for i, c in enumerate(reversed(self.ledger.first_parent_chain(cid)))} if cid else {}
+        by_commit: dict[int, list[ConstraintRow]] = {}
         for r in rows:
-            batches_by_commit.setdefault(pos.get(state[r.fact_id], 0), []).append(r)
+            by_commit.setdefault(pos.get(state[r.fact_id], 0), []).append(r)
+        groups = [self.by_layer(by_commit[i], hp.layers) for i in sorted(by_commit)]
         weights = {}
-        for la in hp.layers:
-            batches = []
-            for i in sorted(batches_by_commit):
-                g = self.by_layer(batches_by_commit[i], [la])
-                if la in g:
-                    batches.append(g[la])
-            W = solve_mod.solve_history(self.W0[la], batches, c0[la], hp.lam, mode) if batches else self.W0[la]
-            weights[la] = W.to(torch.float32)
+        with solve_mod.no_tf32():
+            for la in hp.layers:
+                batches = [g[la] for g in groups if la in g]
+                W = solve_mod.solve_history(self.W0[la], batches, c0[la], hp.lam, mode) if batches else self.W0[la]
+                weights[la] = W.to(torch.float32)
         return weights
 
     def _store_cache(self, path: Path, weights: dict[int, torch.Tensor]) -> None:

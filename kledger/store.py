@@ -231,9 +231,6 @@ class Store:
         row = self.con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return row[0] if row else default
 
-    def all_meta(self) -> dict[str, str]:
-        return dict(self.con.execute("SELECT key, value FROM meta").fetchall())
-
     def set_meta(self, key: str, value: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
 
@@ -312,9 +309,6 @@ class Store:
                    (SELECT list([c.id, f.commit_id]) FROM candidates c LEFT JOIN in_force f ON f.id = c.id)""",
             [chain, chain, OP_ADD, retracted, added]).fetchone()
         return n, {f: c for f, c in pairs or ()}
-
-    def all_fact_ids(self) -> list[str]:
-        return [r[0] for r in self.con.execute("SELECT id FROM facts").fetchall()]
 
     def fact_ids_matching(self, subject: str | None, relation: str | None) -> set[str]:
         """Ids of facts whose subject and/or relation match (normalised)."""
