@@ -32,12 +32,13 @@ A slot in which an edge lies is *contested*; the *claims* of a conflict are the 
 state or imply in its contested slots, and a decision (`kledger resolve --keep OBJECT`) names one of
 those values (see `settle`).
 
-Extension point (soft conflicts). Contradictions that need more than the facts — the edit engine's
-soft conflicts, facts whose stored keys at the first edited layer are near-identical (cosine above
-a stored threshold) while their targets differ — are computed where the keys are and passed to
-`find_conflicts(..., extra_edges=[(fact_a, fact_b, "soft"), ...])`. They join the same graph, so a
-soft edge can merge components, a decision about them uses the facts' stated objects, and the
-commit, merge, cherry-pick, `check` and `resolve` paths need no change.
+- soft: two facts on the same relation (same relation key, or the same prompt text after the
+  subject) whose subjects do not match as text but whose keys at the first edited layer are
+  near-identical (cosine above the ledger's threshold), with different objects: the model reads
+  them as one subject ("the Eiffel Tower" and "Eiffel Tower"), so least squares would average
+  their values. `soft_edges` finds them from the stored keys; they are passed to
+  `find_conflicts(..., extra_edges=...)` and join the same graph, so a soft edge can merge
+  components and a decision about them uses the facts' stated objects.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 from .errors import InputError
-from .records import Fact, canonical_json, sha256_hex
+from .records import Fact, canonical_json, normalize, sha256_hex
 
 if TYPE_CHECKING:  # networkx is imported when a Graph is asked for: read commands stay fast
     import networkx as nx
@@ -54,6 +55,13 @@ if TYPE_CHECKING:  # networkx is imported when a Graph is asked for: read comman
 HARD = "hard"
 INVERSE = "inverse"
 SOFT = "soft"
+
+# Cosine of first-edited-layer keys above which two subjects count as one (soft conflicts), for
+# ledgers that set none. Measured with `python bench/soft_threshold.py --records 1000` on
+# SmolLM2-135M-Instruct (layer 3), CounterFact train records 0-999: the largest cosine between two
+# different subjects on the same relation template is 0.964 (3,687 pairs), so 0.965 flags none of
+# them, and flags 92.7% of subjects spelled with/without a leading "the" and 29% of one-letter typos.
+SOFT_THRESHOLD = 0.965
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,46 @@ def contradictions(facts: Mapping[str, Fact], multi_valued: Iterable[str] = (),
         if a in facts and b in facts and a != b:
             fa, fb = facts[a], facts[b]
             yield Claim(a, *fa.key, fa.object_key), Claim(b, *fb.key, fb.object_key), kind
+
+
+def soft_suffix(f: Fact) -> str:
+    """The prompt text after the subject, in matching form: what a soft conflict compares when the
+    relation keys differ (e.g. "The Eiffel Tower is in" and "Eiffel Tower is in")."""
+    i = f.prompt.find(f.subject)
+    return normalize(f.prompt[i + len(f.subject):]) if i >= 0 else ""
+
+
+def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshold: float,
+               multi_valued: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    """Soft contradictions: (fact, fact, "soft") for pairs on the same relation (relation key, or
+    prompt text after the subject) whose subjects differ in matching form, whose objects differ,
+    and whose keys (1-D float vectors, numpy) have cosine similarity above `threshold`. Facts
+    without a key are skipped. Pairs are compared within a relation group only (one Gram matrix
+    per group), so the cost is the sum of the squared group sizes."""
+    import numpy as np
+
+    multi = set(multi_valued)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for fid, f in facts.items():
+        if fid not in keys or f.key[1] in multi:
+            continue
+        groups.setdefault(("relation", f.key[1]), []).append(fid)
+        suffix = soft_suffix(f)
+        if suffix:
+            groups.setdefault(("suffix", suffix), []).append(fid)
+    found: set[tuple[str, str]] = set()
+    for ids in groups.values():
+        if len(ids) < 2 or len({facts[i].object_key for i in ids}) < 2:
+            continue
+        ids = sorted(ids)
+        M = np.stack([np.asarray(keys[i], dtype=np.float64) for i in ids])  # [n, d_in]
+        M /= np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-30)
+        G = M @ M.T
+        for a, b in zip(*np.nonzero(np.triu(G, 1) > threshold)):
+            fa, fb = facts[ids[a]], facts[ids[b]]
+            if fa.object_key != fb.object_key and fa.key[0] != fb.key[0]:
+                found.add((ids[a], ids[b]))
+    return [(a, b, SOFT) for a, b in sorted(found)]
 
 
 def conflict_graph(facts: Mapping[str, Fact], multi_valued: Iterable[str] = (),

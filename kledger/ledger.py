@@ -13,13 +13,14 @@ import os
 import re
 import shutil
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import __version__
-from .conflicts import Conflict, find_conflicts, settle
+from .conflicts import SOFT_THRESHOLD, Conflict, find_conflicts, settle, soft_edges
 from .errors import (ConflictError, InputError, KledgerError, RevisionError, StateError,
                      UsageError)
 from .records import (OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, constraint_digest, constraints_hash, fact_id,
@@ -112,6 +113,7 @@ class Ledger:
         self.store = store
         self._graph: dict[str, tuple[str, ...]] | None = None
         self._state_cache: dict[str, dict[str, str]] = {}
+        self._extra_keys: dict = {}  # fact id → first-layer key measured by a commit in progress
 
     # ================================================================ opening
     @classmethod
@@ -126,6 +128,8 @@ class Ledger:
             raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
         meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or os.environ.get("KLEDGER_MODEL") or DEFAULT_MODEL,
                 "created": now_iso(), "created_by": f"kledger {__version__}"}
+        if meta["model"] not in ("", "none"):
+            meta["soft_threshold"] = str(SOFT_THRESHOLD)
         settings = settings or {}
         if settings.get("hparams"):
             meta["hparams"] = json.dumps(settings["hparams"], sort_keys=True)
@@ -265,13 +269,79 @@ class Ledger:
         return ids
 
     def conflicts_in(self, ids: Iterable[str], involving: Iterable[str] | None = None) -> list[Conflict]:
-        """Hard and inverse conflicts among the facts `ids` (only those involving `involving`, if
-        given). One aggregate query finds the few facts that can take part; only those are loaded."""
-        return self._conflicts_among(self.store.conflict_candidates(ids), involving)
+        """Conflicts among the facts `ids` (only those involving `involving`, if given). One
+        aggregate query finds the few facts that can take part in a hard or inverse conflict; on a
+        model ledger, the stored first-layer keys of all of them are compared for soft ones."""
+        ids = set(ids)
+        return self._conflicts_among(self.store.conflict_candidates(ids), involving, soft_among=ids)
 
-    def _conflicts_among(self, candidates: Iterable[str], involving: Iterable[str] | None = None) -> list[Conflict]:
+    def _conflicts_among(self, candidates: Iterable[str], involving: Iterable[str] | None = None,
+                         soft_among: Iterable[str] = ()) -> list[Conflict]:
         multi, inverse = self.relation_rules()
-        return find_conflicts(self.store.facts(candidates), multi, involving, inverse=inverse)
+        soft = self._soft_edges(soft_among, multi)
+        ids = set(candidates) | {f for e in soft for f in e[:2]}
+        return find_conflicts(self.store.facts(ids), multi, involving, inverse=inverse, extra_edges=soft)
+
+    # ---------------------------------------------------------------- soft conflicts
+    def soft_threshold(self) -> float | None:
+        """The cosine above which first-layer keys count as one subject (None: soft conflicts off;
+        always None on a ledger without a model, which has no keys)."""
+        if not self.has_model:
+            return None
+        value = self.store.meta("soft_threshold")
+        if value is None:
+            return SOFT_THRESHOLD
+        return None if value == "off" else float(value)
+
+    def set_soft_threshold(self, value: str) -> dict:
+        """Set the soft-conflict threshold: a cosine in (0, 1], "off", or "default"."""
+        v = value.strip().lower()
+        if v not in ("off", "default"):
+            try:
+                x = float(v)
+            except ValueError:
+                x = float("nan")
+            if not 0 < x <= 1:
+                raise UsageError(f"soft-conflict threshold must be a cosine in (0, 1], 'off' or 'default', got {value!r}",
+                                 f"e.g. `kledger config soft-threshold {SOFT_THRESHOLD}`")
+            v = repr(x)
+        with self.store.transaction():
+            self.store.set_meta("soft_threshold", str(SOFT_THRESHOLD) if v == "default" else v)
+        return self.config()
+
+    def config(self) -> dict:
+        """The ledger's settings (read-only ones included)."""
+        thr = self.soft_threshold()
+        return {"model": self.model, "soft_threshold": "off" if thr is None and self.has_model else thr,
+                "hparams": json.loads(self.store.meta("hparams") or "{}"), "corpus": self.store.meta("corpus")}
+
+    @contextmanager
+    def _new_keys(self, rows: list) -> Iterator[None]:
+        """Within the block, soft conflicts also see the first-layer keys of these freshly measured
+        constraint rows (facts not stored yet)."""
+        if not rows:
+            yield
+            return
+        low = min(r.layer for r in rows)
+        self._extra_keys = {r.fact_id: r.key.numpy() for r in rows if r.layer == low}
+        try:
+            yield
+        finally:
+            self._extra_keys = {}
+
+    def _soft_edges(self, ids: Iterable[str], multi: set[str]) -> list[tuple[str, str, str]]:
+        thr = self.soft_threshold()
+        ids = set(ids)
+        if thr is None or len(ids) < 2:
+            return []
+        import numpy as np
+
+        keys = {f: np.frombuffer(k, dtype=np.float32 if dt == "float32" else np.float64, count=n)
+                for f, dt, n, k in self.store.first_layer_keys(sorted(ids))}
+        keys.update({f: k for f, k in self._extra_keys.items() if f in ids})
+        if len(keys) < 2:
+            return []
+        return soft_edges(self.store.facts(keys), keys, thr, multi)
 
     # ================================================================ staging
     def add(self, facts: list[Fact]) -> dict:
@@ -383,12 +453,27 @@ class Ledger:
         if not message or not message.strip():
             raise UsageError("empty commit message", "give -m MESSAGE")
         head = self.head()
-        digest, rows = None, []
+        staged, digest, rows = ops, None, []
         if compute if compute is not None else self.has_model:
+            # Remembered decisions first, so that a staged fact that loses to one is not measured;
+            # then measure; then the decisions about soft conflicts, which the new keys reveal.
+            base = self.state(head) if head else {}
+            adds = [o.fact_id for o in ops if o.op == OP_ADD]
+            ops, _, replayed = self._replay_decisions(base, ops, adds)
             added = self.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
             digest, rows = self._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress)
-        with self.store.transaction():
-            if self.store.staged() != ops or self.head() != head:
+            with self._new_keys(rows):
+                ops, _, replayed_soft = self._replay_decisions(base, ops, adds)
+            kept = {o.fact_id for o in ops if o.op == OP_ADD}
+            if len(kept) < len(added):
+                from .materialize import constraints_hash as rows_hash
+
+                rows = [r for r in rows if r.fact_id in kept]
+                digest = rows_hash(rows) if rows else None
+            if replayed or replayed_soft:
+                meta = {**(meta or {}), "resolved": [*(meta or {}).get("resolved", []), *replayed, *replayed_soft]}
+        with self.store.transaction(), self._new_keys(rows):
+            if self.store.staged() != staged or self.head() != head:
                 raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
             cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
                                    constraints=digest, meta=meta)
@@ -784,7 +869,10 @@ class Ledger:
                 self.first_parent_chain(pf.commit) if pf.commit else [],
                 added=[f for f, op in last.items() if op == OP_ADD],
                 retracted=[f for f, op in last.items() if op != OP_ADD])
-            return self._conflicts_among(pf.base, pf.involving)
+            soft_among: Iterable[str] = ()
+            if self.soft_threshold() is not None:  # soft conflicts compare every fact in force
+                soft_among = self._apply_ops(self.state(pf.commit) if pf.commit else {}, pf.ops)
+            return self._conflicts_among(pf.base, pf.involving, soft_among)
         after = self._apply_ops(pf.base, pf.ops)
         pf.n_facts = len(after)
         return self.conflicts_in(after, involving=pf.involving)
@@ -1059,7 +1147,11 @@ class Ledger:
                        "ops": [{"op": o.op, "fact": facts[o.fact_id].to_dict()} for o in c.ops]}
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         refs = {"model": self.model, "head": self.store.head(), "branches": self.store.refs(),
-                "relations": self.store.relations()}
+                "relations": self.store.relations(),
+                "decisions": [{"conflict": k, "created": c, **b} for k, b, c in self.store.resolutions()]}
+        thr = self.store.meta("soft_threshold")
+        if thr is not None:
+            refs["soft_threshold"] = thr
         (out / "refs.json").write_text(json.dumps(refs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return {"commits": len(ids), "facts": len(facts), "path": str(out)}
 
@@ -1119,6 +1211,11 @@ class Ledger:
                 ledger.store.set_head(head if head.startswith("ref: ") else final[head])
                 for key, rel in (refs.get("relations") or {}).items():
                     ledger.store.set_relation(key, bool(rel.get("multi")), rel.get("inverse_of"))
+                for d in refs.get("decisions") or []:  # remembered decisions (rerere) travel too
+                    body = {k: v for k, v in d.items() if k not in ("conflict", "created")}
+                    ledger.store.put_resolution(d["conflict"], body, d.get("created") or body.get("at") or "")
+                if refs.get("soft_threshold") is not None and ledger.has_model:
+                    ledger.store.set_meta("soft_threshold", str(refs["soft_threshold"]))
         except BaseException:
             ledger.close()
             shutil.rmtree(ledger.path, ignore_errors=True)
@@ -1162,6 +1259,19 @@ def _check_refs(refs: object, mapped: dict[str, str], refs_file: Path) -> None:
         raise bad(f"'head' must be 'ref: BRANCH' or a commit id in commits.jsonl, got {head!r}")
     if not isinstance(refs.get("relations") or {}, dict):
         raise bad("'relations' must be an object")
+    decisions = refs.get("decisions") or []
+    if not isinstance(decisions, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("conflict"), str) and isinstance(d.get("keep"), list)
+            for d in decisions):
+        raise bad("'decisions' must be a list of objects with 'conflict' and 'keep'")
+    thr = refs.get("soft_threshold")
+    if thr is not None and thr != "off":
+        try:
+            ok = 0 < float(thr) <= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"'soft_threshold' must be a cosine in (0, 1] or 'off', got {thr!r}")
 
 
 def _fact_args(d: dict) -> dict:

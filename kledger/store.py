@@ -501,6 +501,11 @@ class Store:
     def delete_resolution(self, key: str) -> None:
         self.con.execute("DELETE FROM resolutions WHERE conflict_key = ?", [key])
 
+    def resolutions(self) -> list[tuple[str, dict, str]]:
+        """Every recorded decision: (conflict key, body, created), by key."""
+        return [(k, json.loads(b), c) for k, b, c in self.con.execute(
+            "SELECT conflict_key, body, created FROM resolutions ORDER BY conflict_key").fetchall()]
+
     # ----------------------------------------------------------------- constraints and stats
     def put_fingerprint(self, fid: str, body: dict) -> None:
         self.con.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)", [fid, json.dumps(body, sort_keys=True)])
@@ -531,6 +536,19 @@ class Store:
         return self.con.execute(
             "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
             "WHERE fact_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY fact_id, layer, commit_id", [fact_ids]).fetchall()
+
+    def first_layer_keys(self, fact_ids: list[str]) -> list[tuple[str, str, int, bytes]]:
+        """(fact_id, dtype, d_in, key) of each of those facts that has stored constraints: its key at
+        the lowest layer any constraint is stored for (the first edited layer), from one of the
+        commits that measured it: keys there depend only on the unedited layers below, so they agree."""
+        if not fact_ids:
+            return []
+        return self.con.execute(
+            "WITH c AS (SELECT * FROM constraints WHERE fact_id IN (SELECT unnest(?::VARCHAR[]))), "
+            "low AS (SELECT min(layer) AS layer FROM c) "
+            "SELECT fact_id, arg_max(dtype, commit_id), arg_max(d_in, commit_id), arg_max(key, commit_id) "
+            "FROM c WHERE layer = (SELECT layer FROM low) GROUP BY fact_id ORDER BY fact_id",
+            [fact_ids]).fetchall()
 
     def stats(self, model_fp: str, corpus_fp: str) -> list[tuple]:
         return self.con.execute(

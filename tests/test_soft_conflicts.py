@@ -1,0 +1,160 @@
+"""Soft conflicts: facts on one relation whose subjects differ as text but whose stored keys at the
+first edited layer are near-identical, with different targets. Pure detector tests, then a ledger
+on a tiny random Llama (no download): commit refuses, --allow-conflicts records, check fails,
+resolve retracts, the decision is remembered and exported."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from kledger.conflicts import SOFT, find_conflicts, soft_edges
+from kledger.records import Fact
+
+np = pytest.importorskip("numpy")
+
+
+def fact(prompt, subject, target, relation=None):
+    return Fact.create(prompt, target, subject=subject, relation=relation)
+
+
+def test_soft_edges_pure():
+    a = fact("the Eiffel Tower is in", "the Eiffel Tower", "Rome")
+    b = fact("the Eiffel Tower is in", "Eiffel Tower", "Berlin")  # same suffix, other subject key
+    c = fact("the Louvre is in", "Louvre", "Oslo")  # same suffix, far key
+    d = fact("Eiffel Tower was built by", "Eiffel Tower", "Rome")  # other relation: never compared
+    e = fact("the EIFFEL TOWER is in", "EIFFEL TOWER", "Berlin")  # same object as b: no edge with b
+    facts = {f.id: f for f in (a, b, c, d, e)}
+    v = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    keys = {a.id: v, b.id: v * 3 + np.array([0, 0.01, 0], dtype=np.float32), c.id: np.array([0, 1.0, 0]),
+            d.id: v, e.id: v}
+    edges = soft_edges(facts, keys, 0.99)
+    pairs = {frozenset(x[:2]) for x in edges}
+    assert pairs == {frozenset((a.id, b.id)), frozenset((a.id, e.id))}
+    assert all(k == SOFT for *_, k in edges)
+    # cos(a, b) = 3 / sqrt(9.0001) = 0.9999944: below a stricter threshold, (a, e) (cos 1) stays
+    assert {frozenset(x[:2]) for x in soft_edges(facts, keys, 0.999999)} == {frozenset((a.id, e.id))}
+    # a multi-valued relation is never a soft conflict; facts without a key are skipped
+    assert soft_edges(facts, keys, 0.99, multi_valued=[a.key[1], b.key[1], e.key[1]]) == []
+    assert soft_edges(facts, {a.id: v}, 0.5) == []
+    # joined into the graph: one component of kind "soft" whose objects are the choices
+    found = find_conflicts(facts, extra_edges=edges)
+    assert len(found) == 1 and found[0].kind == "soft"
+    assert found[0].objects == ("berlin", "rome")
+
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from conftest_edit import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+
+from kledger.errors import ConflictError  # noqa: E402
+from kledger.ledger import Ledger  # noqa: E402
+
+SETTINGS = {"hparams": {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 2, "lam": 5.0}}
+PROMPT = "the Eiffel Tower is located in the city of"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama-soft")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    rng = random.Random(0)
+    (d / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)))
+    return d
+
+
+def new_ledger(model_dir, path) -> Ledger:
+    lg = Ledger.init(path, model=str(model_dir), settings={**SETTINGS, "corpus": str(model_dir / "corpus.txt")})
+    lg.set_soft_threshold("0.999")
+    return lg
+
+
+def test_soft_conflict_refused_recorded_checked_resolved_remembered(model_dir, tmp_path):
+    lg = new_ledger(model_dir, tmp_path / "a")
+    assert lg.config()["soft_threshold"] == 0.999
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome"), fact("the Louvre is located in the city of", "Louvre", "Oslo")])
+    c1 = lg.commit("rome", author="t")
+    # same prompt, subject spelled without the article: another slot, the same key
+    lg.add([fact(PROMPT, "Eiffel Tower", "Berlin")])
+    snap = lg.store.con.execute("SELECT count(*) FROM constraints").fetchone()
+    with pytest.raises(ConflictError) as exc:
+        lg.commit("berlin", author="t")
+    assert "soft" in str(exc.value.conflicts[0].kind)
+    assert lg.head() == c1 and len(lg.store.staged()) == 1  # nothing written
+    assert lg.store.con.execute("SELECT count(*) FROM constraints").fetchone() == snap
+    # recorded as open, then the CI gate fails
+    c2 = lg.commit("berlin", author="t", allow_conflicts=True)
+    rep = lg.check()
+    assert not rep["ok"] and rep["unresolved"] == 1
+    conf = rep["conflicts"][0]
+    assert conf["kind"] == "soft" and sorted(conf["objects"]) == ["berlin", "rome"]
+    assert {f["target"] for f in conf["facts"]} == {"Rome", "Berlin"}  # the Louvre is not in it
+    assert lg.state(c2).keys() >= {f for f in conf["fact_ids"]}
+    # resolve --newest keeps Berlin: Rome is retracted, apply solves without it
+    res = lg.resolve_conflicts(strategy="newest", author="t")
+    assert res["decided"][0]["keep"] == ["berlin"]
+    assert lg.check()["ok"]
+    in_force = {f.target for f in lg.store.facts(lg.state(lg.head())).values()}
+    assert in_force == {"Oslo", "Berlin"}
+    rows = lg.editor().constraints_at(lg.head())
+    assert {r.fact_id for r in rows} == set(lg.state(lg.head()))
+
+    # exported decisions travel: a new ledger from the export knows the decision (and threshold)
+    lg.export(tmp_path / "text")
+    refs = json.loads((tmp_path / "text" / "refs.json").read_text())
+    assert refs["decisions"][0]["keep"] == ["berlin"] and refs["soft_threshold"] == "0.999"
+    lg.close()
+    lg2 = Ledger.init_from(tmp_path / "b", tmp_path / "text")
+    assert lg2.store.resolutions()[0][1]["keep"] == ["berlin"] and lg2.soft_threshold() == 0.999
+    lg2.close()
+
+
+def test_remembered_soft_decision_replayed_on_commit_and_loser_not_measured(model_dir, tmp_path):
+    lg = new_ledger(model_dir, tmp_path / "a")
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome")])
+    lg.commit("rome", author="t")
+    lg.add([fact(PROMPT, "Eiffel Tower", "Berlin")])
+    lg.commit("berlin", author="t", allow_conflicts=True)
+    lg.resolve_conflicts(keep="Rome", author="t")  # Berlin retracted; decision remembered
+    # the same conflict again: the remembered decision applies after the keys are measured
+    lg.add([fact(PROMPT, "Eiffel Tower", "Berlin")])
+    cid = lg.commit("berlin again", author="t")
+    meta = lg.store.commits([cid])[cid].meta
+    assert meta["resolved"][0]["remembered"] and meta["resolved"][0]["keep"] == ["rome"]
+    assert {f.target for f in lg.store.facts(lg.state(cid)).values()} == {"Rome"}
+    assert lg.store.constraints([cid]) == []  # the loser's measured constraints are not stored
+    lg.close()
+
+
+def test_remembered_hard_decision_skips_measuring_the_loser(model_dir, tmp_path, monkeypatch):
+    lg = new_ledger(model_dir, tmp_path / "a")
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome")])
+    lg.commit("rome", author="t")
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Berlin")])
+    lg.commit("berlin", author="t", allow_conflicts=True)
+    lg.resolve_conflicts(keep="Rome", author="t")
+    measured = []
+    real = lg.editor().compute
+    monkeypatch.setattr(lg.editor(), "compute", lambda parent, facts: measured.append(facts) or real(parent, facts))
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Berlin"), fact("the Louvre is located in the city of", "Louvre", "Oslo")])
+    cid = lg.commit("again", author="t")
+    assert [f.target for f in measured[0]] == ["Oslo"]
+    assert lg.store.commits([cid])[cid].meta["resolved"][0]["keep"] == ["rome"]
+    lg.close()
+
+
+def test_soft_threshold_off_and_facts_only_ledger(model_dir, tmp_path):
+    lg = new_ledger(model_dir, tmp_path / "a")
+    lg.set_soft_threshold("off")
+    assert lg.soft_threshold() is None
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome")])
+    lg.commit("rome", author="t")
+    lg.add([fact(PROMPT, "Eiffel Tower", "Berlin")])
+    lg.commit("berlin", author="t")  # not refused: soft conflicts are off
+    assert lg.check()["ok"]
+    lg.set_soft_threshold("default")
+    assert not lg.check()["ok"]
+    lg.close()
