@@ -33,20 +33,32 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
     with open_ledger(write=True) as ledger, progress_bar() as progress:
         cid = ledger.resolve(rev)
         ed = ledger.editor(progress=progress)
-        weights, info = ed.solve(cid, mode)
         written = {}
-        if delta is not None:
-            from ..edit.weights import save_delta
+        # Solved before? Then answer from the cache without loading the model (nor torch); --out
+        # writes a whole model, so it loads it, and `solve` reads the same cache entry.
+        hit = ed.cached(cid, mode) if out_dir is None else None
+        if hit is not None:
+            info = hit.info
+            if delta is not None:
+                from ..edit.weights import write_delta
 
-            fp_id, body = ed.fingerprint()
-            t, m = save_delta(delta, weights, ed.lm.spec, meta={"revision": cid, "mode": mode, "fingerprint": fp_id,
-                                                               "model": ed.model_name})
-            written["delta"], written["manifest"] = str(t), str(m)
-        if out_dir is not None:
-            from ..edit.weights import save_model
+                t, m = write_delta(delta, hit.weights, hit.spec(), meta={
+                    "revision": cid, "mode": mode, "fingerprint": hit.fingerprint, "model": ed.model_name})
+                written["delta"], written["manifest"] = str(t), str(m)
+        else:
+            weights, info = ed.solve(cid, mode)
+            if delta is not None:
+                from ..edit.weights import save_delta
 
-            ed.load(cid, mode)
-            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
+                fp_id, _ = ed.fingerprint()
+                t, m = save_delta(delta, weights, ed.lm.spec, meta={"revision": cid, "mode": mode,
+                                                                   "fingerprint": fp_id, "model": ed.model_name})
+                written["delta"], written["manifest"] = str(t), str(m)
+            if out_dir is not None:
+                from ..edit.weights import save_model
+
+                ed.load(cid, mode, weights=weights)
+                written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
     res = {**info, "revision": cid, **written}
     if json_:
         emit_json("apply", res)

