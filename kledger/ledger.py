@@ -440,10 +440,13 @@ class Ledger:
         self._changed()
 
     def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
-               compute: bool | None = None, progress=None, meta: dict | None = None) -> str:
+               compute: bool | None = None, progress=None, meta: dict | None = None,
+               measure_without: Iterable[str] = ()) -> str:
         """Commit the staged changes. On a ledger with a model (the default), the constraints of
         the added facts are first measured against apply(HEAD) (sequential editing) and stored
-        with the commit, in the same transaction; `compute=False` records facts only."""
+        with the commit, in the same transaction; `compute=False` records facts only. With
+        `measure_without`, they are measured against apply(HEAD) without those facts' constraints
+        (`resolve` re-measuring kept facts as if the losers had never been made)."""
         if self.store.pending():
             raise StateError(f"a {self.store.pending()['kind']} is in progress",
                              "finish it with `kledger resolve`, or abandon it with --abort")
@@ -461,7 +464,8 @@ class Ledger:
             adds = [o.fact_id for o in ops if o.op == OP_ADD]
             ops, _, replayed = self._replay_decisions(base, ops, adds)
             added = self.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
-            digest, rows = self._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress)
+            digest, rows = self._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress,
+                                         exclude=measure_without)
             with self._new_keys(rows):
                 ops, _, replayed_soft = self._replay_decisions(base, ops, adds)
             kept = {o.fact_id for o in ops if o.op == OP_ADD}
@@ -526,9 +530,10 @@ class Ledger:
         return {"replayed": len(todo), "head": parent, "mapping": mapping}
 
     def _measure(self, parent: str | None, facts: list[Fact], progress=None,
-                 skip_known: bool = False) -> tuple[str | None, list]:
-        """(constraints hash, rows) of `facts` measured against apply(parent); with `skip_known`,
-        only of those no commit has measured yet. (None, []) when there is nothing to measure."""
+                 skip_known: bool = False, exclude: Iterable[str] = ()) -> tuple[str | None, list]:
+        """(constraints hash, rows) of `facts` measured against apply(parent) (without the
+        constraints of the facts in `exclude`); with `skip_known`, only of those no commit has
+        measured yet. (None, []) when there is nothing to measure."""
         if not self.has_model:
             return None, []
         if skip_known:
@@ -538,7 +543,7 @@ class Ledger:
             return None, []
         from .materialize import constraints_hash
 
-        rows = self.editor(progress=progress).compute(parent, facts)
+        rows = self.editor(progress=progress).compute(parent, facts, exclude=exclude)
         return constraints_hash(rows), rows
 
     def _store_constraints(self, cid: str, rows: list) -> None:
@@ -1076,14 +1081,41 @@ class Ledger:
                 message = message or "Resolve " + "; ".join(
                     f"{d['subject']} · {d['relation']}: keep {', '.join(d['keep'])}" for d in decided)
                 self.store.clear_staged()
+                dropped = {f for d in decided for f in d["dropped"]} | {f for e in entries for f in e["dropped"]}
+                stale = self._measured_with(pf.base, {f for d in decided for f in d["kept"]}, dropped)
+                if stale:  # kept facts measured on top of the losers: measured again without them
+                    ops = ops + [Op(OP_ADD, f) for f in sorted(stale)]
                 if ops:  # the staging area with the decisions applied, committed as `commit` does
                     self.store.stage(ops)  # (on a model ledger, that measures the kept facts' constraints)
-                    cid = self.commit(message, author, meta={"resolved": entries})
+                    cid = self.commit(message, author, meta={"resolved": entries, **(
+                        {"remeasured": sorted(stale)} if stale else {})}, measure_without=dropped | stale)
                 else:  # only staged facts lost: the commit records the decision
                     cid = self._new_commit(pf.parents, ops, message, author, meta={"resolved": entries})
             fault_point("resolve")
         return {"context": pf.kind, "decided": decided, "commit": cid, "resolved": entries,
                 "remaining": [_conflict_id(c) for c in blocking]}
+
+    def _measured_with(self, base: dict[str, str], kept: set[str], dropped: set[str]) -> set[str]:
+        """The facts of `kept` in force in `base` (fact → commit that put it in force) whose stored
+        constraints were measured while one of `dropped` was in force (so their values pushed
+        against it). Empty on a ledger without a model."""
+        if not self.has_model or not dropped:
+            return set()
+        kept = {f for f in kept if f in base}
+        measured_in: dict[str, set[str]] = {}
+        for commit_id, fact_id, *_ in self.store.constraints_for_facts(sorted(kept)):
+            measured_in.setdefault(fact_id, set()).add(commit_id)
+        commits = self.store.commits({c for cs in measured_in.values() for c in cs}, with_ops=False)
+        order = self.store.commit_order()
+        out = set()
+        for f in kept:
+            cid = base[f] if base[f] in measured_in.get(f, ()) else max(measured_in.get(f, ()), default=None,
+                                                                        key=lambda c: order.get(c, 0))
+            if cid is None or not commits[cid].parents:
+                continue
+            if dropped & set(self.state(commits[cid].parents[0])):
+                out.add(f)
+        return out
 
     def forget_decision(self, key_prefix: str) -> dict:
         """Forget a recorded decision (by conflict key or a prefix of it): it is no longer replayed."""

@@ -138,7 +138,7 @@ def test_remembered_hard_decision_skips_measuring_the_loser(model_dir, tmp_path,
     lg.resolve_conflicts(keep="Rome", author="t")
     measured = []
     real = lg.editor().compute
-    monkeypatch.setattr(lg.editor(), "compute", lambda parent, facts: measured.append(facts) or real(parent, facts))
+    monkeypatch.setattr(lg.editor(), "compute", lambda parent, facts, **kw: measured.append(facts) or real(parent, facts, **kw))
     lg.add([fact(PROMPT, "the Eiffel Tower", "Berlin"), fact("the Louvre is located in the city of", "Louvre", "Oslo")])
     cid = lg.commit("again", author="t")
     assert [f.target for f in measured[0]] == ["Oslo"]
@@ -157,4 +157,37 @@ def test_soft_threshold_off_and_facts_only_ledger(model_dir, tmp_path):
     assert lg.check()["ok"]
     lg.set_soft_threshold("default")
     assert not lg.check()["ok"]
+    lg.close()
+
+
+def test_resolve_newest_remeasures_kept_facts_as_if_the_loser_never_was(model_dir, tmp_path):
+    """B was measured on top of A; after `resolve --newest` its constraints are measured again
+    without A, so apply(HEAD) equals a ledger where only B was ever committed."""
+    lg = new_ledger(model_dir, tmp_path / "a")
+    other = fact("the Louvre is located in the city of", "Louvre", "Oslo")
+    lg.add([other])
+    lg.commit("oslo", author="t")
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome")])
+    lg.commit("rome", author="t")
+    b = fact(PROMPT, "the Eiffel Tower", "Berlin")
+    lg.add([b])
+    lg.commit("berlin", author="t", allow_conflicts=True)
+    res = lg.resolve_conflicts(strategy="newest", author="t")
+    cid = res["commit"]
+    meta = lg.store.commits([cid])[cid].meta
+    assert meta["remeasured"] == [b.id]
+    assert lg.state(cid)[b.id] == cid  # B's constraints in force are the re-measured ones
+    assert {r[0] for r in lg.store.constraints_for_facts([b.id])} == {lg.head(), lg.store.commits([cid])[cid].parents[0]}
+    W_resolved, _ = lg.editor().solve(lg.head())
+
+    only = new_ledger(model_dir, tmp_path / "b")
+    only.add([other])
+    only.commit("oslo", author="t")
+    only.add([b])
+    only.commit("berlin", author="t")
+    W_only, _ = only.editor().solve(only.head())
+    for la in W_only:
+        assert torch.allclose(W_resolved[la], W_only[la], rtol=0, atol=1e-5), la
+    # keeping the older side needs no re-measurement: Rome was measured before Berlin existed
+    only.close()
     lg.close()
