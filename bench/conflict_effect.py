@@ -1,0 +1,151 @@
+"""What a contradiction does to the weights, and what `kledger resolve --newest` gives back, on the
+real default model (SmolLM2-135M-Instruct), through the ledger.
+
+N CounterFact records (counterfact-train.json) each get two contradictory edits: the record's own
+new object (A) and, later, the new object of another record with the same relation template (B),
+same subject and prompt. Three histories:
+
+  naive     commit A (N facts), then commit B (N facts) with --allow-conflicts: both constraints
+            stay, the accumulated least-squares solve averages them;
+  resolved  the same ledger after `kledger resolve --newest`: A's constraints are retracted;
+  only-B    a fresh ledger where only B was ever committed.
+
+For the later object B it reports efficacy (B beats the true object on the prompt, and B beats A),
+the mean probability of B (exp of its per-token mean log-probability), generalization on the
+paraphrase, and the specificity of the unrelated neighbourhood prompts (the true object beats B),
+plus the base model for reference.
+
+    OMP_NUM_THREADS=1 python bench/conflict_effect.py [--pairs 16] [--start 200] [--dir /tmp/kce]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kledger.edit.hooks import boundary_token, encode, pad_batch, pad_id_of  # noqa: E402
+from kledger.ledger import Ledger  # noqa: E402
+from kledger.records import Fact, normalize, template_of  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pairs(n: int, start: int) -> list[dict]:
+    """Records from `start` with a second object: the target_new of another record with the same
+    relation template, different from this record's target_new and ground truth."""
+    recs = [r for r in json.loads((DATA / "counterfact-train.json").read_text()) if r["subject"] in r["prompt"]]
+    by_t = defaultdict(list)
+    for r in recs:
+        by_t[template_of(r["prompt"], r["subject"])].append(r)
+    out, seen = [], set()
+    for r in recs[start:]:
+        if normalize(r["subject"]) in seen:
+            continue
+        t = template_of(r["prompt"], r["subject"])
+        taken = {normalize(r["target_new"]), normalize(r["ground_truth"])}
+        other = next((o["target_new"] for o in by_t[t] if normalize(o["target_new"]) not in taken), None)
+        if other is None:
+            continue
+        seen.add(normalize(r["subject"]))
+        out.append({**r, "target_b": other})
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def mean_logprobs(lm, items: list[tuple[str, str]], bos: str) -> list[float]:
+    """Per-token mean log-probability of each continuation (with a leading space) after its prompt."""
+    tok, b_id = lm.tokenizer, boundary_token(lm.tokenizer, bos)
+    seqs, spans = [], []
+    for prompt, cont in items:
+        p = encode(tok, prompt.rstrip(), b_id)
+        full = encode(tok, prompt.rstrip() + " " + cont.strip(), b_id)
+        c = full[len(p):] if full[:len(p)] == p else encode(tok, " " + cont.strip())
+        seqs.append(p + c)
+        spans.append((len(p), len(c)))
+    out = []
+    for i in range(0, len(seqs), 64):
+        b = pad_batch(seqs[i:i + 64], pad_id_of(tok))
+        lp = torch.log_softmax(lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float(), -1)
+        for j, (s, n) in enumerate(spans[i:i + 64]):
+            ids = b.input_ids[j, s:s + n]
+            out.append(float(lp[j, s - 1:s - 1 + n].gather(1, ids[:, None]).mean()))
+    return out
+
+
+def score(lm, recs: list[dict], bos: str) -> dict:
+    items = []
+    for r in recs:
+        items += [(r["prompt"], r["target_b"]), (r["prompt"], r["ground_truth"]), (r["prompt"], r["target_new"]),
+                  (r["rephrase_prompt"], r["target_b"]), (r["rephrase_prompt"], r["ground_truth"]),
+                  (r["locality_prompt"], r["locality_ground_truth"]), (r["locality_prompt"], r["target_b"])]
+    lp = mean_logprobs(lm, items, bos)
+    n = len(recs)
+    rows = [lp[7 * i:7 * i + 7] for i in range(n)]
+    pct = lambda xs: round(100 * sum(xs) / n, 1)  # noqa: E731
+    return {"efficacy_b_over_true": pct([a[0] > a[1] for a in rows]),
+            "efficacy_b_over_a": pct([a[0] > a[2] for a in rows]),
+            "mean_p_b": round(sum(torch.tensor(a[0]).exp().item() for a in rows) / n, 4),
+            "generalization_b": pct([a[3] > a[4] for a in rows]),
+            "specificity": pct([a[5] > a[6] for a in rows])}
+
+
+def facts(recs: list[dict], key: str) -> list[Fact]:
+    return [Fact.create(r["prompt"], r[key], subject=r["subject"], target_true=r["ground_truth"]) for r in recs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--start", type=int, default=200)
+    ap.add_argument("--dir", default="/tmp/kledger-conflict-effect")
+    a = ap.parse_args()
+    root = Path(a.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    recs = pairs(a.pairs, a.start)
+    t0 = time.time()
+    res: dict = {"model": "smollm2-135m", "data": "counterfact-train.json",
+                 "records": [r["case_id"] for r in recs], "pairs": len(recs)}
+
+    lg = Ledger.init(root / "naive", model="smollm2-135m")
+    ed = lg.editor()
+    ed.load(None)
+    bos = ed.hparams.bos
+    res["base"] = score(ed.lm, recs, bos)
+    lg.add(facts(recs, "target_new"))
+    lg.commit("A: the first new objects", author="bench")
+    lg.add(facts(recs, "target_b"))
+    naive = lg.commit("B: contradicting objects", author="bench", allow_conflicts=True)
+    res["open_conflicts"] = len(lg.check()["conflicts"])
+    ed.load(naive)
+    res["naive"] = score(ed.lm, recs, bos)
+    r = lg.resolve_conflicts(strategy="newest", author="bench")
+    res["resolved_conflicts"] = len(r["decided"])
+    ed.load(lg.head())
+    res["resolved"] = score(ed.lm, recs, bos)
+    res["check_after_resolve_ok"] = lg.check()["ok"]
+    lg.close()
+
+    lg = Ledger.init(root / "only-b", model="smollm2-135m")
+    lg.add(facts(recs, "target_b"))
+    only = lg.commit("B only", author="bench")
+    ed = lg.editor()
+    ed.load(only)
+    res["only_b"] = score(ed.lm, recs, bos)
+    lg.close()
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
