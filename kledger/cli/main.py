@@ -48,7 +48,7 @@ def want_json(flag: bool) -> bool:
 
 
 def _register() -> None:
-    from . import admin, conflicts, history, model, rearrange, staging  # noqa: F401  (commands register on import)
+    from . import admin, conflicts, evaluate, history, model, rearrange, staging  # noqa: F401  (commands register on import)
 
 
 def run(argv: list[str] | None = None) -> None:

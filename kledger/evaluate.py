@@ -1,0 +1,586 @@
+"""`kledger eval`: how well the facts are in the model at a revision, and what else moved.
+
+Metrics (defined exactly in docs/evaluation.md):
+
+- CounterFact records (a fact with a `target_true`): efficacy, generalization and specificity as
+  in ROME (Meng et al., "Locating and Editing Factual Associations in GPT", NeurIPS 2022): the new
+  object beats the true one in per-token mean log-probability after the prompt / after each
+  paraphrase; on each neighbourhood prompt the true object beats the new one. Plus the mean
+  probabilities exp(mean token log-probability) of the new object on prompts and paraphrases and of
+  the true object on neighbourhood prompts.
+- ZsRE records (a fact whose `extra` holds ZsRE's `loc_ans` or `cond`): MEMIT's token accuracy
+  (Meng et al., "Mass-Editing Memory in a Transformer", ICLR 2023): the fraction of target tokens
+  that are the argmax next token with the earlier target tokens fed (teacher forcing), for the new
+  answer on the question and on its rephrasings, and for `loc_ans` on the unrelated question.
+- Other facts: the same token accuracy and the mean probability of the new object, on the prompt
+  and the paraphrases.
+- General ability: perplexity on held-out text (fixed windows, the same tokens for every model) and
+  fluency, ROME's weighted bi-/tri-gram entropy of a greedy continuation of each record's prompt.
+
+The scoring is batched: one forward pass per batch of sequences. `Scorer` works with any causal
+LM whose call returns `.logits` [B, T, V] (the tests use a bigram table); `evaluate_ledger` is the
+library call behind the command. torch is imported here; matplotlib only by `plot_history`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .edit.hooks import boundary_token, encode, logits_at, pad_id_of
+from .errors import InputError, StateError
+from .records import Fact, short
+
+Progress = Callable[[str, int, int], None]
+
+KINDS = ("counterfact", "zsre", "other")
+KIND_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "other": "Other facts"}
+# the summary metrics of each kind, in display order
+GROUP_METRICS = {
+    "counterfact": ("efficacy", "generalization", "specificity", "p_new_prompt", "p_new_paraphrase",
+                    "p_true_neighborhood"),
+    "zsre": ("rewrite_acc", "paraphrase_acc", "neighborhood_acc"),
+    "other": ("rewrite_acc", "paraphrase_acc", "p_new_prompt", "p_new_paraphrase"),
+}
+# which per-record metrics need which prompts: the denominators reported as n_paraphrase, n_neighborhood
+_NEEDS = {"generalization": "paraphrase", "p_new_paraphrase": "paraphrase", "paraphrase_acc": "paraphrase",
+          "specificity": "neighborhood", "p_true_neighborhood": "neighborhood", "neighborhood_acc": "neighborhood"}
+ZSRE_MARKERS = ("loc_ans", "cond")
+PPL_WINDOW = 256  # tokens per perplexity window (plus the boundary token)
+PPL_TOKENS_PER_FORWARD = 1024  # windows are batched up to about this many tokens
+NGRAM_WEIGHTS = {2: 2 / 3, 3: 4 / 3}  # ROME's compute_n_gram_entropy
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+# ---------------------------------------------------------------------------- records
+
+def record_kind(fact: Fact) -> str:
+    """"zsre" when the fact came from ZsRE (its `extra` keeps `loc_ans` or `cond`), else
+    "counterfact" when it has a `target_true`, else "other"."""
+    if any(k in fact.extra for k in ZSRE_MARKERS):
+        return "zsre"
+    return "counterfact" if fact.target_true else "other"
+
+
+def _text_field(value: Any) -> str | None:
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def neighborhood_object(fact: Fact) -> str | None:
+    """The object the neighbourhood prompts should keep: EasyEdit's `locality_ground_truth`, else
+    the true object (ROME's neighbourhood subjects share it)."""
+    return _text_field(fact.extra.get("locality_ground_truth")) or fact.target_true
+
+
+def zsre_question(loc: str) -> str:
+    """MEMIT reads ZsRE's unrelated question `loc` with a "?" after it."""
+    return loc if loc.rstrip().endswith("?") else loc.rstrip() + "?"
+
+
+def generation_prompt(fact: Fact) -> str:
+    """The prompt a record's fluency text continues: its first CounterFact `generation_prompts`
+    entry when it has one, else its prompt."""
+    return _text_field(fact.extra.get("generation_prompts")) or fact.prompt
+
+
+def _pairs(fact: Fact, kind: str) -> dict[str, list[tuple[str, str]]]:
+    """The (prompt, object) pairs a record is scored on, by role."""
+    prompts = [fact.prompt]
+    out: dict[str, list[tuple[str, str]]] = {"rewrite_new": [(p, fact.target) for p in prompts],
+                                             "para_new": [(p, fact.target) for p in fact.paraphrases]}
+    if kind == "counterfact":
+        true, keep = fact.target_true, neighborhood_object(fact)
+        out["rewrite_true"] = [(p, true) for p in prompts]
+        out["para_true"] = [(p, true) for p in fact.paraphrases]
+        out["nb_keep"] = [(p, keep) for p in fact.neighborhood]
+        out["nb_new"] = [(p, fact.target) for p in fact.neighborhood]
+    elif kind == "zsre":
+        ans = _text_field(fact.extra.get("loc_ans"))
+        out["nb_keep"] = [(zsre_question(p), ans) for p in fact.neighborhood] if ans else []
+    return out
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def record_metrics(fact: Fact, kind: str, got: dict[tuple[str, str], "Scores"]) -> dict[str, float | None]:
+    """One record's metrics from the scores of its pairs (None where it has no such prompts)."""
+    p = {role: [got[pair] for pair in pairs] for role, pairs in _pairs(fact, kind).items()}
+    if kind == "counterfact":
+        def beats(a: list[Scores], b: list[Scores]) -> float | None:
+            return _mean(float(x.mean_logprob > y.mean_logprob) for x, y in zip(a, b))
+
+        return {"efficacy": beats(p["rewrite_new"], p["rewrite_true"]),
+                "generalization": beats(p["para_new"], p["para_true"]),
+                "specificity": beats(p["nb_keep"], p["nb_new"]),
+                "p_new_prompt": _mean(s.prob for s in p["rewrite_new"]),
+                "p_new_paraphrase": _mean(s.prob for s in p["para_new"]),
+                "p_true_neighborhood": _mean(s.prob for s in p["nb_keep"])}
+
+    def acc(scores: list[Scores]) -> float | None:  # MEMIT: mean over all target tokens of the prompts
+        return _mean(c for s in scores for c in s.correct)
+
+    if kind == "zsre":
+        return {"rewrite_acc": acc(p["rewrite_new"]), "paraphrase_acc": acc(p["para_new"]),
+                "neighborhood_acc": acc(p["nb_keep"])}
+    return {"rewrite_acc": acc(p["rewrite_new"]), "paraphrase_acc": acc(p["para_new"]),
+            "p_new_prompt": _mean(s.prob for s in p["rewrite_new"]),
+            "p_new_paraphrase": _mean(s.prob for s in p["para_new"])}
+
+
+def summarize(kinds: Sequence[str], per_record: Sequence[dict]) -> dict[str, dict]:
+    """Per kind: `n` records and the mean of each metric over the records that have it, with
+    `n_paraphrase` / `n_neighborhood`, the number of records that had such prompts."""
+    out = {}
+    for kind in KINDS:
+        rows = [m for k, m in zip(kinds, per_record) if k == kind]
+        if not rows:
+            continue
+        g: dict[str, Any] = {"n": len(rows)}
+        for name in GROUP_METRICS[kind]:
+            g[name] = _mean(r[name] for r in rows if r.get(name) is not None)
+        for need in ("paraphrase", "neighborhood"):
+            names = [n for n in GROUP_METRICS[kind] if _NEEDS.get(n) == need]
+            if names:
+                g[f"n_{need}"] = sum(1 for r in rows if r.get(names[0]) is not None)
+        out[kind] = g
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+
+@dataclass(frozen=True)
+class Scores:
+    """A target scored after a prompt: per target token, its log-probability and whether it was
+    the argmax next token (teacher forcing: the earlier target tokens are fed)."""
+
+    logprobs: tuple[float, ...]
+    correct: tuple[bool, ...]
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def prob(self) -> float:
+        """exp of the per-token mean log-probability (the geometric mean of the token probabilities)."""
+        return math.exp(self.mean_logprob)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+def split_ids(tokenizer: Any, prompt: str, target: str, bos_id: int | None) -> tuple[list[int], list[int]]:
+    """(context ids, target ids): the target as a continuation of the prompt after a space,
+    tokenised as the edit engine does, with the boundary token in front of the context."""
+    prompt, target = prompt.rstrip(), target.strip()
+    p = encode(tokenizer, prompt)
+    full = encode(tokenizer, prompt + " " + target)
+    t = full[len(p):] if full[:len(p)] == p else encode(tokenizer, " " + target)
+    if not t:
+        raise InputError(f"object {target!r} after {prompt!r} tokenises to nothing", "give a non-empty object")
+    return ([bos_id] if bos_id is not None else []) + p, t
+
+
+class Scorer:
+    """Batched scoring with one causal LM. `spec` (an ArchSpec), when given, lets the LM head run
+    on the scored positions only."""
+
+    def __init__(self, model: Any, tokenizer: Any, bos_id: int | None = None, *, batch_size: int = 32,
+                 spec: Any = None, progress: Progress | None = None):
+        self.model, self.tokenizer, self.bos_id = model, tokenizer, bos_id
+        self.batch_size, self.spec, self.progress = max(1, int(batch_size)), spec, progress
+        self.pad_id = pad_id_of(tokenizer)
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Logits [M, V] (float32) at the positions (rows[j], cols[j])."""
+        if self.spec is not None:
+            return logits_at(self.model, self.spec, ids, mask, rows, cols).float()
+        return self.model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()
+
+    def _report(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[tuple[str, str]], stage: str = "score") -> dict[tuple[str, str], Scores]:
+        """Scores of every distinct (prompt, target) pair. A pair needs the sequence context +
+        target[:-1] (the last target token is never fed); a one-token target needs only the
+        context, so it shares the sequence of any other target after the same context (the new
+        and the true object of a CounterFact prompt usually cost one sequence). Sequences are
+        sorted by length and right-padded into batches of `batch_size`: one forward pass each."""
+        unique = list(dict.fromkeys(pairs))
+        toks = [split_ids(self.tokenizer, p, t, self.bos_id) for p, t in unique]
+        feeds: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # context → what is fed after it
+        for c, t in toks:
+            feeds.setdefault(tuple(c), [])
+            if len(t) > 1 and tuple(t[:-1]) not in feeds[tuple(c)]:
+                feeds[tuple(c)].append(tuple(t[:-1]))
+        seqs: dict[tuple[int, ...], list[int]] = {}  # sequence → indices of the pairs it scores
+        for i, (c, t) in enumerate(toks):
+            fed = tuple(t[:-1]) if len(t) > 1 else (feeds[tuple(c)] or [()])[0]
+            seqs.setdefault(tuple(c) + fed, []).append(i)
+        order = sorted(seqs, key=len, reverse=True)
+        out: dict[tuple[str, str], Scores] = {}
+        n_batches = -(-len(order) // self.batch_size)
+        for b in range(n_batches):
+            self._report(stage, b, n_batches)
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            T = len(batch[0])
+            ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)  # [B, T] right-padded
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            rows, cols, tgt, owner = [], [], [], []
+            for j, seq in enumerate(batch):
+                ids[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[j, :len(seq)] = 1
+                for i in seqs[seq]:
+                    c, t = toks[i]
+                    for k, tid in enumerate(t):  # target token k is predicted at position len(c) - 1 + k
+                        rows.append(j)
+                        cols.append(len(c) - 1 + k)
+                        tgt.append(tid)
+                        owner.append(i)
+            logits = self._logits(ids, mask, torch.tensor(rows), torch.tensor(cols))  # [M, V]
+            target = torch.tensor(tgt)
+            lp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].tolist()  # [M]
+            hit = (logits.argmax(dim=-1) == target).tolist()  # [M]
+            got: dict[int, tuple[list, list]] = {}
+            for i, x, h in zip(owner, lp, hit):
+                got.setdefault(i, ([], []))[0].append(float(x))
+                got[i][1].append(bool(h))
+            for i, (x, h) in got.items():
+                out[unique[i]] = Scores(tuple(x), tuple(h))
+        self._report(stage, n_batches, n_batches)
+        return out
+
+    @torch.no_grad()
+    def perplexity(self, ids: Sequence[int], window: int = PPL_WINDOW) -> dict:
+        """exp(mean negative log-likelihood) of `ids` cut into windows of `window` tokens, each
+        read on its own with the boundary token in front (then every token of the window is
+        predicted; without a boundary token the first token of each window is not)."""
+        pre = [self.bos_id] if self.bos_id is not None else []
+        seqs = [pre + list(ids[i:i + window]) for i in range(0, len(ids), window)]
+        seqs = [s for s in seqs if len(s) >= 2]
+        if not seqs:
+            raise InputError("the held-out text is too short for perplexity", "give a longer --text file")
+        per = max(1, PPL_TOKENS_PER_FORWARD // (window + len(pre)))
+        nll, count = 0.0, 0
+        n_batches = -(-len(seqs) // per)
+        for b in range(n_batches):
+            self._report("perplexity", b, n_batches)
+            batch = seqs[b * per:(b + 1) * per]
+            T = max(len(s) for s in batch)
+            x = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            rows, cols, tgt = [], [], []
+            for j, s in enumerate(batch):
+                x[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[j, :len(s)] = 1
+                rows += [j] * (len(s) - 1)
+                cols += range(len(s) - 1)
+                tgt += s[1:]
+            logits = self._logits(x, mask, torch.tensor(rows), torch.tensor(cols))
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(tgt), reduction="sum"))
+            count += len(tgt)
+        self._report("perplexity", n_batches, n_batches)
+        return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(seqs)}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], n_tokens: int) -> dict[str, str]:
+        """Greedy continuations of exactly `n_tokens` tokens (no stop at end of text), batched with
+        left padding; returns prompt → the decoded prompt and continuation."""
+        from .edit.weights import quiet_transformers
+
+        unique = list(dict.fromkeys(prompts))
+        pre = [self.bos_id] if self.bos_id is not None else []
+        toks = [pre + encode(self.tokenizer, p.rstrip()) for p in unique]
+        order = sorted(range(len(unique)), key=lambda i: -len(toks[i]))
+        out: dict[str, str] = {}
+        n_batches = -(-len(order) // self.batch_size)
+        for b in range(n_batches):
+            self._report("generate", b, n_batches)
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            T = max(len(toks[i]) for i in idx)
+            ids = torch.full((len(idx), T), self.pad_id, dtype=torch.long)  # [B, T] left-padded
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for j, i in enumerate(idx):
+                ids[j, T - len(toks[i]):] = torch.tensor(toks[i], dtype=torch.long)
+                mask[j, T - len(toks[i]):] = 1
+            with quiet_transformers():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                          max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                          pad_token_id=self.pad_id, eos_token_id=None)
+            for j, i in enumerate(idx):  # the whole text, prompt included, as ROME's generate_fast
+                out[unique[i]] = self.tokenizer.decode(gen[j, T - len(toks[i]):], skip_special_tokens=True)
+        self._report("generate", n_batches, n_batches)
+        return out
+
+
+def ngram_entropy(text: str) -> float:
+    """ROME's fluency of one text (compute_n_gram_entropy): the entropies in bits of its bigram and
+    trigram frequency distributions, weighted 2/3 and 4/3, averaged. Words and punctuation marks
+    are split by the regular expression `\\w+|[^\\w\\s]` (ROME uses nltk.word_tokenize). A text
+    with no n-grams of a size counts 0 for that size."""
+    words = _WORD.findall(text)
+    terms = []
+    for n, w in NGRAM_WEIGHTS.items():
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        terms.append(w * h)
+    return sum(terms) / len(terms)
+
+
+# ---------------------------------------------------------------------------- one model
+
+def evaluate_model(scorer: Scorer, facts: Sequence[Fact], *, ppl_ids: Sequence[int] | None = None,
+                   ppl_window: int = PPL_WINDOW, gen_tokens: int = 0) -> dict:
+    """All metrics of the model in `scorer` on `facts`: {"metrics": {kind: group..., "perplexity",
+    "fluency"}, "per_record": [metrics per fact], "seconds": {"records", "fluency", "perplexity"}}."""
+    kinds = [record_kind(f) for f in facts]
+    t0 = time.perf_counter()
+    plans = [_pairs(f, k) for f, k in zip(facts, kinds)]
+    got = scorer.score([pair for plan in plans for pairs in plan.values() for pair in pairs])
+    per = [record_metrics(f, k, got) for f, k in zip(facts, kinds)]
+    t1 = time.perf_counter()
+    fluency = None
+    if gen_tokens > 0 and facts:
+        texts = scorer.generate([generation_prompt(f) for f in facts], gen_tokens)
+        for f, m in zip(facts, per):
+            m["fluency"] = ngram_entropy(texts[generation_prompt(f)])
+        fluency = _mean(m["fluency"] for m in per)
+    t2 = time.perf_counter()
+    ppl = scorer.perplexity(ppl_ids, ppl_window) if ppl_ids else None
+    t3 = time.perf_counter()
+    metrics: dict[str, Any] = summarize(kinds, per)
+    metrics["perplexity"] = ppl["perplexity"] if ppl else None
+    metrics["fluency"] = fluency
+    return {"metrics": metrics, "per_record": per, "perplexity": ppl,
+            "seconds": {"records": t1 - t0, "fluency": t2 - t1, "perplexity": t3 - t2}}
+
+
+# ---------------------------------------------------------------------------- a ledger
+
+@dataclass
+class EvalOptions:
+    """What `kledger eval` measures. `data` None: the facts in force at each revision."""
+
+    mode: str = "accumulated"
+    data: Path | None = None
+    fmt: str | None = None
+    limit: int | None = None
+    text: Path | None = None
+    ppl_tokens: int = 2048
+    gen_tokens: int = 32
+    batch_size: int = 32
+    history: bool = False
+
+
+def facts_in_force(ledger: Any, cid: str) -> list[Fact]:
+    """The facts in force at `cid`, oldest first (in the order their commits added them)."""
+    state = ledger.state(cid)
+    chain = list(reversed(ledger.first_parent_chain(cid)))
+    commits = ledger.store.commits(chain)
+    ordered = list(dict.fromkeys(o.fact_id for c in chain for o in commits[c].ops
+                                 if o.op == "add" and state.get(o.fact_id) == c))
+    ordered += sorted(set(state) - set(ordered))
+    facts = ledger.store.facts(ordered)
+    return [facts[i] for i in ordered if i in facts]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read text {path}: {exc}", "give a UTF-8 text file") from exc
+
+
+def held_out_text(ed: Any, text_path: Path | None, n_tokens: int) -> tuple[list[int], dict]:
+    """The tokens perplexity is measured on, and where they come from. `--text FILE`: its first
+    `n_tokens` tokens. Else the ledger's C0 corpus file, skipping the tokens C0 was measured on
+    when the file has enough after them; else the model-sampled default corpus (which C0 was
+    measured on). Call with the base weights loaded (the sampled corpus is keyed by them)."""
+    tok = ed.lm.tokenizer
+    if text_path is not None:
+        ids = encode(tok, _read_text(text_path))
+        info = {"source": "file", "path": str(text_path), "offset": 0, "held_out": None}
+        ids = ids[:n_tokens]
+    elif ed.corpus_path is not None:
+        ids = encode(tok, _read_text(ed.corpus_path))
+        used = int(ed.hparams.c0_tokens)
+        offset = used if len(ids) - used >= n_tokens else max(0, len(ids) - n_tokens)
+        info = {"source": "ledger-corpus", "path": str(ed.corpus_path), "offset": offset,
+                "held_out": offset >= used}
+        ids = ids[offset:offset + n_tokens]
+    else:
+        from .edit.stats import SAMPLED_TOKENS, default_corpus
+
+        text = default_corpus(ed.lm, SAMPLED_TOKENS, seed=ed.hparams.seed, progress=ed.progress)
+        ids = encode(tok, text)[:n_tokens]
+        info = {"source": "model-sampled", "path": None, "offset": 0, "held_out": False}
+    if len(ids) < 2:
+        raise InputError(f"the text for perplexity has {len(ids)} token(s)", "give a longer --text file")
+    return ids, {**info, "tokens": len(ids), "window": PPL_WINDOW}
+
+
+def _records(ledger: Any, cid: str, opts: EvalOptions, fixed: list[Fact] | None) -> list[Fact]:
+    if fixed is not None:
+        return fixed
+    facts = facts_in_force(ledger, cid)
+    return facts[:opts.limit] if opts.limit else facts
+
+
+def evaluate_ledger(ledger: Any, rev: str | None = "HEAD", opts: EvalOptions | None = None,
+                    progress: Progress | None = None) -> dict:
+    """Evaluate the model at `rev` beside the base model (the `kledger eval` document, without
+    the envelope). Writes nothing to the ledger but the apply cache."""
+    opts = opts or EvalOptions()
+    if opts.ppl_tokens < 0 or opts.gen_tokens < 0:
+        raise InputError("token counts must be 0 or more", "give --ppl-tokens and --gen-tokens ≥ 0")
+    started = time.perf_counter()
+    cid = ledger.resolve(rev)
+    fixed = None
+    if opts.data is not None:
+        from .formats import read_facts
+
+        fixed = read_facts(opts.data, opts.fmt, opts.limit)
+    if opts.text is not None and not Path(opts.text).is_file():
+        raise InputError(f"cannot read text {opts.text}: no such file", "give a UTF-8 text file")
+    facts = _records(ledger, cid, opts, fixed)
+    if not ledger.has_model:
+        raise StateError("this ledger has no model (it was made with --model none)",
+                         "evaluate a ledger made with `kledger init --model NAME`")
+    ed = ledger.editor(progress=progress)
+    lm = ed.lm
+    bos_id = boundary_token(lm.tokenizer, ed.hparams.bos)
+    scorer = Scorer(lm.model, lm.tokenizer, bos_id, batch_size=opts.batch_size, spec=lm.spec, progress=progress)
+    ed.load(None)
+    ppl_ids, text_info = (held_out_text(ed, opts.text, opts.ppl_tokens) if opts.ppl_tokens > 0 else (None, None))
+    loaded = time.perf_counter()
+
+    def run(records: list[Fact]) -> dict:
+        return evaluate_model(scorer, records, ppl_ids=ppl_ids, gen_tokens=opts.gen_tokens)
+
+    base = run(facts)
+    info = ed.load(cid, opts.mode)
+    edited = run(facts)
+    n = len(facts)
+    work = sum(r["seconds"]["records"] + r["seconds"]["fluency"] for r in (base, edited))
+    kinds = [record_kind(f) for f in facts]
+    res: dict[str, Any] = {
+        "revision": cid, "mode": opts.mode,
+        "data": {"source": "file" if fixed is not None else "ledger",
+                 "path": str(opts.data) if opts.data is not None else None, "records": n,
+                 **{k: kinds.count(k) for k in KINDS}},
+        "base": base["metrics"], "edited": edited["metrics"],
+        "text": text_info,
+        "generation": {"tokens": opts.gen_tokens, "greedy": True} if opts.gen_tokens > 0 else None,
+        "records": [{"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target,
+                     "kind": k, "base": b, "edited": e}
+                    for f, k, b, e in zip(facts, kinds, base["per_record"], edited["per_record"])],
+        "facts_solved": info.get("facts"),
+        "seconds_per_record": work / n if n else None,
+    }
+    hist_s = 0.0
+    if opts.history:
+        t = time.perf_counter()
+        res["history"] = _history(ledger, ed, cid, opts, fixed, base, edited, run, progress)
+        hist_s = time.perf_counter() - t
+    res["seconds"] = {"load": loaded - started,
+                      "records": sum(r["seconds"]["records"] for r in (base, edited)),
+                      "fluency": sum(r["seconds"]["fluency"] for r in (base, edited)),
+                      "perplexity": sum(r["seconds"]["perplexity"] for r in (base, edited)),
+                      "history": hist_s, "total": time.perf_counter() - started}
+    return res
+
+
+def _history(ledger: Any, ed: Any, cid: str, opts: EvalOptions, fixed: list[Fact] | None, base: dict,
+             edited: dict, run: Callable[[list[Fact]], dict], progress: Progress | None) -> list[dict]:
+    """One point per commit on `cid`'s first-parent chain, oldest first, after a "base" point (the
+    base model on the records evaluated at `cid`)."""
+    chain = list(reversed(ledger.first_parent_chain(cid)))
+    points = [{"commit": None, "label": "base", "records": len(base["per_record"]), "metrics": base["metrics"]}]
+    for i, c in enumerate(chain):
+        if progress is not None:
+            progress("history", i, len(chain))
+        if c == cid:
+            got = edited
+        else:
+            ed.load(c, opts.mode)
+            got = run(_records(ledger, c, opts, fixed))
+        points.append({"commit": c, "label": short(c, 7), "records": len(got["per_record"]),
+                       "metrics": got["metrics"]})
+    if progress is not None:
+        progress("history", len(chain), len(chain))
+    return points
+
+
+# ---------------------------------------------------------------------------- plot
+
+def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """A line plot of the metrics along the history (PNG or any format matplotlib knows from the
+    extension): the rates and probabilities on a 0–1 axis, perplexity and fluency below it."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise StateError("--plot needs matplotlib, which is not installed",
+                         "pip install 'kledger[eval]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    xs = list(range(len(history)))
+    labels = [p["label"] for p in history]
+    styles = {"counterfact": ("-", "o"), "zsre": ("--", "s"), "other": (":", "^")}  # one line style per kind
+    rates: list[tuple[str, str, list]] = []
+    for kind in KINDS:
+        for name in GROUP_METRICS[kind]:
+            ys = [(p["metrics"].get(kind) or {}).get(name) for p in history]
+            if any(y is not None for y in ys):
+                rates.append((kind, f"{KIND_TITLES[kind]} {name}", ys))
+    extra = [name for name in ("perplexity", "fluency") if any(p["metrics"].get(name) is not None for p in history)]
+    fig, axes = plt.subplots(1 + len(extra), 1, sharex=True, squeeze=False,
+                             figsize=(max(6.0, 0.5 * len(xs) + 3) + 3.5, 3.2 * (1 + len(extra))))
+    ax = axes[0][0]
+    for i, (kind, name, ys) in enumerate(rates):
+        ls, mk = styles[kind]
+        ax.plot(xs, [float("nan") if y is None else y for y in ys], linestyle=ls, marker=mk, color=f"C{i % 10}",
+                label=name)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel("rate / probability")
+    legend = {"fontsize": "small", "loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
+    if rates:
+        ax.legend(**legend)
+    if title:
+        ax.set_title(title)
+    for row, name in enumerate(extra, 1):
+        a = axes[row][0]
+        ys = [p["metrics"].get(name) for p in history]
+        a.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", color="k", label=name)
+        a.set_ylabel(name)
+        a.legend(**legend)
+    last = axes[-1][0]
+    last.set_xticks(xs)
+    last.set_xticklabels(labels, rotation=45, ha="right", fontsize="small")
+    last.set_xlabel("commit (first-parent history, oldest first)")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write the plot {path}: {exc}",
+                         "give a writable path ending in .png (or .pdf, .svg)") from exc
+    finally:
+        plt.close(fig)
+    return path
