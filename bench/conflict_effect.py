@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -30,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
-from kledger.edit.hooks import boundary_token, encode, pad_batch, pad_id_of  # noqa: E402
+from kledger.edit.hooks import boundary_token  # noqa: E402
+from kledger.evaluate import Scorer  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact, normalize, template_of  # noqa: E402
 
@@ -62,40 +63,21 @@ def pairs(n: int, start: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def mean_logprobs(lm, items: list[tuple[str, str]], bos: str) -> list[float]:
-    """Per-token mean log-probability of each continuation (with a leading space) after its prompt."""
-    tok, b_id = lm.tokenizer, boundary_token(lm.tokenizer, bos)
-    seqs, spans = [], []
-    for prompt, cont in items:
-        p = encode(tok, prompt.rstrip(), b_id)
-        full = encode(tok, prompt.rstrip() + " " + cont.strip(), b_id)
-        c = full[len(p):] if full[:len(p)] == p else encode(tok, " " + cont.strip())
-        seqs.append(p + c)
-        spans.append((len(p), len(c)))
-    out = []
-    for i in range(0, len(seqs), 64):
-        b = pad_batch(seqs[i:i + 64], pad_id_of(tok))
-        lp = torch.log_softmax(lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float(), -1)
-        for j, (s, n) in enumerate(spans[i:i + 64]):
-            ids = b.input_ids[j, s:s + n]
-            out.append(float(lp[j, s - 1:s - 1 + n].gather(1, ids[:, None]).mean()))
-    return out
-
-
 def score(lm, recs: list[dict], bos: str) -> dict:
+    """B's scores on the records, per-token mean log-probabilities from kledger.evaluate's Scorer."""
     items = []
     for r in recs:
         items += [(r["prompt"], r["target_b"]), (r["prompt"], r["ground_truth"]), (r["prompt"], r["target_new"]),
                   (r["rephrase_prompt"], r["target_b"]), (r["rephrase_prompt"], r["ground_truth"]),
                   (r["locality_prompt"], r["locality_ground_truth"]), (r["locality_prompt"], r["target_b"])]
-    lp = mean_logprobs(lm, items, bos)
+    got = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, bos), spec=lm.spec).score(items)
+    lp = [got[i].mean_logprob for i in items]
     n = len(recs)
     rows = [lp[7 * i:7 * i + 7] for i in range(n)]
     pct = lambda xs: round(100 * sum(xs) / n, 1)  # noqa: E731
     return {"efficacy_b_over_true": pct([a[0] > a[1] for a in rows]),
             "efficacy_b_over_a": pct([a[0] > a[2] for a in rows]),
-            "mean_p_b": round(sum(torch.tensor(a[0]).exp().item() for a in rows) / n, 4),
+            "mean_p_b": round(sum(math.exp(a[0]) for a in rows) / n, 4),
             "generalization_b": pct([a[3] > a[4] for a in rows]),
             "specificity": pct([a[5] > a[6] for a in rows])}
 
