@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .edit.device import device_of
 from .edit.hooks import boundary_token, encode, logits_at, pad_id_of
 from .errors import InputError, StateError
 from .records import Fact, short
@@ -205,10 +206,11 @@ class Scorer:
         self.pad_id = pad_id_of(tokenizer)
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Logits [M, V] (float32) at the positions (rows[j], cols[j])."""
+        """Logits [M, V] (float32, on the model's device) at the positions (rows[j], cols[j])."""
         if self.spec is not None:
             return logits_at(self.model, self.spec, ids, mask, rows, cols).float()
-        return self.model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()
+        dev = device_of(self.model)
+        return self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[rows.to(dev), cols.to(dev)].float()
 
     def _report(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -253,7 +255,7 @@ class Scorer:
                         tgt.append(tid)
                         owner.append(i)
             logits = self._logits(ids, mask, torch.tensor(rows), torch.tensor(cols))  # [M, V]
-            target = torch.tensor(tgt)
+            target = torch.tensor(tgt, device=logits.device)
             lp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].tolist()  # [M]
             hit = (logits.argmax(dim=-1) == target).tolist()  # [M]
             got: dict[int, tuple[list, list]] = {}
@@ -292,7 +294,8 @@ class Scorer:
                 cols += range(len(s) - 1)
                 tgt += s[1:]
             logits = self._logits(x, mask, torch.tensor(rows), torch.tensor(cols))
-            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(tgt), reduction="sum"))
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device),
+                                                           reduction="sum"))
             count += len(tgt)
         self._report("perplexity", n_batches, n_batches)
         return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(seqs)}
@@ -318,12 +321,13 @@ class Scorer:
             for j, i in enumerate(idx):
                 ids[j, T - len(toks[i]):] = torch.tensor(toks[i], dtype=torch.long)
                 mask[j, T - len(toks[i]):] = 1
+            dev = device_of(self.model)
             with quiet_transformers():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                gen = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                           max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                                           pad_token_id=self.pad_id, eos_token_id=None)
             for j, i in enumerate(idx):  # the whole text, prompt included, as ROME's generate_fast
-                out[unique[i]] = self.tokenizer.decode(gen[j, T - len(toks[i]):], skip_special_tokens=True)
+                out[unique[i]] = self.tokenizer.decode(gen[j, T - len(toks[i]):].tolist(), skip_special_tokens=True)
         self._report("generate", n_batches, n_batches)
         return out
 

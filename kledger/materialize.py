@@ -481,7 +481,8 @@ class Editor:
         with solve_mod.no_tf32():
             for la in hp.layers:
                 batches = [g[la] for g in groups if la in g]
-                W = solve_mod.solve_history(self.W0[la], batches, c0[la], hp.lam, mode) if batches else self.W0[la]
+                W = (solve_mod.solve_history(self.W0[la], batches, c0[la], hp.lam, mode, device=self.lm.device)
+                     if batches else self.W0[la])
                 weights[la] = W.to(torch.float32)
         return weights
 

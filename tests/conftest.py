@@ -35,6 +35,8 @@ def env(monkeypatch):
     monkeypatch.delenv("KLEDGER_DIR", raising=False)
     monkeypatch.delenv("KLEDGER_FAULT", raising=False)
     monkeypatch.delenv("KLEDGER_DATE", raising=False)
+    # `--device` writes $KLEDGER_DEVICE for the process; set it here so that teardown restores it
+    monkeypatch.setenv("KLEDGER_DEVICE", "auto")
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -10,7 +12,7 @@ from typing import Iterator, Optional
 import typer
 
 from .. import __version__
-from ..errors import EXIT_USAGE, KledgerError
+from ..errors import EXIT_USAGE, KledgerError, UsageError
 from .output import JSON_VERSION, _emitted, err, escape
 
 app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
@@ -26,12 +28,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
 @app.callback()
 def _main(ledger: Optional[str] = typer.Option(None, "--ledger", "-C", envvar="KLEDGER_DIR",
                                                help="Ledger directory (default: nearest .kledger upward)."),
+          device: Optional[str] = typer.Option(None, "--device", envvar="KLEDGER_DEVICE",
+                                               help="Where the model runs and the solves happen: auto (CUDA "
+                                                    "when there is one), cpu, cuda or cuda:N."),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     _state["ledger"] = ledger
+    if device is not None:
+        name = device.strip().lower()
+        if not _DEVICE_RE.fullmatch(name):
+            raise UsageError(f"unknown device {device!r}", "use --device auto, cpu, cuda or cuda:N")
+        os.environ["KLEDGER_DEVICE"] = name  # read by kledger.edit.device when a model is loaded
 
 
 @contextmanager

@@ -14,12 +14,13 @@ d_in the down-projection's input width.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
 from ..errors import InputError, ModelError
+from .device import device_of
 from .hooks import (add_to_residual, boundary_token, capture_down_inputs, capture_residual, encode,
                     logits_at, pad_batch, pad_id_of, run_until)
 from .hparams import HParams
@@ -128,8 +129,11 @@ class _Layout:
     n_tok: torch.Tensor  # [n * C] target tokens per rewrite sequence
     facts: torch.Tensor  # [n] global fact indexes in this layout
 
+    def to(self, device: torch.device) -> "_Layout":
+        return _Layout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-def _layout(toks: Sequence[_Tokens], facts: Sequence[int], pad_id: int) -> _Layout:
+
+def _layout(toks: Sequence[_Tokens], facts: Sequence[int], pad_id: int, device: torch.device) -> _Layout:
     C = len(toks[0].ctx)
     seqs: list[list[int]] = []
     d_rows, d_cols, d_fact, t_rows, t_cols, t_ids, t_seq = [], [], [], [], [], [], []
@@ -150,7 +154,8 @@ def _layout(toks: Sequence[_Tokens], facts: Sequence[int], pad_id: int) -> _Layo
     t_seq_t = T(t_seq)
     return _Layout(batch.input_ids, batch.attention_mask, T(d_rows), T(d_cols), T(d_fact),
                    T(t_rows + kl_rows), T(t_cols + [len(toks[i].kl) - 1 for i in facts]), T(t_ids), t_seq_t,
-                   torch.zeros(len(facts) * C).index_add_(0, t_seq_t, torch.ones(len(t_ids))), T(list(facts)))
+                   torch.zeros(len(facts) * C).index_add_(0, t_seq_t, torch.ones(len(t_ids))),
+                   T(list(facts))).to(device)
 
 
 def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
@@ -158,20 +163,22 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
     prompt) and diagnostics. One forward/backward per step for all facts still optimising: each
     fact has its own delta, and once its mean target probability exceeds hp.early_stop_prob it
-    is frozen and leaves the batch (so a batch costs no more than its facts one at a time)."""
+    is frozen and leaves the batch (so a batch costs no more than its facts one at a time).
+    Runs on the model's device; z comes back on the CPU."""
     model, spec = lm.model, lm.spec
+    dev = device_of(model)
     L = hp.layers[-1]
     N, C = len(toks), len(toks[0].ctx)
     pad = pad_id_of(lm.tokenizer)
     d = model.get_input_embeddings().weight.shape[1]
-    delta = torch.zeros(N, d, requires_grad=True)
+    delta = torch.zeros(N, d, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
-    active = torch.ones(N, dtype=torch.bool)
-    h0 = torch.zeros(N, d)  # [N, d] unedited residual at the bare prompt's subject token
+    active = torch.ones(N, dtype=torch.bool, device=dev)
+    h0 = torch.zeros(N, d, device=dev)  # [N, d] unedited residual at the bare prompt's subject token
     kl_init = None  # [N, V] unedited log-probabilities after "{subject} is a"
-    prob = torch.zeros(N)
-    steps_done = torch.zeros(N, dtype=torch.long)
-    lay = _layout(toks, range(N), pad)
+    prob = torch.zeros(N, device=dev)
+    steps_done = torch.zeros(N, dtype=torch.long, device=dev)
+    lay = _layout(toks, range(N), pad, dev)
     with torch.enable_grad():
         for step in range(hp.steps + 1):
             if progress is not None:
@@ -181,10 +188,11 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                     add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
                 logits = logits_at(model, spec, lay.ids, lay.mask, lay.out_rows, lay.out_cols).float()
             if step == 0:  # δ = 0: the unedited model
-                h0 = got[L][torch.arange(N) * C, torch.tensor([t.subj[0] for t in toks])].detach().clone()
+                h0 = got[L][torch.arange(N, device=dev) * C,
+                            torch.tensor([t.subj[0] for t in toks], device=dev)].detach().clone()
             lp = torch.log_softmax(logits[:M], -1)  # [M, V]
             tok_lp = lp.gather(1, lay.t_ids[:, None])[:, 0]  # [M]
-            seq_lp = torch.zeros(n * C).index_add(0, lay.t_seq, tok_lp) / lay.n_tok  # [n*C] mean per seq
+            seq_lp = torch.zeros(n * C, device=dev).index_add(0, lay.t_seq, tok_lp) / lay.n_tok  # [n*C] mean per seq
             nll = -seq_lp.view(n, C).mean(1)  # [n]
             prob[lay.facts] = seq_lp.detach().exp().view(n, C).mean(1)
             kl_lp = torch.log_softmax(logits[M:], -1)  # [n, V]
@@ -210,8 +218,8 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                 norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
             if int(active.sum()) < n:
-                lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad)
-    z = (h0 + delta.detach()).clone()  # [N, d]
+                lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad, dev)
+    z = (h0 + delta.detach()).to("cpu", copy=True)  # [N, d]
     _check_finite(z, "the target values")
     info = {"target_prob": prob.tolist(), "steps": steps_done.tolist(),
             "delta_norm_ratio": (delta.detach().norm(dim=1) / h0.norm(dim=1)).tolist()}
@@ -223,18 +231,19 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
 @torch.no_grad()
 def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys at `layer` ([N, d_in], mean over contexts) and the residual at `z_layer` ([N, d],
-    bare prompt), at the subject's last token, with the model's current weights."""
+    bare prompt), at the subject's last token, with the model's current weights; both on the CPU."""
     model, spec = lm.model, lm.spec
+    dev = device_of(model)
     N, C = len(toks), len(toks[0].ctx)
     batch = pad_batch([c for t in toks for c in t.ctx], pad_id_of(lm.tokenizer))
-    rows = torch.arange(N * C)
-    cols = torch.tensor([s for t in toks for s in t.subj])
+    rows = torch.arange(N * C, device=dev)
+    cols = torch.tensor([s for t in toks for s in t.subj], device=dev)
     with capture_down_inputs(model, spec, [layer]) as keys, \
             capture_residual(model, spec, z_layer, stop=True) as res:
         run_until(model, batch.input_ids, batch.attention_mask)
     K = keys[layer][rows, cols].float().view(N, C, -1).mean(1)  # [N, d_in]
     z = res[z_layer][rows, cols].float().view(N, C, -1)[:, 0]  # [N, d]
-    return K, z
+    return K.cpu(), z.cpu()
 
 
 def _batches(c: LayerConstraints | None) -> list[Batch]:
@@ -265,8 +274,10 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
            prior: Mapping[int, LayerConstraints] | None = None,
            progress: Progress | None = None) -> dict[int, Batch]:
     """Spread target residuals z [N, d] over hp.layers, writing each layer as it goes; returns
-    the new constraints. Same pre/postconditions as `compute_constraints`."""
+    the new constraints. Same pre/postconditions as `compute_constraints`. The solves run in
+    float64 on the model's device."""
     prior = prior or {}
+    dev = device_of(lm.model)
     _require_layers(hp, c0, W0)
     L = hp.layers[-1]
     new: dict[int, Batch] = {}
@@ -279,7 +290,8 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
         V = (K.double() @ W_cur.T + resid.double()).float()  # [N, d_out]
         _check_finite(V, f"the values of layer {layer}")
         new[layer] = (K, V)
-        W = solve_history(W0[layer], _batches(prior.get(layer)) + [new[layer]], c0[layer], hp.lam, hp.mode)
+        W = solve_history(W0[layer], _batches(prior.get(layer)) + [new[layer]], c0[layer], hp.lam, hp.mode,
+                          device=dev)
         _check_finite(W, f"the solved weight of layer {layer}")
         set_weight(lm.model, lm.spec, layer, W)
     if progress is not None:
@@ -309,10 +321,11 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
 
 def apply_constraints(W0: Mapping[int, torch.Tensor], constraints: Mapping[int, LayerConstraints],
                       c0: Mapping[int, torch.Tensor], lam: float,
-                      mode: str = "accumulated") -> dict[int, torch.Tensor]:
-    """The solved weights {layer: W [d_out, d_in] float64}: a pure function of W0, the stored
-    constraints (per layer one (K, V) or the commits' batches in order), C0 and λ."""
-    return {layer: solve_history(W0[layer], _batches(constraints.get(layer)), c0[layer], lam, mode)
+                      mode: str = "accumulated", device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+    """The solved weights {layer: W [d_out, d_in] float64, CPU}: a pure function of W0, the stored
+    constraints (per layer one (K, V) or the commits' batches in order), C0 and λ; the float64
+    arithmetic runs on `device` (the CPU by default)."""
+    return {layer: solve_history(W0[layer], _batches(constraints.get(layer)), c0[layer], lam, mode, device=device)
             for layer in sorted(W0)}
 
 

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .device import device_of
 from .spec import ArchSpec, down_proj, get_module, layer_module
 
 
@@ -69,7 +70,7 @@ def add_to_residual(model: Any, spec: ArchSpec, layer: int, rows: torch.Tensor, 
     def hook(_mod, _args, out):
         h = out[0] if isinstance(out, tuple) else out  # [B, T, d]
         add = torch.zeros_like(h)
-        add = add.index_put((rows, cols), delta.to(h.dtype))
+        add = add.index_put((rows.to(h.device), cols.to(h.device)), delta.to(h.device, h.dtype))
         h = h + add
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
@@ -78,9 +79,11 @@ def add_to_residual(model: Any, spec: ArchSpec, layer: int, rows: torch.Tensor, 
 
 
 def run_until(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    """Forward pass that may be ended early by a stop hook; returns the output or None."""
+    """Forward pass (on the model's device) that may be ended early by a stop hook; returns the
+    output or None."""
+    dev = device_of(model)
     try:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
     except _StopForward:
         return None
 
@@ -88,10 +91,12 @@ def run_until(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Logits [M, V] at positions (rows[j], cols[j]) only: the decoder stack runs on all tokens,
-    the lm head (the largest matmul of a small model) on the M positions needed."""
+    the lm head (the largest matmul of a small model) on the M positions needed. Inputs may be
+    on the CPU; the logits are on the model's device."""
+    dev = device_of(model)
     base = get_module(model, spec.layers.rsplit(".", 1)[0])
-    h = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    logits = get_module(model, spec.lm_head)(h[rows, cols])  # [M, V]
+    h = base(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False).last_hidden_state
+    logits = get_module(model, spec.lm_head)(h[rows.to(dev), cols.to(dev)])  # [M, V]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -110,9 +110,10 @@ def from_canonical(weight: "torch.Tensor", spec: ArchSpec) -> "torch.Tensor":
 
 
 def get_weight(model: "nn.Module", spec: ArchSpec, layer: int) -> "torch.Tensor":
-    """A detached copy of layer's down-projection weight, canonical [d_out, d_in], model dtype."""
+    """A detached copy of layer's down-projection weight, canonical [d_out, d_in], model dtype, on
+    the CPU (wherever the model runs)."""
     w = down_proj(model, spec, layer).weight.detach()
-    return to_canonical(w, spec).clone()
+    return to_canonical(w, spec).to("cpu", copy=True)
 
 
 def set_weight(model: "nn.Module", spec: ArchSpec, layer: int, weight: "torch.Tensor") -> None:

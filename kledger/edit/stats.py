@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import InputError, ModelError
+from .device import device_of
 from .hooks import boundary_token, capture_down_inputs, encode, pad_batch, pad_id_of, run_until
 from .spec import down_proj, to_canonical
 
@@ -46,14 +47,16 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
                batch_size: int = 16, bos: str = "auto",
                progress: Progress | None = None) -> tuple[dict[int, torch.Tensor], int]:
     """C0 per layer ([d_in, d_in], float64) over the first `n_tokens` tokens of `text`, and the
-    number of tokens averaged over. The boundary token is fed but not counted."""
+    number of tokens averaged over. The boundary token is fed but not counted. Runs on the model's
+    device (sums in float64 there); C0 comes back on the CPU."""
     model, spec, tok = lm.model, lm.spec, lm.tokenizer
+    dev = device_of(model)
     layers = sorted(set(int(x) for x in layers))
     bos_id = boundary_token(tok, bos)
     skip = 1 if bos_id is not None else 0
     chunks = corpus_chunks(tok, text, n_tokens, seq_len, bos_id)
     d_in = to_canonical(down_proj(model, spec, layers[0]).weight, spec).shape[1]
-    sums = {la: torch.zeros(d_in, d_in, dtype=torch.float64) for la in layers}
+    sums = {la: torch.zeros(d_in, d_in, dtype=torch.float64, device=dev) for la in layers}
     count = 0
     batches = [chunks[i:i + batch_size] for i in range(0, len(chunks), batch_size)]
     pad = pad_id_of(tok)
@@ -62,7 +65,7 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
             progress("c0", b, len(batches))
         padded = pad_batch(batch, pad)
         ids, mask = padded.input_ids, padded.attention_mask  # [B, T]
-        counted = mask.bool().clone()
+        counted = mask.bool().to(dev, copy=True)
         counted[:, :skip] = False
         with capture_down_inputs(model, spec, layers, stop_after=layers[-1]) as got:
             run_until(model, ids, mask)
@@ -72,7 +75,7 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
         count += int(counted.sum())
     if progress is not None:
         progress("c0", len(batches), len(batches))
-    c0 = {la: s / count for la, s in sums.items()}
+    c0 = {la: (s / count).cpu() for la, s in sums.items()}
     if not all(torch.isfinite(c).all() for c in c0.values()):
         raise ModelError("C0 has non-finite entries", "check the model weights and the corpus")
     return c0, count
@@ -83,10 +86,16 @@ def sample_corpus(lm: Any, n_tokens: int, *, seed: int = 0, seq_len: int = 128, 
                   top_p: float = 0.95, progress: Progress | None = None) -> str:
     """Text sampled from the model itself (nucleus sampling from a document boundary, fixed seed):
     a corpus that needs no download. Deterministic on one machine and library version; stored
-    constraints record its fingerprint, so a different sample is detected, not silently used."""
+    constraints record its fingerprint, so a different sample is detected, not silently used.
+    Always sampled on the CPU (a copy of the model when it runs elsewhere), so that the text, and
+    the C0 named after it, does not depend on the device: a GPU draws other random numbers."""
+    import copy
+
     from .weights import quiet_transformers
 
     model, tok = lm.model, lm.tokenizer
+    if device_of(model).type != "cpu":
+        model = copy.deepcopy(model).to("cpu")
     start = boundary_token(tok, "always")
     if start is None:
         raise ModelError("the tokenizer has no boundary token to sample a corpus from",

@@ -67,6 +67,13 @@ class LoadedModel:
     def fingerprint(self, layers: Iterable[int]) -> str:
         return model_fingerprint(self.model, self.spec, layers)
 
+    @property
+    def device(self) -> Any:
+        """The torch device the model runs on."""
+        from .device import device_of
+
+        return device_of(self.model)
+
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
@@ -89,10 +96,10 @@ def _report(progress: Progress | None, stage: str, done: int, total: int) -> Non
         progress(stage, done, total)
 
 
-def _prepare(model: Any) -> Any:
+def _prepare(model: Any, device: Any = None) -> Any:
     import torch
 
-    model = model.to(torch.float32)
+    model = model.to(dtype=torch.float32, device=device if device is not None else "cpu")
     model.eval()
     model.requires_grad_(False)
     return model
@@ -111,7 +118,7 @@ def model_fingerprint(model: Any, spec: ArchSpec, layers: Iterable[int]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(config_fingerprint_dict(model.config), sort_keys=True, default=str).encode())
     for layer in sorted(set(int(x) for x in layers)):
-        w = get_weight(model, spec, layer).to(torch.float32).contiguous()  # [d_out, d_in]
+        w = get_weight(model, spec, layer).to("cpu", torch.float32).contiguous()  # [d_out, d_in]
         h.update(f"\0layer {layer} {tuple(w.shape)}\0".encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()
@@ -225,10 +232,14 @@ def _from_dir(path: str, local_only: bool = True) -> tuple[Any, Any]:
 
 
 def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None = None,
-               progress: Progress | None = None) -> LoadedModel:
+               progress: Progress | None = None, device: str | None = None) -> LoadedModel:
     """Load a model offline. `name`: None or "smollm2-135m" (the default, via the GGUF package
     and a safetensors cache), a local Hugging Face directory, or a hub id already in the local
-    HF cache. A corrupt cache is rebuilt."""
+    HF cache. A corrupt cache is rebuilt. `device`: see kledger.edit.device (None: $KLEDGER_DEVICE
+    or auto, which is CUDA when there is one)."""
+    from .device import resolve_device
+
+    dev = resolve_device(device)
     name = name or DEFAULT_MODEL
     if name == DEFAULT_MODEL:
         directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / name
@@ -253,7 +264,7 @@ def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None =
                          "into the local HF cache") from e
     spec = spec_for(model)
     _report(progress, "load model", 1, 1)
-    return LoadedModel(model=_prepare(model), tokenizer=tok, spec=spec, name=name)
+    return LoadedModel(model=_prepare(model, dev), tokenizer=tok, spec=spec, name=name)
 
 
 # ---- the identity of a model's files, without loading it ------------------------------------
