@@ -102,6 +102,35 @@ def test_batched_values_match_one_at_a_time():
         assert torch.allclose(z_one[0], z_batch[i], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
+def test_reused_prefix_equals_whole_sequences(kind):
+    """Feeding only the tokens from the subject's last token on, with the attention cache of what
+    comes before measured once, gives the values of feeding whole sequences every step, also after
+    facts leave the batch (llama, qwen3: the first fact freezes at step 5)."""
+    from conftest_edit import tiny_lm as make
+    from kledger.edit.engine import _layout, _prefix_cache, prepare
+    from kledger.edit.hooks import pad_id_of
+
+    lm = make(kind)
+    reqs = [EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome"),
+            EditRequest("the Louvre is located in the city of", "Louvre", "Berlin"),
+            EditRequest("the capital of France", "France", "London Paris"),
+            EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
+    hp = HParams(layers=(1,), steps=12, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.2)
+    toks = prepare(lm, reqs, hp)
+    pad, cpu = pad_id_of(lm.tokenizer), torch.device("cpu")
+    cut, whole = _layout(toks, range(4), pad, cpu), _layout(toks, range(4), pad, cpu, cut=False)
+    assert cut.prefix > 0 and whole.prefix == 0 and cut.ids.shape[1] < whole.ids.shape[1]
+    assert _prefix_cache(lm.model, lm.spec, toks, pad, cpu) is not None  # no silent fallback
+    z_cut, info_cut = optimise_values(lm, toks, hp)
+    z_whole, info_whole = optimise_values(lm, toks, hp, reuse_prefix=False)
+    assert info_cut["steps"] == info_whole["steps"]
+    if kind in ("llama", "qwen3"):
+        assert len(set(info_cut["steps"])) > 1
+    assert rel_fro(z_cut, z_whole) < 1e-5
+    assert max(abs(a - b) for a, b in zip(info_cut["target_prob"], info_whole["target_prob"])) < 1e-5
+
+
 def test_edit_raises_target_probability():
     lm, c0, W0 = setup(torch.float32)
     # subject at the end of the prompt: the delta sits where the tiny random model predicts

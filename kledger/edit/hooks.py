@@ -89,13 +89,21 @@ def run_until(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+              rows: torch.Tensor, cols: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+              past_key_values: Any = None) -> torch.Tensor:
     """Logits [M, V] at positions (rows[j], cols[j]) only: the decoder stack runs on all tokens,
     the lm head (the largest matmul of a small model) on the M positions needed. Inputs may be
-    on the CPU; the logits are on the model's device."""
+    on the CPU; the logits are on the model's device. With `past_key_values` (an attention cache
+    of P positions), `attention_mask` covers P + T positions and `position_ids` [B, T] places the
+    fed tokens."""
     dev = device_of(model)
     base = get_module(model, spec.layers.rsplit(".", 1)[0])
-    h = base(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False).last_hidden_state
+    extra: dict[str, Any] = {"use_cache": past_key_values is not None}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids.to(dev)
+    if past_key_values is not None:
+        extra["past_key_values"] = past_key_values
+    h = base(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **extra).last_hidden_state
     logits = get_module(model, spec.lm_head)(h[rows.to(dev), cols.to(dev)])  # [M, V]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
