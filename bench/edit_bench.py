@@ -2,7 +2,10 @@
 another (each against the weights left by the previous). Prints both and their ratio, and the
 CounterFact scores of each way (they solve the same constraints' kind, not the same pairs).
 
-    python bench/edit_bench.py [--facts 8] [--c0-tokens 20000]
+    python bench/edit_bench.py [--facts 8] [--c0-tokens 20000] [--device auto|cpu|cuda]
+
+On a GPU (`--device cuda`, or auto where there is one) the same comparison measures what batching
+buys where one fact's step is latency-bound; on a CPU every token costs the same, batched or not.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,8 +32,9 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=8)
     ap.add_argument("--c0-tokens", type=int, default=20000)
     ap.add_argument("--model-cache", default=None)
+    ap.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     a = ap.parse_args()
-    lm = load_model(cache_dir=a.model_cache)
+    lm = load_model(cache_dir=a.model_cache, device=a.device)
     hp = defaults_for(lm.model_type, lm.n_layers)
     W0 = base_weights(lm, hp.layers)
     c0, _ = compute_c0(lm, hp.layers, (DATA / "wikitext-2-test.raw").read_text(), n_tokens=a.c0_tokens)
@@ -53,7 +59,8 @@ def main() -> None:
     t_single = time.time() - t
     m_single = metrics(lm, recs)
     write_weights(lm, W0)
-    out = {"facts": len(reqs), "batched_s_per_fact": round(t_batch / len(reqs), 2),
+    out = {"device": str(lm.device), "threads": torch.get_num_threads(), "facts": len(reqs),
+           "batched_s_per_fact": round(t_batch / len(reqs), 2),
            "one_at_a_time_s_per_fact": round(t_single / len(reqs), 2),
            "ratio_one_at_a_time_over_batched": round(t_single / t_batch, 2),
            "steps_batched": diag["steps"], "steps_single": steps,

@@ -47,7 +47,9 @@ def logprobs(lm: Any, pairs: list[tuple[str, str]], bos: str = "auto") -> list[f
     out = []
     for i in range(0, len(seqs), 32):
         b = pad_batch(seqs[i:i + 32], pad_id_of(tok))
-        lp = torch.log_softmax(lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float(), -1)
+        dev = lm.device
+        lp = torch.log_softmax(lm.model(input_ids=b.input_ids.to(dev),
+                                        attention_mask=b.attention_mask.to(dev)).logits.float(), -1).cpu()
         for j, (s, n) in enumerate(spans[i:i + 32]):
             ids = b.input_ids[j, s:s + n]
             out.append(float(lp[j, s - 1:s - 1 + n].gather(1, ids[:, None]).sum()))
