@@ -173,17 +173,20 @@ def cold_apply(ledger_dir: Path, cid: str) -> tuple[dict, dict]:
         groups = Editor_by_layer(got["rows"], hp.layers)
         floor = 0.0
         max_diff = 0.0
+        dev = ed.lm.device  # where apply solved: the floor runs there too
         for la in hp.layers:
-            K, V = (t.to(F64) for t in groups[la])
-            W0, C0 = ed.W0[la].to(F64), c0[la]
+            K, V = (t.to(dev, F64) for t in groups[la])
+            W0, C0 = ed.W0[la].to(dev, F64), c0[la].to(dev)
             t0 = time.perf_counter()
             A = hp.lam * C0 + K.T @ K  # [d_in, d_in]
             B = K.T @ (V - K @ W0.T)  # [d_in, d_out]
             L, info_c = torch.linalg.cholesky_ex(A)
             X = torch.cholesky_solve(B, L)  # [d_in, d_out] = ΔWᵀ
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             floor += time.perf_counter() - t0
             assert int(info_c) == 0, "A is not positive definite"
-            max_diff = max(max_diff, float(((W0 + X.T).to(torch.float32) - weights[la]).abs().max()))
+            max_diff = max(max_diff, float(((W0 + X.T).to("cpu", torch.float32) - weights[la]).abs().max()))
         out["floor_s"] = floor
         out["floor_vs_apply_max_abs_diff"] = max_diff
         out["ratio_apply_over_floor"] = total / floor
@@ -227,7 +230,9 @@ def main() -> None:
 
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     quick = os.environ.get("APPLY_BENCH_QUICK") == "1"
-    R: dict = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    from kledger.edit.device import resolve_device
+
+    R: dict = {"device": str(resolve_device()), "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                "torch": torch.__version__, "synthetic_constraints": True}
     work = Path(tempfile.mkdtemp(prefix="kledger-apply-bench-"))
     try:

@@ -129,8 +129,12 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
 
 
 def hardware() -> str:
+    from kledger.edit.device import resolve_device
+
+    dev = resolve_device()  # where load_model() puts the model
+    where = f"on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s), no GPU")
+            f"{torch.get_num_threads()} thread(s), {where}")
 
 
 def plot(results: list[dict], img_dir: Path) -> list[Path]:

@@ -26,6 +26,15 @@ class Result:
         return json.loads(self.out)
 
 
+@pytest.fixture(autouse=True)
+def device_for_tests(monkeypatch):
+    """Every test runs on the CPU, whose tolerances the tests were written for, also on a machine
+    with a GPU; the CUDA paths have their own test in test_device.py. KLEDGER_TEST_DEVICE=cuda runs
+    the whole suite on the GPU instead. (`--device` writes $KLEDGER_DEVICE for the process; setting
+    it here makes teardown restore it.)"""
+    monkeypatch.setenv("KLEDGER_DEVICE", os.environ.get("KLEDGER_TEST_DEVICE", "cpu"))
+
+
 @pytest.fixture
 def env(monkeypatch):
     monkeypatch.setenv("KLEDGER_AUTHOR", "Ada <ada@example.org>")
@@ -35,8 +44,6 @@ def env(monkeypatch):
     monkeypatch.delenv("KLEDGER_DIR", raising=False)
     monkeypatch.delenv("KLEDGER_FAULT", raising=False)
     monkeypatch.delenv("KLEDGER_DATE", raising=False)
-    # `--device` writes $KLEDGER_DEVICE for the process; set it here so that teardown restores it
-    monkeypatch.setenv("KLEDGER_DEVICE", "auto")
 
 
 @pytest.fixture

@@ -54,18 +54,38 @@ def test_cuda_matches_cpu():
     reqs = [EditRequest("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
             EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
     out = {}
+    # one C0 for both: the tiny model's C0 is near-singular, so float32 round-off in C0 alone
+    # would move the solved weights by order one; each device's own C0 is compared on its own
+    c0_ref, _ = compute_c0(tiny_lm("llama"), hp.layers, text, n_tokens=600, seq_len=32)
     for dev in ("cpu", "cuda"):
         lm = tiny_lm("llama")
         lm.model.to(dev)
         c0, _ = compute_c0(lm, hp.layers, text, n_tokens=600, seq_len=32)
         W0 = base_weights(lm, hp.layers)
-        new = compute_constraints(lm, reqs, hp, c0, W0, {})
-        out[dev] = (c0, new, apply_constraints(W0, new, c0, hp.lam, device=dev))
+        new = compute_constraints(lm, reqs, hp, c0_ref, W0, {})
+        out[dev] = (c0, new, apply_constraints(W0, new, c0_ref, hp.lam, device=dev))
     for la in hp.layers:
         assert rel_fro(out["cuda"][0][la], out["cpu"][0][la]) < 1e-5
-        assert rel_fro(out["cuda"][1][la][1], out["cpu"][1][la][1]) < 1e-3
+        assert rel_fro(out["cuda"][1][la][1], out["cpu"][1][la][1]) < 1e-4
         assert out["cuda"][2][la].device.type == "cpu"
-        assert rel_fro(out["cuda"][2][la], out["cpu"][2][la]) < 1e-3
+        assert rel_fro(out["cuda"][2][la], out["cpu"][2][la]) < 1e-4
+
+
+def test_no_tf32_restores_either_api():
+    from kledger.edit.solve import no_tf32
+
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        before = m.fp32_precision
+        m.fp32_precision = "tf32"  # as transformers' enable_tf32 does; the legacy flags then raise
+        try:
+            with no_tf32():
+                assert m.fp32_precision == "ieee"
+            assert m.fp32_precision == "tf32"
+        finally:
+            m.fp32_precision = before
+    with no_tf32():
+        pass
 
 
 def test_solve_device_keyword_returns_cpu():

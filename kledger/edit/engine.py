@@ -246,7 +246,10 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                 h0 = got[L][lay.d_rows[:N * C:C], lay.d_cols[:N * C:C]].detach().clone()
             lp = torch.log_softmax(logits[:M], -1)  # [M, V]
             tok_lp = lp.gather(1, lay.t_ids[:, None])[:, 0]  # [M]
-            seq_lp = torch.zeros(n * C, device=dev).index_add(0, lay.t_seq, tok_lp) / lay.n_tok  # [n*C] mean per seq
+            # [n*C] mean per sequence; a sum over a one-hot matrix, not index_add, whose CUDA atomics
+            # would add in a different order from run to run
+            per_seq = torch.zeros(n * C, M, device=dev).index_put((lay.t_seq, torch.arange(M, device=dev)), tok_lp)
+            seq_lp = per_seq.sum(1) / lay.n_tok
             nll = -seq_lp.view(n, C).mean(1)  # [n]
             prob[lay.facts] = seq_lp.detach().exp().view(n, C).mean(1)
             kl_lp = torch.log_softmax(logits[M:], -1)  # [n, V]

@@ -7,7 +7,8 @@ Rows are constraints: K [n, d_in] keys, V [n, d_out] target outputs, W [d_out, d
 solved as the symmetric system A Δᵀ = Kᵀ R with A = λC0 + KᵀK, R = V − K W0ᵀ (Cholesky, or LU
 when A is not positive definite). Never an explicit inverse; TF32 off. `device` (keyword, default
 the CPU) says where the float64 arithmetic runs (a CUDA device when there is one); inputs may live
-anywhere and every result comes back on the CPU.
+anywhere. `solve_layer` and `solve_history` return on the CPU; the one-step helpers
+(`sequential_update`, `alphaedit_update`, `null_space_projector`) return on `device`.
 
 Modes for a history of batches (commits in order), `solve_history`:
   "accumulated"          the paper's solve over all constraints at once (order-free; = SE with H)
@@ -33,7 +34,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (K [n, d_in], V [n, d_out])
 
 @contextlib.contextmanager
 def no_tf32() -> Iterator[None]:
-    """Disable TF32 for matmuls and convolutions for the duration (restored after)."""
+    """Disable TF32 for matmuls and convolutions for the duration (restored after). Uses torch's
+    `fp32_precision` settings where they exist: reading the legacy `allow_tf32` flags raises once a
+    program (e.g. transformers' `enable_tf32`) has set the new ones."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(m, "fp32_precision") and hasattr(c, "fp32_precision"):
+        prev = (m.fp32_precision, c.fp32_precision)
+        m.fp32_precision = c.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision, c.fp32_precision = prev
+        return
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

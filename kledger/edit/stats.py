@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InputError, ModelError
 from .device import device_of
+from .solve import no_tf32
 from .hooks import boundary_token, capture_down_inputs, encode, pad_batch, pad_id_of, run_until
 from .spec import down_proj, to_canonical
 
@@ -69,9 +70,10 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
         counted[:, :skip] = False
         with capture_down_inputs(model, spec, layers, stop_after=layers[-1]) as got:
             run_until(model, ids, mask)
-        for la in layers:
-            x = got[la][counted].float()  # [n, d_in]
-            sums[la] += (x.T @ x).double()  # per-batch sum in float32 (≤ a few thousand tokens)
+        with no_tf32():  # a TF32 product would put ~1e-3 relative error into C0
+            for la in layers:
+                x = got[la][counted].float()  # [n, d_in]
+                sums[la] += (x.T @ x).double()  # per-batch sum in float32 (≤ a few thousand tokens)
         count += int(counted.sum())
     if progress is not None:
         progress("c0", len(batches), len(batches))
@@ -87,15 +89,25 @@ def sample_corpus(lm: Any, n_tokens: int, *, seed: int = 0, seq_len: int = 128, 
     """Text sampled from the model itself (nucleus sampling from a document boundary, fixed seed):
     a corpus that needs no download. Deterministic on one machine and library version; stored
     constraints record its fingerprint, so a different sample is detected, not silently used.
-    Always sampled on the CPU (a copy of the model when it runs elsewhere), so that the text, and
-    the C0 named after it, does not depend on the device: a GPU draws other random numbers."""
-    import copy
+    Always sampled on the CPU (a model on a GPU is moved to the CPU for it, then back), so that the
+    text, and the C0 named after it, does not depend on the device: a GPU draws other random
+    numbers. Only the CPU's random generator is seeded, and it is restored after."""
+    model = lm.model
+    dev = device_of(model)
+    if dev.type == "cpu":
+        return _sample(lm, n_tokens, seed, seq_len, batch_size, top_p, progress)
+    model.to("cpu")  # moved, not copied: a copy would first double the model on the GPU
+    try:
+        return _sample(lm, n_tokens, seed, seq_len, batch_size, top_p, progress)
+    finally:
+        model.to(dev)
 
+
+def _sample(lm: Any, n_tokens: int, seed: int, seq_len: int, batch_size: int, top_p: float,
+            progress: Progress | None) -> str:
     from .weights import quiet_transformers
 
     model, tok = lm.model, lm.tokenizer
-    if device_of(model).type != "cpu":
-        model = copy.deepcopy(model).to("cpu")
     start = boundary_token(tok, "always")
     if start is None:
         raise ModelError("the tokenizer has no boundary token to sample a corpus from",
@@ -104,7 +116,7 @@ def sample_corpus(lm: Any, n_tokens: int, *, seed: int = 0, seq_len: int = 128, 
     texts: list[str] = []
     rounds = -(-n_seq // batch_size)
     with torch.random.fork_rng(devices=[]), quiet_transformers():
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU stream only (torch.manual_seed seeds CUDA too)
         for r in range(rounds):
             if progress is not None:
                 progress("sample corpus", r, rounds)
