@@ -94,7 +94,7 @@ class SyntheticMeasure:
         c0 = ed.c0()
         self.scale = {la: c0[la].diagonal().clamp_min(0).sqrt().to(torch.float32) for la in ed.hparams.layers}
 
-    def __call__(self, parent, facts, progress=None, skip_known=False):
+    def __call__(self, parent, facts, progress=None, skip_known=False, exclude=()):
         fp_id, _ = self.ed.fingerprint()
         rows = []
         for la in self.ed.hparams.layers:
