@@ -56,6 +56,27 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     return model
 
 
+def word_corpus(n_words: int = 1500, seed: int = 0) -> str:
+    """Seeded random text over the tiny tokenizer's words (a C0 corpus for the tiny models)."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def save_tiny_model_dir(d, kind: str = "llama", seed: int = 0, corpus_words: int | None = 1500):
+    """Save a tiny model and its tokenizer as a local Hugging Face directory `d`, with a
+    `corpus.txt` of `corpus_words` words inside (none when None). Returns `d`."""
+    from pathlib import Path
+
+    d = Path(d)
+    tiny_model(kind, seed=seed).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    if corpus_words is not None:
+        (d / "corpus.txt").write_text(word_corpus(corpus_words))
+    return d
+
+
 def tiny_lm(kind: str = "llama", seed: int = 0):
     from kledger.edit.spec import spec_for
     from kledger.edit.weights import LoadedModel

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from conftest import REPO  # noqa: E402
-from conftest_edit import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from conftest_edit import save_tiny_model_dir, tiny_model, word_corpus  # noqa: E402
 
 from kledger.edit import weights as weights_mod  # noqa: E402
 from kledger.errors import FingerprintError  # noqa: E402
@@ -36,16 +35,10 @@ FACTS = [
 HPARAMS = {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 1, "lam": 5.0}
 
 
-def _save_model(d, kind="llama", seed=0):
-    tiny_model(kind, seed=seed).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    rng = random.Random(0)
-    p.write_text(" ".join(rng.choice(WORDS) for _ in range(1500)))
+    p.write_text(word_corpus())
     return p
 
 
@@ -53,7 +46,7 @@ def _build(tmp_path_factory, kind, corpus):
     """A model directory and, beside it, a ledger with 2 commits of 2 facts made on it."""
     base = tmp_path_factory.mktemp(f"apply-cache-{kind}")
     model = base / "model"
-    _save_model(model, kind)
+    save_tiny_model_dir(model, kind, corpus_words=None)
     root = base / "proj"
     lg = Ledger.init(root, model=str(model), settings={"hparams": HPARAMS, "corpus": str(corpus)})
     for i in range(2):
@@ -168,7 +161,7 @@ def test_changed_model_files_invalidate(k, tmp_path_factory, corpus):
     assert cached_at_head(proj)
     # Different weights: no answer from the cache, and the fingerprint check refuses as always.
     shutil.rmtree(proj / "model")
-    _save_model(proj / "model", seed=1)
+    save_tiny_model_dir(proj / "model", seed=1, corpus_words=None)
     assert not cached_at_head(proj)
     lg, ed = editor(proj)
     try:
@@ -196,7 +189,7 @@ def test_other_hparams_or_corpus_miss_then_refuse(k, proj):
     assert cached_at_head(proj)
     lg = Ledger.open(proj / "proj", write=True)
     other = proj / "other-corpus.txt"
-    other.write_text(" ".join(random.Random(1).choice(WORDS) for _ in range(1500)))
+    other.write_text(word_corpus(seed=1))
     lg.store.set_meta("corpus", str(other))
     ed = lg.editor()
     try:

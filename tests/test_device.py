@@ -4,15 +4,13 @@ This machine has no GPU, so the CUDA paths themselves are exercised only where C
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from conftest import snapshot  # noqa: E402
-from conftest_edit import WORDS, tiny_lm, tiny_model, tiny_tokenizer  # noqa: E402
+from conftest_edit import save_tiny_model_dir, tiny_lm, word_corpus  # noqa: E402
 
 from kledger.edit.device import check_device_name, resolve_device  # noqa: E402
 from kledger.errors import InputError  # noqa: E402
@@ -50,7 +48,7 @@ def test_cuda_matches_cpu():
     from kledger.edit.stats import compute_c0
 
     hp = HParams(layers=(1, 2), steps=5, n_prefixes=2, lam=5.0)
-    text = " ".join(random.Random(0).choice(WORDS) for _ in range(800))
+    text = word_corpus(800)
     reqs = [EditRequest("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
             EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
     out = {}
@@ -103,10 +101,7 @@ def test_solve_device_keyword_returns_cpu():
 
 @pytest.fixture
 def model_ledger(k, tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    (d / "corpus.txt").write_text(" ".join(random.Random(0).choice(WORDS) for _ in range(600)))
+    d = save_tiny_model_dir(tmp_path / "tiny", corpus_words=600)
     r = k("init", "--model", str(d), "--corpus", str(d / "corpus.txt"),
           "--set", "c0_tokens=500", "--set", "c0_seq_len=32", "--set", "steps=3", "--set", "n_prefixes=1")
     assert r.code == 0, r.err

@@ -5,14 +5,12 @@ one fact at a time."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest_edit import WORDS, one_thread, tiny_lm  # noqa: E402,F401
+from conftest_edit import one_thread, tiny_lm, word_corpus  # noqa: E402,F401
 
 from kledger.errors import InputError  # noqa: E402
 from kledger.edit.engine import (EditRequest, apply_constraints, base_weights,  # noqa: E402
@@ -40,8 +38,7 @@ FACTS = [
 
 
 def corpus(n_words: int = 1500) -> str:
-    rng = random.Random(0)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+    return word_corpus(n_words)
 
 
 def setup(dtype=torch.float64):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from conftest import snapshot  # noqa: E402
-from conftest_edit import VOCAB, WORDS, one_thread, tiny_lm, tiny_model, tiny_tokenizer  # noqa: E402,F401
+from conftest_edit import VOCAB, one_thread, save_tiny_model_dir, tiny_lm, tiny_tokenizer  # noqa: E402,F401
 
 from kledger.evaluate import (Scorer, evaluate_model, ngram_entropy, record_kind,  # noqa: E402
                               split_ids, summarize)
@@ -248,12 +247,7 @@ SETTINGS = {"hparams": {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 6, "n_pref
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-eval")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    rng = random.Random(0)
-    (d / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)))
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-eval"))
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ as a local Hugging Face directory (no download)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest_edit import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from conftest_edit import save_tiny_model_dir  # noqa: E402
 
 from kledger.edit.solve import rel_fro, sequential_update, solve_layer  # noqa: E402
 from kledger.errors import FingerprintError  # noqa: E402
@@ -35,12 +33,7 @@ SETTINGS = {"hparams": {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 6, "n_pref
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    rng = random.Random(0)
-    (d / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)))
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

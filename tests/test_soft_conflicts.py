@@ -6,7 +6,6 @@ resolve retracts, the decision is remembered and exported."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -47,7 +46,7 @@ def test_soft_edges_pure():
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from conftest_edit import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from conftest_edit import save_tiny_model_dir  # noqa: E402
 
 from kledger.errors import ConflictError  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
@@ -58,12 +57,7 @@ PROMPT = "the Eiffel Tower is located in the city of"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-soft")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    rng = random.Random(0)
-    (d / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)))
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-soft"))
 
 
 def new_ledger(model_dir, path) -> Ledger:

@@ -28,6 +28,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# the name's shape only: kledger.edit.device checks that the device exists (that needs torch)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
