@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from kledger.edit import solve as solve_mod  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
-from kledger.materialize import ConstraintRow, constraints_hash  # noqa: E402
+from kledger.records import Constraint, constraints_hash  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -104,7 +104,7 @@ class SyntheticMeasure:
             WK = K @ W0.T  # [n, d_out]
             resid = 0.05 * WK.norm(dim=1, keepdim=True) / d_out ** 0.5 * torch.randn(len(facts), d_out, generator=self.gen)
             V = WK + resid
-            rows += [ConstraintRow(f.id, la, K[i].clone(), V[i].clone(), fp_id) for i, f in enumerate(facts)]
+            rows += [Constraint(f.id, la, K[i].numpy().copy(), V[i].numpy().copy(), fp_id) for i, f in enumerate(facts)]
         return constraints_hash(rows), rows
 
 
@@ -282,8 +282,8 @@ def main() -> None:
         # ---- ledger B: the same model and settings, C0 copied, 10 commits of 100 synthetic facts
         lb = Ledger.init(dir_b, settings=SETTINGS)
         with lb.store.transaction():
-            for layer, n_tok, dtype, dim, blob in stats_rows:
-                lb.store.put_stats(base_fp, corpus_fp, layer, n_tok, dtype, dim, blob)
+            for layer, (n_tok, matrix) in stats_rows.items():
+                lb.store.put_stats(base_fp, corpus_fp, layer, n_tok, matrix)
         edb = lb.editor()
         assert edb._base_fp() == base_fp and edb.corpus_identity()[0] == corpus_fp
         R["ledger_bytes_c0_only"] = db_bytes(lb)

@@ -7,15 +7,12 @@ never prints; errors are typed (kledger.errors). torch is imported only by the e
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
 import shutil
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,48 +20,13 @@ from . import __version__
 from .conflicts import SOFT_THRESHOLD, Conflict, find_conflicts, settle, soft_edges
 from .errors import (ConflictError, InputError, KledgerError, RevisionError, StateError,
                      UsageError)
-from .records import (OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, constraint_digest, constraints_hash, fact_id,
+from .records import (OP_ADD, OP_RETRACT, Commit, Fact, Op, commit_id, constraints_hash, fact_id,
                       looks_like_id, normalize, relation_key, short)
+from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
 from .store import LEDGER_DIR, Store, find_ledger_dir
 
-DEFAULT_BRANCH = "main"
-DEFAULT_MODEL = "smollm2-135m"
 _BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])$")
 _REV_SUFFIX = re.compile(r"^(.*?)((?:[~^]\d*)+)$")
-
-
-def fault_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: with KLEDGER_FAULT=name the process dies here,
-    mid-transaction, as if killed."""
-    if os.environ.get("KLEDGER_FAULT") == name:
-        os._exit(137)
-
-
-def now_iso() -> str:
-    """Commit time: $KLEDGER_DATE when set (for reproducible histories), else now, in UTC."""
-    env = os.environ.get("KLEDGER_DATE")
-    if env:
-        try:
-            dt = datetime.fromisoformat(env)
-        except ValueError as exc:
-            raise UsageError(f"KLEDGER_DATE={env!r} is not an ISO 8601 date",
-                             "use e.g. 2026-01-31T12:00:00+00:00") from exc
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-    else:
-        dt = datetime.now(timezone.utc)
-    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def default_author() -> str:
-    env = os.environ.get("KLEDGER_AUTHOR")
-    if env:
-        return env
-    try:
-        user = getpass.getuser()
-    except Exception:  # pragma: no cover - no user database
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def check_branch_name(name: str) -> str:
@@ -109,15 +71,17 @@ class ProposedFacts:
 class Ledger:
     """A ledger on disk. Open with `Ledger.open()` (read) or `Ledger.open(write=True)`."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, env: Settings | None = None):
         self.store = store
+        self.env = env or Settings.from_env()
         self._graph: dict[str, tuple[str, ...]] | None = None
         self._state_cache: dict[str, dict[str, str]] = {}
         self._extra_keys: dict = {}  # fact id → first-layer key measured by a commit in progress
 
     # ================================================================ opening
     @classmethod
-    def init(cls, path: str | os.PathLike = ".", model: str | None = None, settings: dict | None = None) -> "Ledger":
+    def init(cls, path: str | os.PathLike = ".", model: str | None = None, settings: dict | None = None,
+             env: Settings | None = None) -> "Ledger":
         """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
         "corpus" (a text file for C0)."""
         root = Path(path).expanduser().resolve()
@@ -126,8 +90,9 @@ class Ledger:
             raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
         if root.exists() and not root.is_dir():
             raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
-        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or os.environ.get("KLEDGER_MODEL") or DEFAULT_MODEL,
-                "created": now_iso(), "created_by": f"kledger {__version__}"}
+        env = env or Settings.from_env()
+        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or env.model or DEFAULT_MODEL,
+                "created": env.now(), "created_by": f"kledger {__version__}"}
         if meta["model"] not in ("", "none"):
             meta["soft_threshold"] = str(SOFT_THRESHOLD)
         settings = settings or {}
@@ -135,11 +100,14 @@ class Ledger:
             meta["hparams"] = json.dumps(settings["hparams"], sort_keys=True)
         if settings.get("corpus"):
             meta["corpus"] = str(settings["corpus"])
-        return cls(Store.create(ldir, meta))
+        return cls(Store.create(ldir, meta, wait=env.lock_wait), env)
 
     @classmethod
-    def open(cls, ledger: str | os.PathLike | None = None, write: bool = False) -> "Ledger":
-        return cls(Store.open(find_ledger_dir(explicit=ledger), write=write))
+    def open(cls, ledger: str | os.PathLike | None = None, write: bool = False,
+             env: Settings | None = None) -> "Ledger":
+        env = env or Settings.from_env()
+        ldir = find_ledger_dir(explicit=ledger if ledger is not None else env.ledger_dir)
+        return cls(Store.open(ldir, write=write, wait=env.lock_wait), env)
 
     def close(self) -> None:
         self.store.close()
@@ -323,7 +291,7 @@ class Ledger:
             yield
             return
         low = min(r.layer for r in rows)
-        self._extra_keys = {r.fact_id: r.key.numpy() for r in rows if r.layer == low}
+        self._extra_keys = {r.fact_id: r.key for r in rows if r.layer == low}
         try:
             yield
         finally:
@@ -334,10 +302,7 @@ class Ledger:
         ids = set(ids)
         if thr is None or len(ids) < 2:
             return []
-        import numpy as np
-
-        keys = {f: np.frombuffer(k, dtype=np.float32 if dt == "float32" else np.float64, count=n)
-                for f, dt, n, k in self.store.first_layer_keys(sorted(ids))}
+        keys = self.store.first_layer_keys(sorted(ids))
         keys.update({f: k for f, k in self._extra_keys.items() if f in ids})
         if len(keys) < 2:
             return []
@@ -425,7 +390,7 @@ class Ledger:
         if found:
             meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
         commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(),
-                        author=(author or default_author()).strip(), timestamp=now_iso(), meta=meta or {},
+                        author=(author or self.env.default_author()).strip(), timestamp=self.env.now(), meta=meta or {},
                         constraints=constraints)
         cid = self.store.put_commit(commit)
         self._move_head(cid)
@@ -470,10 +435,8 @@ class Ledger:
                 ops, _, replayed_soft = self._replay_decisions(base, ops, adds)
             kept = {o.fact_id for o in ops if o.op == OP_ADD}
             if len(kept) < len(added):
-                from .materialize import constraints_hash as rows_hash
-
                 rows = [r for r in rows if r.fact_id in kept]
-                digest = rows_hash(rows) if rows else None
+                digest = constraints_hash(rows)
             if replayed or replayed_soft:
                 meta = {**(meta or {}), "resolved": [*(meta or {}).get("resolved", []), *replayed, *replayed_soft]}
         with self.store.transaction(), self._new_keys(rows):
@@ -483,7 +446,7 @@ class Ledger:
                                    constraints=digest, meta=meta)
             self._store_constraints(cid, rows)
             self.store.clear_staged()
-            fault_point("commit")
+            self.env.fault_point("commit")
         return cid
 
     def replay(self, base: str | None = None, author: str | None = None, progress=None) -> dict:
@@ -519,7 +482,7 @@ class Ledger:
                 digest, rows = self._measure(parent, [added[o.fact_id] for o in c.ops if o.op == OP_ADD], progress)
                 meta = {k: v for k, v in c.meta.items() if k not in ("merged", "merge_base")}
                 new = Commit(parents=(parent,) if parent else (), ops=c.ops, message=c.message,
-                             author=author or c.author, timestamp=now_iso(), constraints=digest,
+                             author=author or c.author, timestamp=self.env.now(), constraints=digest,
                              meta={**meta, "replayed_from": cid})
                 parent = self.store.put_commit(new)
                 self._store_constraints(parent, rows)
@@ -537,23 +500,19 @@ class Ledger:
         if not self.has_model:
             return None, []
         if skip_known:
-            known = {r[1] for r in self.store.constraints_for_facts([f.id for f in facts])}
+            known = self.store.measured_facts(f.id for f in facts)
             facts = [f for f in facts if f.id not in known]
         if not facts:
             return None, []
-        from .materialize import constraints_hash
-
         rows = self.editor(progress=progress).compute(parent, facts, exclude=exclude)
         return constraints_hash(rows), rows
 
     def _store_constraints(self, cid: str, rows: list) -> None:
         if not rows:
             return
-        from .materialize import constraint_db_rows
-
         fp_id, body = self.editor().fingerprint()
         self.store.put_fingerprint(fp_id, body)
-        self.store.put_constraints(constraint_db_rows(cid, rows))
+        self.store.put_constraints(cid, rows)
 
     @property
     def has_model(self) -> bool:
@@ -1041,7 +1000,7 @@ class Ledger:
             # (a stopped operation whose conflicts are gone, e.g. after `relation set --multi`, just finishes)
             targets = self._pick(found, conflict, keep if strategy == "keep" else None) if found else []
             src = self._sources(pf, [f for c in targets for f in c.fact_ids]) if strategy != "keep" else {}
-            who, at = (author or default_author()).strip(), now_iso()
+            who, at = (author or self.env.default_author()).strip(), self.env.now()
             decided = []
             for c in targets:
                 if strategy == "keep":
@@ -1091,7 +1050,7 @@ class Ledger:
                         {"remeasured": sorted(stale)} if stale else {})}, measure_without=dropped | stale)
                 else:  # only staged facts lost: the commit records the decision
                     cid = self._new_commit(pf.parents, ops, message, author, meta={"resolved": entries})
-            fault_point("resolve")
+            self.env.fault_point("resolve")
         return {"context": pf.kind, "decided": decided, "commit": cid, "resolved": entries,
                 "remaining": [_conflict_id(c) for c in blocking]}
 
@@ -1102,9 +1061,7 @@ class Ledger:
         if not self.has_model or not dropped:
             return set()
         kept = {f for f in kept if f in base}
-        measured_in: dict[str, set[str]] = {}
-        for commit_id, fact_id, *_ in self.store.constraints_for_facts(sorted(kept)):
-            measured_in.setdefault(fact_id, set()).add(commit_id)
+        measured_in = self.store.measured_in(sorted(kept))
         commits = self.store.commits({c for cs in measured_in.values() for c in cs}, with_ops=False)
         order = self.store.commit_order()
         out = set()
@@ -1145,11 +1102,11 @@ class Ledger:
             for p in c.parents:
                 if p not in g:
                     problems.append(f"commit {short(cid)}: parent {short(p)} is missing")
-        digests: dict[str, list[str]] = {}
-        for cid, fid, layer, _dt, _di, _do, key, value, fp in self.store.constraints(list(g)):
-            digests.setdefault(cid, []).append(constraint_digest(fid, layer, fp, key, value))
+        measured: dict[str, list] = {}
+        for con in self.store.constraints(list(g)):
+            measured.setdefault(con.commit_id, []).append(con)
         for cid, c in commits.items():
-            if (c.constraints or None) != (constraints_hash(digests[cid]) if cid in digests else None):
+            if (c.constraints or None) != constraints_hash(measured.get(cid, ())):
                 problems.append(f"commit {short(cid)}: stored constraints do not match its constraints hash")
         for cid, fid in self.store.dangling_ops():
             problems.append(f"commit {short(cid)}: fact {short(fid)} is missing")
@@ -1189,7 +1146,7 @@ class Ledger:
 
     @classmethod
     def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None,
-                  settings: dict | None = None, progress=None) -> "Ledger":
+                  settings: dict | None = None, progress=None, env: Settings | None = None) -> "Ledger":
         src = Path(source)
         commits_file, refs_file = src / "commits.jsonl", src / "refs.json"
         if not commits_file.is_file() or not refs_file.is_file():
@@ -1220,7 +1177,7 @@ class Ledger:
             mapped[rec.get("id", str(n))] = commit.id
             plan.append((commit, ops))
         _check_refs(refs, mapped, refs_file)
-        ledger = cls.init(path, model=model or refs.get("model"), settings=settings)
+        ledger = cls.init(path, model=model or refs.get("model"), settings=settings, env=env)
         try:
             with ledger.store.transaction():
                 # On a ledger with a model, facts that no earlier commit measured are measured

@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from .edit.hparams import HParams, defaults_for
 from .errors import FingerprintError, StateError
-from .records import Fact, canonical_json, constraint_digest, sha256_hex, short
-from .records import constraints_hash as records_constraints_hash
+from .records import Constraint, Fact, canonical_json, sha256_hex, short
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -49,28 +48,6 @@ MEMO_KEY = "fingerprint_memo"  # ledger meta: what the model's files and a setup
 MEMO_FORMAT = 1
 MEMO_KEEP = 16  # setups (and model sources) remembered, newest last
 CACHE_FORMAT = "kledger-apply-cache/1"
-
-
-def pack(t: "torch.Tensor") -> bytes:
-    import torch
-
-    return t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-
-
-def unpack(blob: bytes, dtype: str, n: int) -> "torch.Tensor":
-    import torch
-
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    return torch.frombuffer(bytearray(blob), dtype=dtypes[dtype]).reshape(n).clone()
-
-
-def _f32_bytes(blob: bytes, dtype: str) -> bytes:
-    """`pack(unpack(blob))` without torch: the float32 bytes a constraint's digest is taken over."""
-    if dtype == "float32":
-        return bytes(blob)
-    import numpy as np
-
-    return np.frombuffer(blob, dtype=np.dtype(dtype)).astype(np.float32).tobytes()
 
 
 def _weights_digest(weights: Mapping[int, "np.ndarray"]) -> str:
@@ -133,25 +110,6 @@ class CachedApply:
         from .edit.spec import spec_for
 
         return spec_for(SimpleNamespace(model_type=self.model_type))
-
-
-@dataclass(frozen=True)
-class ConstraintRow:
-    """One stored constraint: a fact's key and value at one layer."""
-
-    fact_id: str
-    layer: int
-    key: "torch.Tensor"  # [d_in] float32
-    value: "torch.Tensor"  # [d_out] float32
-    fingerprint: str
-
-    def digest(self) -> str:
-        return constraint_digest(self.fact_id, self.layer, self.fingerprint, pack(self.key), pack(self.value))
-
-
-def constraints_hash(rows: Iterable[ConstraintRow]) -> str:
-    """The hash a commit records over the constraints it computed (order-independent)."""
-    return records_constraints_hash(r.digest() for r in rows)
 
 
 class Editor:
@@ -241,11 +199,12 @@ class Editor:
         hp = self.hparams
         base = self._base_fp()
         corpus_fp, text = self.corpus_identity()
-        rows = {r[0]: r for r in self.ledger.store.stats(base, corpus_fp)}
-        if all(la in rows for la in hp.layers):
-            self._c0 = {la: unpack(rows[la][4], rows[la][2], rows[la][3] ** 2).reshape(rows[la][3], rows[la][3])
-                        for la in hp.layers}
-            self._c0_tokens = rows[hp.layers[0]][1]
+        stored = self.ledger.store.stats(base, corpus_fp)
+        if all(la in stored for la in hp.layers):
+            import torch
+
+            self._c0 = {la: torch.from_numpy(stored[la][1]) for la in hp.layers}
+            self._c0_tokens = stored[hp.layers[0]][0]
             return self._c0
         import torch
 
@@ -259,8 +218,7 @@ class Editor:
                            progress=self.progress)
         with self.ledger.store.transaction():
             for la, m in c0.items():
-                self.ledger.store.put_stats(base, corpus_fp, la, n, "float64", m.shape[0],
-                                            m.to(torch.float64).contiguous().numpy().tobytes())
+                self.ledger.store.put_stats(base, corpus_fp, la, n, m.to("cpu", torch.float64).numpy())
         self._c0, self._c0_tokens = c0, n
         return c0
 
@@ -342,8 +300,8 @@ class Editor:
         return (fp_id, hp, model["model_type"]) if isinstance(fp_id, str) else None
 
     # ------------------------------------------------------------------ constraints in force
-    def _rows_at(self, cid: str | None) -> list[tuple]:
-        """The stored constraint rows (as `store.constraints_for_facts` gives them) of the facts
+    def _rows_at(self, cid: str | None) -> list[Constraint]:
+        """The stored constraints of the facts
         in force at `cid`. A fact's constraints are those of the commit that put it in force, or,
         for a fact brought by a merge, cherry-pick or revert (commits that compute nothing), those
         of the commit that computed it. Needs neither the model nor torch."""
@@ -353,33 +311,29 @@ class Editor:
         rows = self.ledger.store.constraints_for_facts(list(state))
         order = self.ledger.store.commit_order()
         best: dict[str, str] = {}
-        for commit_id, fact_id, *_ in rows:
-            cur = best.get(fact_id)
-            if cur is None or commit_id == state[fact_id] or (
-                    cur != state[fact_id] and order.get(commit_id, 0) > order.get(cur, 0)):
-                best[fact_id] = commit_id
+        for r in rows:
+            cur = best.get(r.fact_id)
+            if cur is None or r.commit_id == state[r.fact_id] or (
+                    cur != state[r.fact_id] and order.get(r.commit_id, 0) > order.get(cur, 0)):
+                best[r.fact_id] = r.commit_id
         missing = [f for f in state if f not in best]
         if missing:
             raise StateError(f"{len(missing)} fact(s) in force at {short(cid)} have no stored constraints "
                              f"(e.g. {short(missing[0])}), from commits made without a model",
                              "run `kledger replay` to compute them")
-        return [r for r in rows if best.get(r[1]) == r[0]]
+        return [r for r in rows if best.get(r.fact_id) == r.commit_id]
 
-    def constraints_at(self, cid: str | None) -> list[ConstraintRow]:
+    def constraints_at(self, cid: str | None) -> list[Constraint]:
         """The stored constraints of the facts in force at `cid` (see `_rows_at`); a
         FingerprintError if any was measured under another setup."""
         if cid is None:
             return []
         rows = self._rows_at(cid)
         fp_id, _ = self.fingerprint()
-        out, bad = [], set()
-        for commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fp in rows:
-            if fp != fp_id:
-                bad.add(fp)
-            out.append(ConstraintRow(fact_id, layer, unpack(key, dtype, d_in), unpack(value, dtype, d_out), fp))
+        bad = {r.fingerprint for r in rows if r.fingerprint != fp_id}
         if bad:
             self._explain_mismatch(bad.pop())
-        return out
+        return rows
 
     def _explain_mismatch(self, stored_fp: str) -> None:
         body = self.ledger.store.fingerprint(stored_fp) or {}
@@ -392,14 +346,16 @@ class Editor:
             "apply with the setup the ledger was made with, or `kledger replay` to measure them again")
 
     @staticmethod
-    def by_layer(rows: list[ConstraintRow], layers: Iterable[int]) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
+    def by_layer(rows: list[Constraint], layers: Iterable[int]) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
+        import numpy as np
         import torch
 
         out = {}
         for la in layers:
             sel = sorted((r for r in rows if r.layer == la), key=lambda r: r.fact_id)
             if sel:
-                out[la] = (torch.stack([r.key for r in sel]), torch.stack([r.value for r in sel]))
+                out[la] = (torch.from_numpy(np.stack([r.key for r in sel])),
+                           torch.from_numpy(np.stack([r.value for r in sel])))
         return out
 
     # ------------------------------------------------------------------ solve and apply
@@ -429,15 +385,13 @@ class Editor:
                 return None
             fp_id, hp, model_type = got
         rows = self._rows_at(cid)
-        if any(r[8] != fp_id for r in rows):
+        if any(r.fingerprint != fp_id for r in rows):
             return None  # measured under another setup: `solve` explains the mismatch
-        digests = [constraint_digest(f, la, fp, _f32_bytes(k, dt), _f32_bytes(v, dt))
-                   for _c, f, la, dt, _i, _o, k, v, fp in rows]
-        key = self._cache_key(fp_id, mode, digests)
+        key = self._cache_key(fp_id, mode, (r.digest() for r in rows))
         weights = read_cache(self.cache_dir() / f"{key}.safetensors", key)
         if weights is None or sorted(weights) != sorted(hp.layers):
             return None
-        info = self._info(cid, (r[1] for r in rows), len(rows), mode, hp, key, True)
+        info = self._info(cid, (r.fact_id for r in rows), len(rows), mode, hp, key, True)
         return CachedApply(weights, info, fp_id, model_type)
 
     def solve(self, cid: str | None, mode: str = "accumulated") -> tuple[dict[int, "torch.Tensor"], dict]:
@@ -463,7 +417,7 @@ class Editor:
 
         write_cache(path, key, {la: w.detach().to("cpu", torch.float32).numpy() for la, w in weights.items()})
 
-    def _solve_batches(self, cid: str | None, rows: list[ConstraintRow], mode: str) -> dict[int, "torch.Tensor"]:
+    def _solve_batches(self, cid: str | None, rows: list[Constraint], mode: str) -> dict[int, "torch.Tensor"]:
         """Solve `rows` with their commits as batches, in first-parent order (the order matters
         only for the modes without history; the accumulated solve stacks them)."""
         import torch
@@ -473,7 +427,7 @@ class Editor:
         hp, c0 = self.hparams, self.c0()
         state = self.ledger.state(cid)
         pos = {c: i for i, c in enumerate(reversed(self.ledger.first_parent_chain(cid)))} if cid else {}
-        by_commit: dict[int, list[ConstraintRow]] = {}
+        by_commit: dict[int, list[Constraint]] = {}
         for r in rows:
             by_commit.setdefault(pos.get(state[r.fact_id], 0), []).append(r)
         groups = [self.by_layer(by_commit[i], hp.layers) for i in sorted(by_commit)]
@@ -510,7 +464,7 @@ class Editor:
             self._loaded_rev = "base"
 
     # ------------------------------------------------------------------ new constraints
-    def compute(self, parent: str | None, facts: list[Fact], exclude: Iterable[str] = ()) -> list[ConstraintRow]:
+    def compute(self, parent: str | None, facts: list[Fact], exclude: Iterable[str] = ()) -> list[Constraint]:
         """Constraints of `facts` measured against apply(parent): sequential editing. With
         `exclude`, against the solve of parent's constraints without those facts' (as if they had
         never been made: `resolve` re-measures a kept fact this way when it was measured on top of
@@ -535,10 +489,6 @@ class Editor:
         out = []
         for la, (K, V) in sorted(new.items()):
             for i, f in enumerate(facts):
-                out.append(ConstraintRow(f.id, la, K[i].to(torch.float32), V[i].to(torch.float32), fp_id))
+                out.append(Constraint(f.id, la, K[i].to("cpu", torch.float32).numpy(),
+                                      V[i].to("cpu", torch.float32).numpy(), fp_id))
         return out
-
-
-def constraint_db_rows(commit_id: str, rows: list[ConstraintRow]) -> list[tuple]:
-    return [(commit_id, r.fact_id, r.layer, "float32", r.key.numel(), r.value.numel(), pack(r.key), pack(r.value),
-             r.fingerprint) for r in rows]

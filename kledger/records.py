@@ -184,9 +184,36 @@ def constraint_digest(fact_id: str, layer: int, fingerprint: str, key: bytes, va
     return h.hexdigest()
 
 
-def constraints_hash(digests: Iterable[str]) -> str:
-    """The hash a commit records over the constraints it computed (order-independent)."""
-    return sha256_hex("constraints\0" + "\n".join(sorted(digests)))
+def _f32(vector: Any) -> bytes:
+    import numpy as np
+
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+@dataclass(frozen=True, eq=False)
+class Constraint:
+    """One (key, value) constraint: a fact's key k (the down-projection's input at the subject's
+    last token) and target value v at one edited layer, measured under `fingerprint` (what it
+    depends on: base model, C0, hyper-parameters) by commit `commit_id` (None before it is
+    stored). `key` and `value` are float32 numpy vectors ([d_in], [d_out])."""
+
+    fact_id: str
+    layer: int
+    key: Any
+    value: Any
+    fingerprint: str
+    commit_id: str | None = None
+
+    def digest(self) -> str:
+        """Covers the fact, the layer, the fingerprint and the float32 bytes of key and value."""
+        return constraint_digest(self.fact_id, self.layer, self.fingerprint, _f32(self.key), _f32(self.value))
+
+
+def constraints_hash(constraints: Iterable[Constraint]) -> str | None:
+    """The hash a commit records over the constraints it measured (order-independent); None for
+    no constraints."""
+    digests = sorted(c.digest() for c in constraints)
+    return sha256_hex("constraints\0" + "\n".join(digests)) if digests else None
 
 
 def short(id_: str, n: int = 10) -> str:

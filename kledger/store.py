@@ -12,12 +12,15 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import duckdb
 
-from .errors import LedgerLocked, LedgerNotFound, SchemaError, UsageError
-from .records import OP_ADD, Commit, Fact, Op, normalize, relation_key
+from .errors import LedgerLocked, LedgerNotFound, SchemaError
+from .records import OP_ADD, Commit, Constraint, Fact, Op, normalize, relation_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 SCHEMA_VERSION = 1
 LEDGER_DIR = ".kledger"
@@ -88,17 +91,15 @@ _CANDIDATES = """
 
 
 def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
-    """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one), else the
-    nearest one from `start` (default: the current directory) upward, like git."""
+    """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one; the CLI
+    passes --ledger or $KLEDGER_DIR), else the nearest one from `start` (default: the current
+    directory) upward, like git."""
     if explicit is not None:
         p = Path(explicit).expanduser().resolve()
         for cand in (p, p / LEDGER_DIR):
             if (cand / DB_NAME).is_file():
                 return cand
         raise LedgerNotFound(f"no kledger ledger at {p}", "run `kledger init` there, or check --ledger")
-    env = os.environ.get("KLEDGER_DIR")
-    if env:
-        return find_ledger_dir(explicit=env)
     here = (start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / LEDGER_DIR / DB_NAME).is_file():
@@ -123,7 +124,7 @@ class Store:
 
     # ----------------------------------------------------------------- opening and schema
     @classmethod
-    def create(cls, ledger_dir: Path, meta: dict[str, str]) -> "Store":
+    def create(cls, ledger_dir: Path, meta: dict[str, str], wait: float = 5.0) -> "Store":
         ledger_dir.mkdir(parents=True, exist_ok=True)
         db = ledger_dir / DB_NAME
         tmp = ledger_dir / (DB_NAME + ".tmp")
@@ -141,19 +142,15 @@ class Store:
         finally:
             con.close()
         os.replace(tmp, db)
-        return cls.open(ledger_dir, write=True)
+        return cls.open(ledger_dir, write=True, wait=wait)
 
     @classmethod
-    def open(cls, ledger_dir: Path, write: bool = False, wait: float | None = None) -> "Store":
+    def open(cls, ledger_dir: Path, write: bool = False, wait: float = 5.0) -> "Store":
+        """Open for reading (shared) or writing (one writer), waiting up to `wait` seconds for a
+        busy ledger."""
         db = ledger_dir / DB_NAME
         if not db.is_file():
             raise LedgerNotFound(f"no ledger database at {db}", "run `kledger init`")
-        if wait is None:
-            try:
-                wait = float(os.environ.get("KLEDGER_LOCK_WAIT", "5"))
-            except ValueError:
-                raise UsageError(f"KLEDGER_LOCK_WAIT={os.environ['KLEDGER_LOCK_WAIT']!r} is not a number",
-                                 "set it to the seconds to wait for a busy ledger, e.g. 5") from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -514,53 +511,87 @@ class Store:
         row = self.con.execute("SELECT body FROM fingerprints WHERE id = ?", [fid]).fetchone()
         return json.loads(row[0]) if row else None
 
-    def put_constraints(self, rows: list[tuple]) -> None:
-        """rows: (commit_id, fact_id, layer, dtype, d_in, d_out, key bytes, value bytes, fingerprint)."""
+    def put_constraints(self, commit_id: str, constraints: Iterable[Constraint]) -> None:
+        """Store a commit's constraints (key and value as little-endian float32 bytes)."""
+        rows = []
+        for c in constraints:
+            dtype, d_in, key = _encode(c.key)
+            _, d_out, value = _encode(c.value)
+            rows.append((commit_id, c.fact_id, int(c.layer), dtype, d_in, d_out, key, value, c.fingerprint))
         if rows:
             self.con.executemany("INSERT INTO constraints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def constraints(self, commit_ids: list[str]) -> list[tuple]:
-        """(commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint) for those commits,
-        ordered by commit, fact and layer."""
+    _CONSTRAINT_COLS = "commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint"
+
+    def constraints(self, commit_ids: list[str]) -> list[Constraint]:
+        """The constraints those commits measured, ordered by commit, fact and layer."""
         if not commit_ids:
             return []
-        return self.con.execute(
-            "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
+        return [_constraint(r) for r in self.con.execute(
+            f"SELECT {self._CONSTRAINT_COLS} FROM constraints "
             "WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, fact_id, layer",
-            [commit_ids]).fetchall()
+            [commit_ids]).fetchall()]
 
-    def constraints_for_facts(self, fact_ids: list[str]) -> list[tuple]:
-        """Every stored constraint row of those facts, from any commit, ordered by fact and layer."""
+    def constraints_for_facts(self, fact_ids: Iterable[str]) -> list[Constraint]:
+        """Every stored constraint of those facts, from any commit, ordered by fact and layer."""
+        fact_ids = list(fact_ids)
         if not fact_ids:
             return []
-        return self.con.execute(
-            "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
-            "WHERE fact_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY fact_id, layer, commit_id", [fact_ids]).fetchall()
+        return [_constraint(r) for r in self.con.execute(
+            f"SELECT {self._CONSTRAINT_COLS} FROM constraints "
+            "WHERE fact_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY fact_id, layer, commit_id",
+            [fact_ids]).fetchall()]
 
-    def first_layer_keys(self, fact_ids: list[str]) -> list[tuple[str, str, int, bytes]]:
-        """(fact_id, dtype, d_in, key) of each of those facts that has stored constraints: its key at
-        the lowest layer any constraint is stored for (the first edited layer), from one of the
-        commits that measured it: keys there depend only on the unedited layers below, so they agree."""
+    def measured_facts(self, fact_ids: Iterable[str]) -> set[str]:
+        """Those of `fact_ids` that some commit has measured constraints for."""
+        fact_ids = list(fact_ids)
         if not fact_ids:
-            return []
-        return self.con.execute(
+            return set()
+        return {r[0] for r in self.con.execute(
+            "SELECT DISTINCT fact_id FROM constraints WHERE fact_id IN (SELECT unnest(?::VARCHAR[]))",
+            [fact_ids]).fetchall()}
+
+    def measured_in(self, fact_ids: Iterable[str]) -> dict[str, set[str]]:
+        """fact id → the commits that measured constraints for it (without loading the vectors)."""
+        out: dict[str, set[str]] = {}
+        fact_ids = list(fact_ids)
+        if fact_ids:
+            for cid, fid in self.con.execute(
+                    "SELECT DISTINCT commit_id, fact_id FROM constraints WHERE fact_id IN "
+                    "(SELECT unnest(?::VARCHAR[]))", [fact_ids]).fetchall():
+                out.setdefault(fid, set()).add(cid)
+        return out
+
+    def first_layer_keys(self, fact_ids: Iterable[str]) -> dict[str, "np.ndarray"]:
+        """fact id → its key at the lowest layer any constraint is stored for (the first edited
+        layer), for each of those facts that has stored constraints, from one of the commits that
+        measured it: keys there depend only on the unedited layers below, so they agree."""
+        fact_ids = list(fact_ids)
+        if not fact_ids:
+            return {}
+        rows = self.con.execute(
             "WITH c AS (SELECT * FROM constraints WHERE fact_id IN (SELECT unnest(?::VARCHAR[]))), "
             "low AS (SELECT min(layer) AS layer FROM c) "
             "SELECT fact_id, arg_max(dtype, commit_id), arg_max(d_in, commit_id), arg_max(key, commit_id) "
             "FROM c WHERE layer = (SELECT layer FROM low) GROUP BY fact_id ORDER BY fact_id",
             [fact_ids]).fetchall()
+        return {f: _decode(blob, dt, (n,)) for f, dt, n, blob in rows}
 
-    def stats(self, model_fp: str, corpus_fp: str) -> list[tuple]:
-        return self.con.execute(
+    def stats(self, model_fp: str, corpus_fp: str) -> dict[int, tuple[int, "np.ndarray"]]:
+        """C0 by layer for that base model and corpus: layer → (tokens it was measured over, the
+        [d, d] matrix)."""
+        rows = self.con.execute(
             "SELECT layer, n_tokens, dtype, dim, matrix FROM stats WHERE model_fp = ? AND corpus_fp = ? "
             "ORDER BY layer", [model_fp, corpus_fp]).fetchall()
+        return {la: (n, _decode(blob, dt, (d, d))) for la, n, dt, d, blob in rows}
 
-    def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, dtype: str, dim: int,
-                  matrix: bytes) -> None:
+    def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, matrix: "np.ndarray") -> None:
+        """Store C0 of one layer (as float64)."""
+        dtype, dim, blob = _encode(matrix, "<f8")
         self.con.execute("DELETE FROM stats WHERE model_fp = ? AND corpus_fp = ? AND layer = ?",
                          [model_fp, corpus_fp, layer])
         self.con.execute("INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         [model_fp, corpus_fp, layer, n_tokens, dtype, dim, matrix])
+                         [model_fp, corpus_fp, layer, n_tokens, dtype, int(matrix.shape[0]), blob])
 
     # ----------------------------------------------------------------- integrity
     def fact_rows(self) -> Iterator[Fact]:
@@ -573,6 +604,32 @@ class Store:
         return self.con.execute(
             "SELECT commit_id, fact_id FROM commit_ops o WHERE NOT EXISTS "
             "(SELECT 1 FROM facts f WHERE f.id = o.fact_id) LIMIT 20").fetchall()
+
+
+_DTYPES = {"float32": "<f4", "float64": "<f8"}
+
+
+def _encode(array: Any, dtype: str = "<f4") -> tuple[str, int, bytes]:
+    """The one byte codec: (dtype name, element count, little-endian bytes) of a numpy array or
+    a CPU tensor."""
+    import numpy as np
+
+    a = np.ascontiguousarray(array, dtype=dtype)
+    return ("float32" if dtype == "<f4" else "float64"), int(a.size), a.tobytes()
+
+
+def _decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> "np.ndarray":
+    """A writable numpy array of `shape` from stored bytes (see `_encode`)."""
+    import numpy as np
+
+    if dtype not in _DTYPES:
+        raise SchemaError(f"stored vector of unknown dtype {dtype!r}", "run `kledger fsck`")
+    return np.frombuffer(blob, dtype=_DTYPES[dtype]).reshape(shape).copy()
+
+
+def _constraint(r: tuple) -> Constraint:
+    cid, fid, layer, dtype, d_in, d_out, key, value, fp = r
+    return Constraint(fid, layer, _decode(key, dtype, (d_in,)), _decode(value, dtype, (d_out,)), fp, cid)
 
 
 def _fact_from_row(r) -> Fact:

@@ -171,7 +171,7 @@ def test_resolve_newest_remeasures_kept_facts_as_if_the_loser_never_was(model_di
     meta = lg.store.commits([cid])[cid].meta
     assert meta["remeasured"] == [b.id]
     assert lg.state(cid)[b.id] == cid  # B's constraints in force are the re-measured ones
-    assert {r[0] for r in lg.store.constraints_for_facts([b.id])} == {lg.head(), lg.store.commits([cid])[cid].parents[0]}
+    assert {r.commit_id for r in lg.store.constraints_for_facts([b.id])} == {lg.head(), lg.store.commits([cid])[cid].parents[0]}
     W_resolved, _ = lg.editor().solve(lg.head())
 
     only = new_ledger(model_dir, tmp_path / "b")

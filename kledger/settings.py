@@ -1,0 +1,134 @@
+"""Settings: the environment variables and defaults kledger reads, read once into one object.
+
+No other module reads `os.environ`: the CLI (or a library caller) makes one `Settings`, usually
+`Settings.from_env()`, and passes it down; `Ledger.open`/`Ledger.init` take one (default: from
+the environment at that moment). Values are validated where they are read, so a bad variable is
+a one-line usage error before anything runs.
+
+| variable | field | meaning |
+|---|---|---|
+| KLEDGER_DIR | ledger_dir | the ledger to use (like `--ledger`) |
+| KLEDGER_AUTHOR | author | commit author (default user@host) |
+| KLEDGER_DATE | date | commit time, ISO 8601 (reproducible histories) |
+| KLEDGER_MODEL | model | the model `init` records (default smollm2-135m) |
+| KLEDGER_LOCK_WAIT | lock_wait | seconds to wait for a busy ledger (default 5) |
+| KLEDGER_DEVICE | device | where the model runs: auto, cpu, cuda, cuda:N (default auto) |
+| KLEDGER_CACHE | model_cache | where the default model's safetensors cache lives |
+| HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, XDG_CACHE_HOME | hub_cache | the Hugging Face hub cache |
+| KLEDGER_FAULT | fault | fault injection for the crash tests: die at that named point |
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import socket
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_BRANCH = "main"
+DEFAULT_LOCK_WAIT = 5.0
+# Solver modes of `apply` (kledger.edit.solve implements them), the default first.
+MODES = ("accumulated", "alphaedit", "alphaedit-no-history", "no-history")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+# A progress callback: (stage, done, total). The library reports; the CLI draws.
+Progress = Callable[[str, int, int], None]
+
+
+def report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    """Call `progress` if there is one."""
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")
+    return mode
+
+
+def check_device(name: str | None) -> str:
+    """The device name's shape only (auto, cpu, cuda, cuda:N); kledger.edit.device checks that it
+    exists, which needs torch."""
+    value = (name or "auto").strip().lower()
+    if not DEVICE_RE.fullmatch(value):
+        raise UsageError(f"unknown device {name!r}", "use --device auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _hub_cache(env: Mapping[str, str]) -> Path:
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(env[var]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+@dataclass(frozen=True)
+class Settings:
+    ledger_dir: str | None = None
+    author: str | None = None
+    date: str | None = None
+    model: str | None = None
+    lock_wait: float = DEFAULT_LOCK_WAIT
+    device: str = "auto"
+    model_cache: Path = Path.home() / ".cache" / "kledger" / "models"
+    hub_cache: Path = Path.home() / ".cache" / "huggingface" / "hub"
+    fault: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        wait = env.get("KLEDGER_LOCK_WAIT")
+        try:
+            lock_wait = DEFAULT_LOCK_WAIT if wait in (None, "") else float(wait)
+        except ValueError:
+            raise UsageError(f"KLEDGER_LOCK_WAIT={wait!r} is not a number",
+                             "set it to the seconds to wait for a busy ledger, e.g. 5") from None
+        cache = env.get("KLEDGER_CACHE")
+        return cls(ledger_dir=env.get("KLEDGER_DIR") or None, author=env.get("KLEDGER_AUTHOR") or None,
+                   date=env.get("KLEDGER_DATE") or None, model=env.get("KLEDGER_MODEL") or None,
+                   lock_wait=lock_wait, device=check_device(env.get("KLEDGER_DEVICE")),
+                   model_cache=Path(cache) if cache else cls.model_cache, hub_cache=_hub_cache(env),
+                   fault=env.get("KLEDGER_FAULT") or None)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def now(self) -> str:
+        """Commit time: `date` when set (for reproducible histories), else now, in UTC, ISO 8601."""
+        if self.date:
+            try:
+                dt = datetime.fromisoformat(self.date)
+            except ValueError as exc:
+                raise UsageError(f"KLEDGER_DATE={self.date!r} is not an ISO 8601 date",
+                                 "use e.g. 2026-01-31T12:00:00+00:00") from exc
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+        else:
+            dt = datetime.now(timezone.utc)
+        return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat()
+
+    def default_author(self) -> str:
+        if self.author:
+            return self.author
+        try:
+            user = getpass.getuser()
+        except Exception:  # pragma: no cover - no user database
+            user = "unknown"
+        return f"{user}@{socket.gethostname()}"
+
+    def fault_point(self, name: str) -> None:
+        """Fault injection for the crash-safety tests: with KLEDGER_FAULT=name the process dies
+        here, mid-transaction, as if killed."""
+        if self.fault == name:
+            os._exit(137)
