@@ -203,17 +203,20 @@ class Ledger:
 
     def _new_commit(self, parents: list[str], ops: list[Op], message: str, author: str | None,
                     meta: dict | None = None, allow_conflicts: bool = False,
-                    constraints: str | None = None) -> str:
+                    constraints: str | None = None, found: list[Conflict] | None = None) -> str:
         """Write a commit on HEAD's branch (or detached HEAD) in the current transaction, after
-        replaying remembered decisions; refuse unresolved conflicts (ConflictError) unless allowed."""
+        replaying remembered decisions; refuse unresolved conflicts (ConflictError) unless allowed.
+        `found`: the conflicts left after the decisions were replayed on these ops, when the caller
+        has just looked (so they are not looked for again)."""
         if not message or not message.strip():
             raise UsageError("empty commit message", "give -m MESSAGE")
-        base = self.state(parents[0]) if parents else {}
-        added = [o.fact_id for o in ops if o.op == OP_ADD]
-        found = self.decisions.conflicts_in(apply_ops(base, ops), involving=added)
-        if found:  # replay remembered decisions (rerere) before refusing
-            ops, found, replayed = self.decisions.replay(base, ops, added)
-            meta = _with_resolved(meta, replayed)
+        if found is None:
+            base = self.state(parents[0]) if parents else {}
+            added = [o.fact_id for o in ops if o.op == OP_ADD]
+            found = self.decisions.conflicts_in(apply_ops(base, ops), involving=added)
+            if found:  # replay remembered decisions (rerere) before refusing
+                ops, found, replayed = self.decisions.replay(base, ops, added)
+                meta = _with_resolved(meta, replayed)
         if found and not allow_conflicts:
             raise ConflictError(
                 f"{len(found)} unresolved conflict(s): {describe(found[0], self.store.facts(found[0].fact_ids))}",
@@ -251,24 +254,25 @@ class Ledger:
         if not message or not message.strip():
             raise UsageError("empty commit message", "give -m MESSAGE")
         head = self.head()
-        ops, digest, rows = staged, None, []
+        ops, digest, rows, found = staged, None, [], None
         if compute if compute is not None else self.has_model:
-            ops, digest, rows, meta = self._measure_staged(head, staged, meta, progress, measure_without)
+            ops, digest, rows, meta, found = self._measure_staged(head, staged, meta, progress, measure_without)
         with self.store.transaction(), self.decisions.new_keys(rows):
             if self.store.staged() != staged or self.head() != head:
                 raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
             cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
-                                   constraints=digest, meta=meta)
+                                   constraints=digest, meta=meta, found=found)
             self._store_constraints(cid, rows)
             self.store.clear_staged()
             self.env.fault_point("commit")
         return cid
 
     def _measure_staged(self, head: str | None, ops: list[Op], meta: dict | None, progress,
-                        exclude: Iterable[str]) -> tuple[list[Op], str | None, list, dict | None]:
+                        exclude: Iterable[str]) -> tuple[list[Op], str | None, list, dict | None, list[Conflict]]:
         """Remembered decisions first, so that a staged fact that loses to one is not measured;
         then measure; then the decisions about soft conflicts, which the new keys reveal.
-        Returns (ops, constraints hash, constraints, meta)."""
+        Returns (ops, constraints hash, constraints, meta, the conflicts left among the facts
+        added): conflicts are looked for twice per commit, before and after measuring."""
         base = self.state(head)
         adds = [o.fact_id for o in ops if o.op == OP_ADD]
         ops, _, replayed = self.decisions.replay(base, ops, adds)
@@ -276,12 +280,12 @@ class Ledger:
         digest, rows = self._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress,
                                      exclude=exclude)
         with self.decisions.new_keys(rows):
-            ops, _, replayed_soft = self.decisions.replay(base, ops, adds)
+            ops, found, replayed_soft = self.decisions.replay(base, ops, adds)
         kept = {o.fact_id for o in ops if o.op == OP_ADD}
         if len(kept) < len(added):
             rows = [r for r in rows if r.fact_id in kept]
             digest = constraints_hash(rows)
-        return ops, digest, rows, _with_resolved(meta, replayed + replayed_soft)
+        return ops, digest, rows, _with_resolved(meta, replayed + replayed_soft), found
 
     def replay(self, base: str | None = None, author: str | None = None, progress=None) -> dict:
         """Rewrite the commits after `base` on HEAD's first-parent chain (all of them without
