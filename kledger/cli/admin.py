@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from ..errors import IntegrityError
-from .main import app, open_ledger, want_json
+from .app import JSON_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, say
-from .staging import JSON_OPT
+
 
 
 @app.command()

@@ -13,9 +13,8 @@ from typing import Optional
 import typer
 
 from ..errors import ConflictError, UsageError
-from .main import app, open_ledger, want_json
-from .output import emit_json, escape, out, say, short
-from .staging import JSON_OPT
+from .app import AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
+from .output import emit_json, escape, note_resolved, out, say, short
 
 
 # ------------------------------------------------------------------ printing
@@ -48,15 +47,6 @@ def _print_conflicts(conflicts: list[dict]) -> None:
             r = c["remembered"]
             out.print(f"  [dim]remembered decision: keep {escape(', '.join(r['keep']))} "
                       f"({escape(r.get('author') or '?')}, {(r.get('at') or '')[:10]})[/]")
-
-
-def note_resolved(meta: dict) -> None:
-    """Say (stderr) which conflicts a commit resolved with remembered decisions (rerere)."""
-    for e in meta.get("resolved", []):
-        if e.get("remembered"):
-            say(f"Resolved conflict {e['conflict'][:10]} ({escape(repr(e['subject']))} · {escape(e['relation'])}) "
-                f"with the remembered decision: keep {escape(', '.join(e['keep']))} "
-                f"(decided by {escape(e.get('decided_by') or '?')} on {(e.get('decided_at') or '?')[:10]})")
 
 
 # ------------------------------------------------------------------ commands
@@ -113,7 +103,7 @@ def resolve(conflict: Optional[str] = typer.Argument(None, help="Conflict key (p
             newest: bool = typer.Option(False, "--newest", help="Keep the newest facts, in every conflict."),
             forget: bool = typer.Option(False, "--forget", help="Forget the remembered decision for CONFLICT (a key)."),
             message: Optional[str] = typer.Option(None, "--message", "-m", help="Message of the resolution commit."),
-            author: Optional[str] = typer.Option(None, "--author"),
+            author: Optional[str] = AUTHOR_OPT,
             json_: bool = JSON_OPT) -> None:
     """Decide conflicts, commit the decision, and remember it for when the same conflict comes back."""
     want_json(json_)

@@ -1,4 +1,6 @@
-"""eval: the edit metrics and the drift of general ability at a revision, beside the base model."""
+"""eval: the edit metrics and the drift of general ability at a revision, beside the base model.
+
+Its body still calls kledger.evaluate itself; it is to become a single call of the ledger's facade."""
 
 from __future__ import annotations
 
@@ -7,10 +9,8 @@ from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
-from .model import MODES, _check_mode
+from .app import JSON_OPT, MODE_OPT, app, check_mode, open_ledger, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
-from .staging import JSON_OPT
 
 _RATE_DIGITS = 3
 
@@ -29,7 +29,7 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
               None, "--data", "-d", help="Evaluate these records instead of the facts in force (any `add --file` format)."),
           fmt: Optional[str] = typer.Option(None, "--format", help="Format of --data (default: detected)."),
           limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Evaluate only the first N records."),
-          mode: str = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}."),
+          mode: str = MODE_OPT,
           text: Optional[Path] = typer.Option(
               None, "--text", help="Held-out text for perplexity (default: the ledger's corpus, see docs)."),
           ppl_tokens: int = typer.Option(2048, "--ppl-tokens", min=0, help="Tokens of text for perplexity (0: skip it)."),
@@ -43,7 +43,7 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
     """Efficacy, generalization, specificity (CounterFact), token accuracy (ZsRE), perplexity and
     fluency at REV, beside the base model."""
     want_json(json_)
-    _check_mode(mode)
+    check_mode(mode)
     if fmt is not None and data is None:
         from ..errors import UsageError
         raise UsageError("--format applies to --data only", "give --data FILE, or leave out --format")

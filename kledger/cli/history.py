@@ -1,4 +1,4 @@
-"""log, show, diff, blame."""
+"""log, show, diff, blame: reading the history (these never write to the ledger)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
+from .app import JSON_OPT, RELATION_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, short
-from .staging import JSON_OPT
 
 
 def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
@@ -129,7 +128,7 @@ def diff(rev_a: Optional[str] = typer.Argument(None, help="From (default HEAD; w
 
 @app.command()
 def blame(subject: str = typer.Argument(..., help="Subject to look up."),
-          relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Only this relation (id or template)."),
+          relation: Optional[str] = RELATION_OPT,
           rev: str = typer.Option("HEAD", "--rev", help="Revision to look at."),
           json_: bool = JSON_OPT) -> None:
     """Which commit set each fact about SUBJECT that is in force."""

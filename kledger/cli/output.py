@@ -61,4 +61,13 @@ def short(cid: str | None) -> str:
     return cid[:10] if cid else "(none)"
 
 
-__all__ = ["out", "err", "emit_json", "say", "escape", "short"]
+def note_resolved(meta: dict) -> None:
+    """Say (stderr) which conflicts a commit resolved with remembered decisions (rerere)."""
+    for e in meta.get("resolved", []):
+        if e.get("remembered"):
+            say(f"Resolved conflict {e['conflict'][:10]} ({escape(repr(e['subject']))} · {escape(e['relation'])}) "
+                f"with the remembered decision: keep {escape(', '.join(e['keep']))} "
+                f"(decided by {escape(e.get('decided_by') or '?')} on {(e.get('decided_at') or '?')[:10]})")
+
+
+__all__ = ["out", "err", "emit_json", "say", "escape", "short", "note_resolved"]

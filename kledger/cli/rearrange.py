@@ -6,12 +6,8 @@ from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
-from .output import emit_json, escape, out, say, short
-from .staging import JSON_OPT
-
-ABORT_OPT = typer.Option(False, "--abort", help="Abandon the operation that stopped on conflicts.")
-ALLOW_OPT = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of stopping.")
+from .app import ABORT_OPT, ALLOW_OPT, AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
+from .output import emit_json, escape, note_resolved, out, say, short
 
 
 @app.command()
@@ -64,7 +60,7 @@ def checkout(target: str = typer.Argument(..., help="Branch or revision."),
 @app.command()
 def revert(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to undo."),
            message: Optional[str] = typer.Option(None, "--message", "-m"),
-           author: Optional[str] = typer.Option(None, "--author"),
+           author: Optional[str] = AUTHOR_OPT,
            abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Make a new commit that retracts what REV added (and restores what it retracted)."""
     want_json(json_)
@@ -97,7 +93,7 @@ def _report(command: str, cid: str, info: dict, json_: bool) -> None:
 
 @app.command("cherry-pick")
 def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to apply on HEAD."),
-                author: Optional[str] = typer.Option(None, "--author"),
+                author: Optional[str] = AUTHOR_OPT,
                 abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Apply the changes of REV on HEAD as a new commit."""
     want_json(json_)
@@ -109,8 +105,6 @@ def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose cha
             raise UsageError("missing REV", "give the commit to cherry-pick, or --abort")
         cid = ledger.cherry_pick(rev, author=author, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
-    from .conflicts import note_resolved
-
     note_resolved(info["meta"])
     _report("cherry-pick", cid, info, json_)
 
@@ -118,7 +112,7 @@ def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose cha
 @app.command()
 def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="Branch (or revision) to merge into HEAD."),
           message: Optional[str] = typer.Option(None, "--message", "-m"),
-          author: Optional[str] = typer.Option(None, "--author"),
+          author: Optional[str] = AUTHOR_OPT,
           no_ff: bool = typer.Option(False, "--no-ff", help="Make a merge commit even when a fast-forward is possible."),
           abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Merge another branch into the current one."""
@@ -131,8 +125,6 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
             raise UsageError("missing BRANCH", "give the branch to merge, or --abort")
         res = ledger.merge(branch_, author=author, message=message, no_ff=no_ff, allow_conflicts=allow_conflicts)
         info = ledger.show(res["head"])
-    from .conflicts import note_resolved
-
     resolved = info["meta"].get("resolved", []) if res["result"] == "merge" else []
     note_resolved({"resolved": resolved})
     if json_:
@@ -143,3 +135,4 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
         say(f"Fast-forward to {short(res['head'])} (+{res['added']} / -{res['retracted']} facts)")
     else:
         say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{res['added']} / -{res['retracted']} facts)")
+

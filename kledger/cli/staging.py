@@ -1,4 +1,4 @@
-"""init, add, rm, status, reset, commit."""
+"""init, add, rm, status, reset, commit: making a ledger, staging facts and committing them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from typing import Optional
 
 import typer
 
-from .main import _state, app, open_ledger, want_json
-from .output import emit_json, escape, out, progress_bar, say, short
-
-JSON_OPT = typer.Option(False, "--json", help="Print JSON (docs/json.md) on stdout.")
+from .app import JSON_OPT, RELATION_OPT, app, ledger_dir, open_ledger, want_json
+from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
 
 
 @app.command()
@@ -26,8 +24,8 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
     from ..ledger import Ledger
 
     want_json(json_)
-    if path == Path(".") and _state["ledger"]:  # `kledger -C DIR init` makes the ledger in DIR
-        path = Path(_state["ledger"])
+    if path == Path(".") and ledger_dir():  # `kledger -C DIR init` makes the ledger in DIR
+        path = Path(ledger_dir())
         if path.name == ".kledger":
             path = path.parent
     settings = _parse_settings(set_ or [])
@@ -117,7 +115,7 @@ def add(prompt: Optional[str] = typer.Argument(None, help="Text the model comple
 
 @app.command()
 def rm(subject: str = typer.Argument(..., help="Subject whose facts to retract."),
-       relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Only this relation (id or template)."),
+       relation: Optional[str] = RELATION_OPT,
        json_: bool = JSON_OPT) -> None:
     """Stage the retraction of facts in force about SUBJECT."""
     want_json(json_)
@@ -182,8 +180,6 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
         cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)
         branch = ledger.current_branch()
-    from .conflicts import note_resolved
-
     note_resolved(info["meta"])
     if json_:
         emit_json("commit", {"id": cid, "branch": branch, "added": info["added"], "retracted": info["retracted"],
