@@ -1,4 +1,5 @@
-"""conflicts, check, resolve, relation: contradictions, the decisions about them, and the CI gate.
+"""conflicts, check, resolve, relation: contradictions, the decisions about them, the CI gate, and
+the declared relations (multi-valued, inverse) that say what contradicts what.
 
 JSON shapes (docs/conflicts.md): `conflicts` → {target, facts, conflicts: [CONFLICT]}; `check` →
 {ok, target, facts, unresolved, conflicts: [CONFLICT], replayed}; `resolve` → {context, decided,
@@ -7,7 +8,6 @@ commit, resolved, remaining}; `relation` → {relations: [{relation, multi, inve
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer
@@ -184,35 +184,3 @@ def relation(action: str = typer.Argument("list", metavar="ACTION", help="list, 
     else:
         _print_relations(rows)
 
-
-CONFIG_KEYS = ("model", "soft-threshold", "hparams", "corpus")
-
-
-@app.command()
-def config(key: Optional[str] = typer.Argument(None, metavar="KEY", help=f"One of: {', '.join(CONFIG_KEYS)}."),
-           value: Optional[str] = typer.Argument(None, metavar="VALUE", help="With soft-threshold: a cosine in "
-                                                 "(0, 1], 'off' or 'default'."),
-           json_: bool = JSON_OPT) -> None:
-    """Show the ledger's settings, or set the soft-conflict threshold (`config soft-threshold 0.97`).
-    model, hparams and corpus are fixed when the ledger is made (`kledger init`)."""
-    want_json(json_)
-    if key is not None and key not in CONFIG_KEYS:
-        raise UsageError(f"unknown setting {key!r}", f"use one of: {', '.join(CONFIG_KEYS)}")
-    if value is not None and key != "soft-threshold":
-        raise UsageError(f"{key} is fixed when the ledger is made",
-                         "make a new ledger with `kledger init --model/--set/--corpus`, or set soft-threshold")
-    if value is not None:
-        with open_ledger(write=True) as ledger:
-            if not ledger.has_model:
-                raise UsageError("this ledger has no model, so it has no keys to compare for soft conflicts",
-                                 "soft conflicts need a ledger made with a model")
-            cfg = ledger.set_soft_threshold(value)
-    else:
-        with open_ledger() as ledger:
-            cfg = ledger.config()
-    shown = {k: cfg[k.replace("-", "_")] for k in CONFIG_KEYS} if key is None else {key: cfg[key.replace("-", "_")]}
-    if json_:
-        emit_json("config", {k.replace("-", "_"): v for k, v in shown.items()})
-        return
-    for k, v in shown.items():
-        out.print(f"{k}: {escape(v if isinstance(v, str) else json.dumps(v))}")

@@ -1,6 +1,6 @@
-"""apply, ask: the commands that load the model (and replay).
+"""apply, ask: writing the facts in force into the model, and asking it.
 
-apply and ask still drive the edit engine themselves (ledger.editor(), kledger.edit.*); they are to
+Their bodies still drive the edit engine themselves (ledger.editor(), kledger.edit.*); they are to
 become single calls of the ledger's facade."""
 
 from __future__ import annotations
@@ -93,17 +93,3 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
     for e, b in zip(edited["top"], base["top"]):
         out.print(f"  {'':>14}  {escape(repr(e['token'])):>16} {e['prob']:6.3f}  {escape(repr(b['token'])):>16} {b['prob']:6.3f}")
 
-
-@app.command()
-def replay(base: Optional[str] = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
-           author: Optional[str] = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
-           json_: bool = JSON_OPT) -> None:
-    """Measure the constraints of HEAD's commits after BASE afresh on their new parents, as new
-    commits (like `git rebase`), and move the branch to them."""
-    want_json(json_)
-    with open_ledger(write=True) as ledger, progress_bar() as progress:
-        res = ledger.replay(base, author=author, progress=progress)
-    if json_:
-        emit_json("replay", res)
-    else:
-        say(f"Replayed {res['replayed']} commit(s); HEAD is now {short(res['head'])}")

@@ -1,4 +1,5 @@
-"""branch, checkout, revert, cherry-pick, merge."""
+"""branch, checkout, revert, cherry-pick, merge, replay: moving between branches and rewriting
+history (undoing, copying and joining commits, and re-measuring them on new parents)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Optional
 import typer
 
 from .app import ABORT_OPT, ALLOW_OPT, AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
-from .output import emit_json, escape, note_resolved, out, say, short
+from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
 
 
 @app.command()
@@ -136,3 +137,17 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
     else:
         say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{res['added']} / -{res['retracted']} facts)")
 
+
+@app.command()
+def replay(base: Optional[str] = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
+           author: Optional[str] = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
+           json_: bool = JSON_OPT) -> None:
+    """Measure the constraints of HEAD's commits after BASE afresh on their new parents, as new
+    commits (like `git rebase`), and move the branch to them."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger, progress_bar() as progress:
+        res = ledger.replay(base, author=author, progress=progress)
+    if json_:
+        emit_json("replay", res)
+    else:
+        say(f"Replayed {res['replayed']} commit(s); HEAD is now {short(res['head'])}")
