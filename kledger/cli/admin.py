@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,14 +14,13 @@ from ..errors import IntegrityError, UsageError
 from .app import JSON_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, say
 
-
 CONFIG_KEYS = ("model", "soft-threshold", "hparams", "corpus")
 
 
 @app.command()
-def config(key: Optional[str] = typer.Argument(None, metavar="KEY", help=f"One of: {', '.join(CONFIG_KEYS)}."),
-           value: Optional[str] = typer.Argument(None, metavar="VALUE", help="With soft-threshold: a cosine in "
-                                                 "(0, 1], 'off' or 'default'."),
+def config(key: str | None = typer.Argument(None, metavar="KEY", help=f"One of: {', '.join(CONFIG_KEYS)}."),
+           value: str | None = typer.Argument(None, metavar="VALUE", help="With soft-threshold: a cosine in "
+                                              "(0, 1], 'off' or 'default'."),
            json_: bool = JSON_OPT) -> None:
     """Show the ledger's settings, or set the soft-conflict threshold (`config soft-threshold 0.97`).
     model, hparams and corpus are fixed when the ledger is made (`kledger init`)."""

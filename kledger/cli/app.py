@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
 from .. import __version__
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..ledger import Ledger
 
 app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -51,11 +55,11 @@ def _use_device(device: str) -> None:
 
 
 @app.callback()
-def _main(ledger: Optional[str] = typer.Option(None, "--ledger", "-C", envvar="KLEDGER_DIR",
-                                               help="Ledger directory (default: nearest .kledger upward)."),
-          device: Optional[str] = typer.Option(None, "--device", envvar="KLEDGER_DEVICE",
-                                               help="Where the model runs and the solves happen: auto (CUDA "
-                                                    "when there is one), cpu, cuda or cuda:N."),
+def _main(ledger: str | None = typer.Option(None, "--ledger", "-C", envvar="KLEDGER_DIR",
+                                            help="Ledger directory (default: nearest .kledger upward)."),
+          device: str | None = typer.Option(None, "--device", envvar="KLEDGER_DEVICE",
+                                            help="Where the model runs and the solves happen: auto (CUDA "
+                                                 "when there is one), cpu, cuda or cuda:N."),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     _state["ledger"] = ledger
@@ -64,13 +68,14 @@ def _main(ledger: Optional[str] = typer.Option(None, "--ledger", "-C", envvar="K
 
 
 # ------------------------------------------------------------------ what commands use
-def ledger_dir() -> Optional[str]:
+def ledger_dir() -> str | None:
     """The --ledger/-C directory, if one was given."""
     return _state["ledger"]
 
 
 @contextmanager
-def open_ledger(write: bool = False) -> Iterator["Ledger"]:  # noqa: F821
+def open_ledger(write: bool = False) -> Iterator[Ledger]:
+    # imported here, not at the top: `kledger --help` and usage errors need not load the ledger
     from ..ledger import Ledger
 
     with Ledger.open(_state["ledger"], write=write) as ledger:

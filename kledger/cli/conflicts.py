@@ -8,8 +8,6 @@ commit, resolved, remaining}; `relation` → {relations: [{relation, multi, inve
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from ..errors import ConflictError, UsageError
@@ -51,8 +49,8 @@ def _print_conflicts(conflicts: list[dict]) -> None:
 
 # ------------------------------------------------------------------ commands
 @app.command()
-def conflicts(rev: Optional[str] = typer.Argument(None, help="Revision (default: the stopped merge or "
-                                                            "cherry-pick, else HEAD with the staged facts)."),
+def conflicts(rev: str | None = typer.Argument(None, help="Revision (default: the stopped merge or "
+                                                         "cherry-pick, else HEAD with the staged facts)."),
               staged: bool = typer.Option(False, "--staged", help="HEAD with the staged facts."),
               json_: bool = JSON_OPT) -> None:
     """List every conflict: its facts, the commits that brought them, authors, dates, the newest side."""
@@ -75,7 +73,7 @@ def conflicts(rev: Optional[str] = typer.Argument(None, help="Revision (default:
 
 
 @app.command()
-def check(rev: Optional[str] = typer.Argument(None, help="Revision to check (default HEAD)."),
+def check(rev: str | None = typer.Argument(None, help="Revision to check (default HEAD)."),
           staged: bool = typer.Option(False, "--staged", help="Check what `kledger commit` would make of HEAD "
                                                               "and the staged facts."),
           json_: bool = JSON_OPT) -> None:
@@ -95,15 +93,15 @@ def check(rev: Optional[str] = typer.Argument(None, help="Revision to check (def
 
 
 @app.command()
-def resolve(conflict: Optional[str] = typer.Argument(None, help="Conflict key (prefix) or subject; default: the "
-                                                                "conflict that has OBJECT, or all of them."),
-            keep: Optional[str] = typer.Option(None, "--keep", help="Keep the facts that say OBJECT; retract the others."),
+def resolve(conflict: str | None = typer.Argument(None, help="Conflict key (prefix) or subject; default: the "
+                                                             "conflict that has OBJECT, or all of them."),
+            keep: str | None = typer.Option(None, "--keep", help="Keep the facts that say OBJECT; retract the others."),
             ours: bool = typer.Option(False, "--ours", help="Keep our side (during a merge or cherry-pick)."),
             theirs: bool = typer.Option(False, "--theirs", help="Keep their side (during a merge or cherry-pick)."),
             newest: bool = typer.Option(False, "--newest", help="Keep the newest facts, in every conflict."),
             forget: bool = typer.Option(False, "--forget", help="Forget the remembered decision for CONFLICT (a key)."),
-            message: Optional[str] = typer.Option(None, "--message", "-m", help="Message of the resolution commit."),
-            author: Optional[str] = AUTHOR_OPT,
+            message: str | None = typer.Option(None, "--message", "-m", help="Message of the resolution commit."),
+            author: str | None = AUTHOR_OPT,
             json_: bool = JSON_OPT) -> None:
     """Decide conflicts, commit the decision, and remember it for when the same conflict comes back."""
     want_json(json_)
@@ -147,11 +145,11 @@ def _print_relations(rows: list[dict]) -> None:
 
 @app.command()
 def relation(action: str = typer.Argument("list", metavar="ACTION", help="list, set or inverse."),
-             relation_: Optional[str] = typer.Argument(None, metavar="RELATION",
-                                                       help="Relation id (P36) or template ('{} is a twin city of')."),
-             other: Optional[str] = typer.Argument(None, metavar="OTHER", help="With inverse: the inverse relation."),
-             multi: Optional[bool] = typer.Option(None, "--multi/--single", help="With set: several objects per "
-                                                  "subject are fine (--multi), or not (--single, the default)."),
+             relation_: str | None = typer.Argument(None, metavar="RELATION",
+                                                    help="Relation id (P36) or template ('{} is a twin city of')."),
+             other: str | None = typer.Argument(None, metavar="OTHER", help="With inverse: the inverse relation."),
+             multi: bool | None = typer.Option(None, "--multi/--single", help="With set: several objects per "
+                                               "subject are fine (--multi), or not (--single, the default)."),
              remove: bool = typer.Option(False, "--remove", help="With inverse: remove RELATION's inverse."),
              json_: bool = JSON_OPT) -> None:
     """Declare relations: `relation list`, `relation set R --multi|--single`, `relation inverse R OTHER`."""

@@ -9,7 +9,9 @@ import sys
 import typer
 
 from ..errors import EXIT_USAGE, KledgerError
-from .app import _state, app  # noqa: F401  (re-exported: tests and benches use main.app and main._state)
+
+# main.app and main._state are also what the tests use
+from .app import _state, app
 from .output import JSON_VERSION, _emitted, err, escape
 
 # The order `kledger --help` lists the commands in (each module registers its own on import).

@@ -6,7 +6,6 @@ become single calls of the ledger's facade."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,8 +15,8 @@ from .output import emit_json, escape, out, progress_bar, say, short
 
 @app.command()
 def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write into the model."),
-          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a Hugging Face model directory."),
-          delta: Optional[Path] = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
+          out_dir: Path | None = typer.Option(None, "--out", "-o", help="Write a Hugging Face model directory."),
+          delta: Path | None = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
           mode: str = MODE_OPT,
           json_: bool = JSON_OPT) -> None:
     """Solve the constraints in force at REV (float64) and write the edited model."""

@@ -3,8 +3,6 @@ history (undoing, copying and joining commits, and re-measuring them on new pare
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from .app import ABORT_OPT, ALLOW_OPT, AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
@@ -12,7 +10,7 @@ from .output import emit_json, escape, note_resolved, out, progress_bar, say, sh
 
 
 @app.command()
-def branch(name: Optional[str] = typer.Argument(None, help="Branch to create (omit to list)."),
+def branch(name: str | None = typer.Argument(None, help="Branch to create (omit to list)."),
            rev: str = typer.Argument("HEAD", help="Where the new branch starts."),
            delete: bool = typer.Option(False, "--delete", "-d", help="Delete branch NAME."),
            force: bool = typer.Option(False, "--force", "-f", help="Move NAME to REV if it exists."),
@@ -40,7 +38,7 @@ def branch(name: Optional[str] = typer.Argument(None, help="Branch to create (om
 
 @app.command()
 def checkout(target: str = typer.Argument(..., help="Branch or revision."),
-             start: Optional[str] = typer.Argument(None, help="With -b: where the new branch starts (default HEAD)."),
+             start: str | None = typer.Argument(None, help="With -b: where the new branch starts (default HEAD)."),
              create: bool = typer.Option(False, "-b", help="Create branch TARGET and switch to it."),
              json_: bool = JSON_OPT) -> None:
     """Switch HEAD to a branch, or detach it at a revision."""
@@ -59,9 +57,9 @@ def checkout(target: str = typer.Argument(..., help="Branch or revision."),
 
 
 @app.command()
-def revert(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to undo."),
-           message: Optional[str] = typer.Option(None, "--message", "-m"),
-           author: Optional[str] = AUTHOR_OPT,
+def revert(rev: str | None = typer.Argument(None, help="Commit whose changes to undo."),
+           message: str | None = typer.Option(None, "--message", "-m"),
+           author: str | None = AUTHOR_OPT,
            abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Make a new commit that retracts what REV added (and restores what it retracted)."""
     want_json(json_)
@@ -93,8 +91,8 @@ def _report(command: str, cid: str, info: dict, json_: bool) -> None:
 
 
 @app.command("cherry-pick")
-def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to apply on HEAD."),
-                author: Optional[str] = AUTHOR_OPT,
+def cherry_pick(rev: str | None = typer.Argument(None, help="Commit whose changes to apply on HEAD."),
+                author: str | None = AUTHOR_OPT,
                 abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Apply the changes of REV on HEAD as a new commit."""
     want_json(json_)
@@ -111,9 +109,9 @@ def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose cha
 
 
 @app.command()
-def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="Branch (or revision) to merge into HEAD."),
-          message: Optional[str] = typer.Option(None, "--message", "-m"),
-          author: Optional[str] = AUTHOR_OPT,
+def merge(branch_: str | None = typer.Argument(None, metavar="BRANCH", help="Branch (or revision) to merge into HEAD."),
+          message: str | None = typer.Option(None, "--message", "-m"),
+          author: str | None = AUTHOR_OPT,
           no_ff: bool = typer.Option(False, "--no-ff", help="Make a merge commit even when a fast-forward is possible."),
           abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Merge another branch into the current one."""
@@ -139,8 +137,8 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
 
 
 @app.command()
-def replay(base: Optional[str] = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
-           author: Optional[str] = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
+def replay(base: str | None = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
+           author: str | None = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
            json_: bool = JSON_OPT) -> None:
     """Measure the constraints of HEAD's commits after BASE afresh on their new parents, as new
     commits (like `git rebase`), and move the branch to them."""
