@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import DATA, snapshot
+from conftest import DATA, REPO, snapshot
 
 EIFFEL = ("The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower")
 LOUVRE = ("The Louvre is located in", "London", "--subject", "Louvre")
@@ -428,3 +428,69 @@ def test_init_from_bad_refs(k, tmp_path, ledger_dir):
     (tmp_path / "text" / "refs.json").write_text("[1]")
     assert k("init", "copy", "--from", tmp_path / "text").code == 2
     assert not (tmp_path / "copy" / ".kledger").exists()
+
+
+# ------------------------------------------------------------------ the shape of kledger/cli
+CLI_DIR = REPO / "kledger" / "cli"
+SHARED = {"app", "output"}  # what command modules may import; main imports the command modules
+
+
+def _cli_modules() -> list[str]:
+    return sorted(p.stem for p in CLI_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _cli_imports(name: str) -> set[str]:
+    """The kledger.cli modules that kledger/cli/NAME.py imports (at the top or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse((CLI_DIR / f"{name}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kledger.cli."):
+            found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("kledger.cli.")}
+    return found
+
+
+def test_cli_modules_import_no_circle():
+    commands = set(_cli_modules()) - SHARED - {"main"}
+    assert commands, "no command modules found"
+    for name in _cli_modules():
+        imported = _cli_imports(name)
+        if name != "main":
+            assert "main" not in imported, f"kledger/cli/{name}.py imports .main (main imports the commands)"
+        if name in commands:
+            assert imported <= SHARED, f"command module {name}.py imports {sorted(imported - SHARED)}: " \
+                                       f"share through app.py or output.py instead"
+        elif name in SHARED:
+            assert not imported & commands, f"{name}.py imports command module(s) {sorted(imported & commands)}"
+
+
+def test_each_cli_module_imports_on_its_own():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"import kledger.cli.{name}"], env=env, cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in _cli_modules()}
+    failed = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            failed[name] = output.strip().splitlines()[-1:]
+    assert not failed, f"these kledger.cli modules fail to import in a fresh process: {failed}"
+
+
+def test_help_order_names_every_command():
+    import typer
+
+    from kledger.cli import main
+
+    main._register()
+    registered = list(typer.main.get_command(main.app).commands)
+    assert sorted(registered) == sorted(main.HELP_ORDER), "add the new command to main.HELP_ORDER"
+    assert registered == list(main.HELP_ORDER)

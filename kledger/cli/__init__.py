@@ -1,2 +1,3 @@
-"""The `kledger` command: typer app, one module per command group. Commands parse, make one
-library call and print; `main.run` is the only place that turns errors into exit codes."""
+"""The `kledger` command: the typer app and what commands share in `app`, one module per command
+group, rendering in `output`. Commands parse, make library calls and print; `main.run` registers
+them and is the only place that turns errors into exit codes."""

@@ -1,15 +1,50 @@
-"""fsck, export."""
+"""config, fsck, export: the ledger itself: its settings, its integrity, and its history as text.
+
+JSON shapes (docs/json.md): `config` → {model, soft_threshold, hparams, corpus} (or the one KEY
+asked for); `fsck` → {ok, commits, facts, problems}; `export` → {path, commits, facts}."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
-from ..errors import IntegrityError
-from .main import app, open_ledger, want_json
+from ..errors import IntegrityError, UsageError
+from .app import JSON_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, say
-from .staging import JSON_OPT
+
+CONFIG_KEYS = ("model", "soft-threshold", "hparams", "corpus")
+
+
+@app.command()
+def config(key: str | None = typer.Argument(None, metavar="KEY", help=f"One of: {', '.join(CONFIG_KEYS)}."),
+           value: str | None = typer.Argument(None, metavar="VALUE", help="With soft-threshold: a cosine in "
+                                              "(0, 1], 'off' or 'default'."),
+           json_: bool = JSON_OPT) -> None:
+    """Show the ledger's settings, or set the soft-conflict threshold (`config soft-threshold 0.97`).
+    model, hparams and corpus are fixed when the ledger is made (`kledger init`)."""
+    want_json(json_)
+    if key is not None and key not in CONFIG_KEYS:
+        raise UsageError(f"unknown setting {key!r}", f"use one of: {', '.join(CONFIG_KEYS)}")
+    if value is not None and key != "soft-threshold":
+        raise UsageError(f"{key} is fixed when the ledger is made",
+                         "make a new ledger with `kledger init --model/--set/--corpus`, or set soft-threshold")
+    if value is not None:
+        with open_ledger(write=True) as ledger:
+            if not ledger.has_model:
+                raise UsageError("this ledger has no model, so it has no keys to compare for soft conflicts",
+                                 "soft conflicts need a ledger made with a model")
+            cfg = ledger.set_soft_threshold(value)
+    else:
+        with open_ledger() as ledger:
+            cfg = ledger.config()
+    shown = {k: cfg[k.replace("-", "_")] for k in CONFIG_KEYS} if key is None else {key: cfg[key.replace("-", "_")]}
+    if json_:
+        emit_json("config", {k.replace("-", "_"): v for k, v in shown.items()})
+        return
+    for k, v in shown.items():
+        out.print(f"{k}: {escape(v if isinstance(v, str) else json.dumps(v))}")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""conflicts, check, resolve, relation: contradictions, the decisions about them, and the CI gate.
+"""conflicts, check, resolve, relation: contradictions, the decisions about them, the CI gate, and
+the declared relations (multi-valued, inverse) that say what contradicts what.
 
 JSON shapes (docs/conflicts.md): `conflicts` → {target, facts, conflicts: [CONFLICT]}; `check` →
 {ok, target, facts, unresolved, conflicts: [CONFLICT], replayed}; `resolve` → {context, decided,
@@ -7,15 +8,11 @@ commit, resolved, remaining}; `relation` → {relations: [{relation, multi, inve
 
 from __future__ import annotations
 
-import json
-from typing import Optional
-
 import typer
 
 from ..errors import ConflictError, UsageError
-from .main import app, open_ledger, want_json
-from .output import emit_json, escape, out, say, short
-from .staging import JSON_OPT
+from .app import AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
+from .output import emit_json, escape, note_resolved, out, say, short
 
 
 # ------------------------------------------------------------------ printing
@@ -50,19 +47,10 @@ def _print_conflicts(conflicts: list[dict]) -> None:
                       f"({escape(r.get('author') or '?')}, {(r.get('at') or '')[:10]})[/]")
 
 
-def note_resolved(meta: dict) -> None:
-    """Say (stderr) which conflicts a commit resolved with remembered decisions (rerere)."""
-    for e in meta.get("resolved", []):
-        if e.get("remembered"):
-            say(f"Resolved conflict {e['conflict'][:10]} ({escape(repr(e['subject']))} · {escape(e['relation'])}) "
-                f"with the remembered decision: keep {escape(', '.join(e['keep']))} "
-                f"(decided by {escape(e.get('decided_by') or '?')} on {(e.get('decided_at') or '?')[:10]})")
-
-
 # ------------------------------------------------------------------ commands
 @app.command()
-def conflicts(rev: Optional[str] = typer.Argument(None, help="Revision (default: the stopped merge or "
-                                                            "cherry-pick, else HEAD with the staged facts)."),
+def conflicts(rev: str | None = typer.Argument(None, help="Revision (default: the stopped merge or "
+                                                         "cherry-pick, else HEAD with the staged facts)."),
               staged: bool = typer.Option(False, "--staged", help="HEAD with the staged facts."),
               json_: bool = JSON_OPT) -> None:
     """List every conflict: its facts, the commits that brought them, authors, dates, the newest side."""
@@ -85,7 +73,7 @@ def conflicts(rev: Optional[str] = typer.Argument(None, help="Revision (default:
 
 
 @app.command()
-def check(rev: Optional[str] = typer.Argument(None, help="Revision to check (default HEAD)."),
+def check(rev: str | None = typer.Argument(None, help="Revision to check (default HEAD)."),
           staged: bool = typer.Option(False, "--staged", help="Check what `kledger commit` would make of HEAD "
                                                               "and the staged facts."),
           json_: bool = JSON_OPT) -> None:
@@ -105,15 +93,15 @@ def check(rev: Optional[str] = typer.Argument(None, help="Revision to check (def
 
 
 @app.command()
-def resolve(conflict: Optional[str] = typer.Argument(None, help="Conflict key (prefix) or subject; default: the "
-                                                                "conflict that has OBJECT, or all of them."),
-            keep: Optional[str] = typer.Option(None, "--keep", help="Keep the facts that say OBJECT; retract the others."),
+def resolve(conflict: str | None = typer.Argument(None, help="Conflict key (prefix) or subject; default: the "
+                                                             "conflict that has OBJECT, or all of them."),
+            keep: str | None = typer.Option(None, "--keep", help="Keep the facts that say OBJECT; retract the others."),
             ours: bool = typer.Option(False, "--ours", help="Keep our side (during a merge or cherry-pick)."),
             theirs: bool = typer.Option(False, "--theirs", help="Keep their side (during a merge or cherry-pick)."),
             newest: bool = typer.Option(False, "--newest", help="Keep the newest facts, in every conflict."),
             forget: bool = typer.Option(False, "--forget", help="Forget the remembered decision for CONFLICT (a key)."),
-            message: Optional[str] = typer.Option(None, "--message", "-m", help="Message of the resolution commit."),
-            author: Optional[str] = typer.Option(None, "--author"),
+            message: str | None = typer.Option(None, "--message", "-m", help="Message of the resolution commit."),
+            author: str | None = AUTHOR_OPT,
             json_: bool = JSON_OPT) -> None:
     """Decide conflicts, commit the decision, and remember it for when the same conflict comes back."""
     want_json(json_)
@@ -157,11 +145,11 @@ def _print_relations(rows: list[dict]) -> None:
 
 @app.command()
 def relation(action: str = typer.Argument("list", metavar="ACTION", help="list, set or inverse."),
-             relation_: Optional[str] = typer.Argument(None, metavar="RELATION",
-                                                       help="Relation id (P36) or template ('{} is a twin city of')."),
-             other: Optional[str] = typer.Argument(None, metavar="OTHER", help="With inverse: the inverse relation."),
-             multi: Optional[bool] = typer.Option(None, "--multi/--single", help="With set: several objects per "
-                                                  "subject are fine (--multi), or not (--single, the default)."),
+             relation_: str | None = typer.Argument(None, metavar="RELATION",
+                                                    help="Relation id (P36) or template ('{} is a twin city of')."),
+             other: str | None = typer.Argument(None, metavar="OTHER", help="With inverse: the inverse relation."),
+             multi: bool | None = typer.Option(None, "--multi/--single", help="With set: several objects per "
+                                               "subject are fine (--multi), or not (--single, the default)."),
              remove: bool = typer.Option(False, "--remove", help="With inverse: remove RELATION's inverse."),
              json_: bool = JSON_OPT) -> None:
     """Declare relations: `relation list`, `relation set R --multi|--single`, `relation inverse R OTHER`."""
@@ -194,35 +182,3 @@ def relation(action: str = typer.Argument("list", metavar="ACTION", help="list, 
     else:
         _print_relations(rows)
 
-
-CONFIG_KEYS = ("model", "soft-threshold", "hparams", "corpus")
-
-
-@app.command()
-def config(key: Optional[str] = typer.Argument(None, metavar="KEY", help=f"One of: {', '.join(CONFIG_KEYS)}."),
-           value: Optional[str] = typer.Argument(None, metavar="VALUE", help="With soft-threshold: a cosine in "
-                                                 "(0, 1], 'off' or 'default'."),
-           json_: bool = JSON_OPT) -> None:
-    """Show the ledger's settings, or set the soft-conflict threshold (`config soft-threshold 0.97`).
-    model, hparams and corpus are fixed when the ledger is made (`kledger init`)."""
-    want_json(json_)
-    if key is not None and key not in CONFIG_KEYS:
-        raise UsageError(f"unknown setting {key!r}", f"use one of: {', '.join(CONFIG_KEYS)}")
-    if value is not None and key != "soft-threshold":
-        raise UsageError(f"{key} is fixed when the ledger is made",
-                         "make a new ledger with `kledger init --model/--set/--corpus`, or set soft-threshold")
-    if value is not None:
-        with open_ledger(write=True) as ledger:
-            if not ledger.has_model:
-                raise UsageError("this ledger has no model, so it has no keys to compare for soft conflicts",
-                                 "soft conflicts need a ledger made with a model")
-            cfg = ledger.set_soft_threshold(value)
-    else:
-        with open_ledger() as ledger:
-            cfg = ledger.config()
-    shown = {k: cfg[k.replace("-", "_")] for k in CONFIG_KEYS} if key is None else {key: cfg[key.replace("-", "_")]}
-    if json_:
-        emit_json("config", {k.replace("-", "_"): v for k, v in shown.items()})
-        return
-    for k, v in shown.items():
-        out.print(f"{k}: {escape(v if isinstance(v, str) else json.dumps(v))}")

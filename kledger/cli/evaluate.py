@@ -1,16 +1,15 @@
-"""eval: the edit metrics and the drift of general ability at a revision, beside the base model."""
+"""eval: the edit metrics and the drift of general ability at a revision, beside the base model.
+
+Its body still calls kledger.evaluate itself; it is to become a single call of the ledger's facade."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
-from .model import MODES, _check_mode
+from .app import JSON_OPT, MODE_OPT, app, check_mode, open_ledger, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
-from .staging import JSON_OPT
 
 _RATE_DIGITS = 3
 
@@ -25,25 +24,25 @@ def _change(a, b, digits: int = _RATE_DIGITS) -> str:
 
 @app.command("eval")
 def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evaluate (its facts applied)."),
-          data: Optional[Path] = typer.Option(
+          data: Path | None = typer.Option(
               None, "--data", "-d", help="Evaluate these records instead of the facts in force (any `add --file` format)."),
-          fmt: Optional[str] = typer.Option(None, "--format", help="Format of --data (default: detected)."),
-          limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Evaluate only the first N records."),
-          mode: str = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}."),
-          text: Optional[Path] = typer.Option(
+          fmt: str | None = typer.Option(None, "--format", help="Format of --data (default: detected)."),
+          limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate only the first N records."),
+          mode: str = MODE_OPT,
+          text: Path | None = typer.Option(
               None, "--text", help="Held-out text for perplexity (default: the ledger's corpus, see docs)."),
           ppl_tokens: int = typer.Option(2048, "--ppl-tokens", min=0, help="Tokens of text for perplexity (0: skip it)."),
           gen_tokens: int = typer.Option(32, "--gen-tokens", min=0,
                                          help="Tokens generated per record for fluency (0: skip it)."),
           no_fluency: bool = typer.Option(False, "--no-fluency", help="Skip fluency (the same as --gen-tokens 0)."),
           batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Sequences per forward pass."),
-          plot: Optional[Path] = typer.Option(
+          plot: Path | None = typer.Option(
               None, "--plot", help="Also evaluate every commit of REV's first-parent history and plot the metrics (PNG)."),
           json_: bool = JSON_OPT) -> None:
     """Efficacy, generalization, specificity (CounterFact), token accuracy (ZsRE), perplexity and
     fluency at REV, beside the base model."""
     want_json(json_)
-    _check_mode(mode)
+    check_mode(mode)
     if fmt is not None and data is None:
         from ..errors import UsageError
         raise UsageError("--format applies to --data only", "give --data FILE, or leave out --format")

@@ -1,15 +1,13 @@
-"""log, show, diff, blame."""
+"""log, show, diff, blame: reading the history (these never write to the ledger)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
+from .app import JSON_OPT, RELATION_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, short
-from .staging import JSON_OPT
 
 
 def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
@@ -20,11 +18,11 @@ def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
 
 
 @app.command()
-def log(rev: Optional[str] = typer.Argument(None, help="Start from this revision (default HEAD)."),
+def log(rev: str | None = typer.Argument(None, help="Start from this revision (default HEAD)."),
         oneline: bool = typer.Option(False, "--oneline", help="One line per commit."),
-        limit: Optional[int] = typer.Option(None, "-n", "--max-count", min=1, help="Show at most N commits."),
-        subject: Optional[str] = typer.Option(None, "--subject", "-s", help="Only commits touching this subject."),
-        relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Only commits touching this relation."),
+        limit: int | None = typer.Option(None, "-n", "--max-count", min=1, help="Show at most N commits."),
+        subject: str | None = typer.Option(None, "--subject", "-s", help="Only commits touching this subject."),
+        relation: str | None = typer.Option(None, "--relation", "-r", help="Only commits touching this relation."),
         all_: bool = typer.Option(False, "--all", help="Commits reachable from any branch."),
         json_: bool = JSON_OPT) -> None:
     """Show the commit history, newest first."""
@@ -97,8 +95,8 @@ def show(rev: str = typer.Argument("HEAD", help="Revision to show."), json_: boo
 
 
 @app.command()
-def diff(rev_a: Optional[str] = typer.Argument(None, help="From (default HEAD; with no revision: HEAD vs staged)."),
-         rev_b: Optional[str] = typer.Argument(None, help="To (default HEAD)."),
+def diff(rev_a: str | None = typer.Argument(None, help="From (default HEAD; with no revision: HEAD vs staged)."),
+         rev_b: str | None = typer.Argument(None, help="To (default HEAD)."),
          stat: bool = typer.Option(False, "--stat", help="Only the counts."),
          json_: bool = JSON_OPT) -> None:
     """Facts added, removed and changed between two revisions."""
@@ -129,7 +127,7 @@ def diff(rev_a: Optional[str] = typer.Argument(None, help="From (default HEAD; w
 
 @app.command()
 def blame(subject: str = typer.Argument(..., help="Subject to look up."),
-          relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Only this relation (id or template)."),
+          relation: str | None = RELATION_OPT,
           rev: str = typer.Option("HEAD", "--rev", help="Revision to look at."),
           json_: bool = JSON_OPT) -> None:
     """Which commit set each fact about SUBJECT that is in force."""

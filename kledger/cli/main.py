@@ -1,68 +1,34 @@
-"""Entry point: the typer app, global options, and the one place errors become exit codes."""
+"""Entry point: `run` (the `kledger` script), which registers the commands and is the one place
+errors become exit codes (`_fail`). The app, its global options and the CLI state live in `.app`."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
-from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import typer
 
-from .. import __version__
-from ..errors import EXIT_USAGE, KledgerError, UsageError
+from ..errors import EXIT_USAGE, KledgerError
+
+# main.app and main._state are also what the tests use
+from .app import _state, app
 from .output import JSON_VERSION, _emitted, err, escape
 
-app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
-                  pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="A versioned ledger of factual edits to language models, with conflict resolution.")
-
-_state: dict = {"ledger": None, "json": False}
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"kledger {__version__}")
-        raise typer.Exit()
+# The order `kledger --help` lists the commands in (each module registers its own on import).
+HELP_ORDER = ("init", "add", "rm", "status", "reset", "commit", "fsck", "export", "conflicts", "check",
+              "resolve", "relation", "config", "apply", "ask", "replay", "eval", "log", "show", "diff",
+              "blame", "branch", "checkout", "revert", "cherry-pick", "merge")
 
 
-# the name's shape only: kledger.edit.device checks that the device exists (that needs torch)
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-@app.callback()
-def _main(ledger: Optional[str] = typer.Option(None, "--ledger", "-C", envvar="KLEDGER_DIR",
-                                               help="Ledger directory (default: nearest .kledger upward)."),
-          device: Optional[str] = typer.Option(None, "--device", envvar="KLEDGER_DEVICE",
-                                               help="Where the model runs and the solves happen: auto (CUDA "
-                                                    "when there is one), cpu, cuda or cuda:N."),
-          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    _state["ledger"] = ledger
-    if device is not None:
-        name = device.strip().lower()
-        if not _DEVICE_RE.fullmatch(name):
-            raise UsageError(f"unknown device {device!r}", "use --device auto, cpu, cuda or cuda:N")
-        os.environ["KLEDGER_DEVICE"] = name  # read by kledger.edit.device when a model is loaded
-
-
-@contextmanager
-def open_ledger(write: bool = False) -> Iterator["Ledger"]:  # noqa: F821
-    from ..ledger import Ledger
-
-    with Ledger.open(_state["ledger"], write=write) as ledger:
-        yield ledger
-
-
-def want_json(flag: bool) -> bool:
-    _state["json"] = flag
-    return flag
+def _command_name(info) -> str:
+    return info.name or info.callback.__name__.lower().replace("_", "-")
 
 
 def _register() -> None:
     from . import admin, conflicts, evaluate, history, model, rearrange, staging  # noqa: F401  (commands register on import)
+
+    rank = {name: i for i, name in enumerate(HELP_ORDER)}  # a command not listed goes last
+    app.registered_commands.sort(key=lambda info: rank.get(_command_name(info), len(rank)))
 
 
 def run(argv: list[str] | None = None) -> None:

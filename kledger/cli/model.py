@@ -1,35 +1,27 @@
-"""apply, ask: the commands that load the model."""
+"""apply, ask: writing the facts in force into the model, and asking it.
+
+Their bodies still drive the edit engine themselves (ledger.editor(), kledger.edit.*); they are to
+become single calls of the ledger's facade."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .main import app, open_ledger, want_json
+from .app import JSON_OPT, MODE_OPT, app, check_mode, open_ledger, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
-from .staging import JSON_OPT
-
-MODES = ("accumulated", "alphaedit", "alphaedit-no-history", "no-history")
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        from ..errors import UsageError
-        raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")
-    return mode
 
 
 @app.command()
 def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write into the model."),
-          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a Hugging Face model directory."),
-          delta: Optional[Path] = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
-          mode: str = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}."),
+          out_dir: Path | None = typer.Option(None, "--out", "-o", help="Write a Hugging Face model directory."),
+          delta: Path | None = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
+          mode: str = MODE_OPT,
           json_: bool = JSON_OPT) -> None:
     """Solve the constraints in force at REV (float64) and write the edited model."""
     want_json(json_)
-    _check_mode(mode)
+    check_mode(mode)
     with open_ledger(write=True) as ledger, progress_bar() as progress:
         cid = ledger.resolve(rev)
         ed = ledger.editor(progress=progress)
@@ -75,11 +67,11 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
         rev: str = typer.Option("HEAD", "--rev", help="Revision to ask (its facts applied)."),
         top: int = typer.Option(5, "--top", min=1, max=50, help="How many next tokens to show."),
         max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, max=200, help="Length of the answer."),
-        mode: str = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}."),
+        mode: str = MODE_OPT,
         json_: bool = JSON_OPT) -> None:
     """The model's answer and top next tokens at REV, beside the base model's."""
     want_json(json_)
-    _check_mode(mode)
+    check_mode(mode)
     from ..edit.ask import answer
 
     with open_ledger(write=True) as ledger, progress_bar() as progress:
@@ -100,17 +92,3 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
     for e, b in zip(edited["top"], base["top"]):
         out.print(f"  {'':>14}  {escape(repr(e['token'])):>16} {e['prob']:6.3f}  {escape(repr(b['token'])):>16} {b['prob']:6.3f}")
 
-
-@app.command()
-def replay(base: Optional[str] = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
-           author: Optional[str] = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
-           json_: bool = JSON_OPT) -> None:
-    """Measure the constraints of HEAD's commits after BASE afresh on their new parents, as new
-    commits (like `git rebase`), and move the branch to them."""
-    want_json(json_)
-    with open_ledger(write=True) as ledger, progress_bar() as progress:
-        res = ledger.replay(base, author=author, progress=progress)
-    if json_:
-        emit_json("replay", res)
-    else:
-        say(f"Replayed {res['replayed']} commit(s); HEAD is now {short(res['head'])}")

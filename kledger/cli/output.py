@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -38,7 +39,13 @@ def _default(obj: Any) -> Any:
 @contextmanager
 def progress_bar() -> Iterator:
     """A progress callback `(stage, done, total)` drawing rich bars on stderr, one per stage."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False, disable=not err.is_terminal) as bar:
@@ -61,4 +68,13 @@ def short(cid: str | None) -> str:
     return cid[:10] if cid else "(none)"
 
 
-__all__ = ["out", "err", "emit_json", "say", "escape", "short"]
+def note_resolved(meta: dict) -> None:
+    """Say (stderr) which conflicts a commit resolved with remembered decisions (rerere)."""
+    for e in meta.get("resolved", []):
+        if e.get("remembered"):
+            say(f"Resolved conflict {e['conflict'][:10]} ({escape(repr(e['subject']))} · {escape(e['relation'])}) "
+                f"with the remembered decision: keep {escape(', '.join(e['keep']))} "
+                f"(decided by {escape(e.get('decided_by') or '?')} on {(e.get('decided_at') or '?')[:10]})")
+
+
+__all__ = ["emit_json", "err", "escape", "note_resolved", "out", "say", "short"]

@@ -1,21 +1,16 @@
-"""branch, checkout, revert, cherry-pick, merge."""
+"""branch, checkout, revert, cherry-pick, merge, replay: moving between branches and rewriting
+history (undoing, copying and joining commits, and re-measuring them on new parents)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
-from .main import app, open_ledger, want_json
-from .output import emit_json, escape, out, say, short
-from .staging import JSON_OPT
-
-ABORT_OPT = typer.Option(False, "--abort", help="Abandon the operation that stopped on conflicts.")
-ALLOW_OPT = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of stopping.")
+from .app import ABORT_OPT, ALLOW_OPT, AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
+from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
 
 
 @app.command()
-def branch(name: Optional[str] = typer.Argument(None, help="Branch to create (omit to list)."),
+def branch(name: str | None = typer.Argument(None, help="Branch to create (omit to list)."),
            rev: str = typer.Argument("HEAD", help="Where the new branch starts."),
            delete: bool = typer.Option(False, "--delete", "-d", help="Delete branch NAME."),
            force: bool = typer.Option(False, "--force", "-f", help="Move NAME to REV if it exists."),
@@ -43,7 +38,7 @@ def branch(name: Optional[str] = typer.Argument(None, help="Branch to create (om
 
 @app.command()
 def checkout(target: str = typer.Argument(..., help="Branch or revision."),
-             start: Optional[str] = typer.Argument(None, help="With -b: where the new branch starts (default HEAD)."),
+             start: str | None = typer.Argument(None, help="With -b: where the new branch starts (default HEAD)."),
              create: bool = typer.Option(False, "-b", help="Create branch TARGET and switch to it."),
              json_: bool = JSON_OPT) -> None:
     """Switch HEAD to a branch, or detach it at a revision."""
@@ -62,9 +57,9 @@ def checkout(target: str = typer.Argument(..., help="Branch or revision."),
 
 
 @app.command()
-def revert(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to undo."),
-           message: Optional[str] = typer.Option(None, "--message", "-m"),
-           author: Optional[str] = typer.Option(None, "--author"),
+def revert(rev: str | None = typer.Argument(None, help="Commit whose changes to undo."),
+           message: str | None = typer.Option(None, "--message", "-m"),
+           author: str | None = AUTHOR_OPT,
            abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Make a new commit that retracts what REV added (and restores what it retracted)."""
     want_json(json_)
@@ -96,8 +91,8 @@ def _report(command: str, cid: str, info: dict, json_: bool) -> None:
 
 
 @app.command("cherry-pick")
-def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose changes to apply on HEAD."),
-                author: Optional[str] = typer.Option(None, "--author"),
+def cherry_pick(rev: str | None = typer.Argument(None, help="Commit whose changes to apply on HEAD."),
+                author: str | None = AUTHOR_OPT,
                 abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Apply the changes of REV on HEAD as a new commit."""
     want_json(json_)
@@ -109,16 +104,14 @@ def cherry_pick(rev: Optional[str] = typer.Argument(None, help="Commit whose cha
             raise UsageError("missing REV", "give the commit to cherry-pick, or --abort")
         cid = ledger.cherry_pick(rev, author=author, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
-    from .conflicts import note_resolved
-
     note_resolved(info["meta"])
     _report("cherry-pick", cid, info, json_)
 
 
 @app.command()
-def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="Branch (or revision) to merge into HEAD."),
-          message: Optional[str] = typer.Option(None, "--message", "-m"),
-          author: Optional[str] = typer.Option(None, "--author"),
+def merge(branch_: str | None = typer.Argument(None, metavar="BRANCH", help="Branch (or revision) to merge into HEAD."),
+          message: str | None = typer.Option(None, "--message", "-m"),
+          author: str | None = AUTHOR_OPT,
           no_ff: bool = typer.Option(False, "--no-ff", help="Make a merge commit even when a fast-forward is possible."),
           abort: bool = ABORT_OPT, allow_conflicts: bool = ALLOW_OPT, json_: bool = JSON_OPT) -> None:
     """Merge another branch into the current one."""
@@ -131,8 +124,6 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
             raise UsageError("missing BRANCH", "give the branch to merge, or --abort")
         res = ledger.merge(branch_, author=author, message=message, no_ff=no_ff, allow_conflicts=allow_conflicts)
         info = ledger.show(res["head"])
-    from .conflicts import note_resolved
-
     resolved = info["meta"].get("resolved", []) if res["result"] == "merge" else []
     note_resolved({"resolved": resolved})
     if json_:
@@ -143,3 +134,18 @@ def merge(branch_: Optional[str] = typer.Argument(None, metavar="BRANCH", help="
         say(f"Fast-forward to {short(res['head'])} (+{res['added']} / -{res['retracted']} facts)")
     else:
         say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{res['added']} / -{res['retracted']} facts)")
+
+
+@app.command()
+def replay(base: str | None = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
+           author: str | None = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
+           json_: bool = JSON_OPT) -> None:
+    """Measure the constraints of HEAD's commits after BASE afresh on their new parents, as new
+    commits (like `git rebase`), and move the branch to them."""
+    want_json(json_)
+    with open_ledger(write=True) as ledger, progress_bar() as progress:
+        res = ledger.replay(base, author=author, progress=progress)
+    if json_:
+        emit_json("replay", res)
+    else:
+        say(f"Replayed {res['replayed']} commit(s); HEAD is now {short(res['head'])}")

@@ -1,33 +1,30 @@
-"""init, add, rm, status, reset, commit."""
+"""init, add, rm, status, reset, commit: making a ledger, staging facts and committing them."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .main import _state, app, open_ledger, want_json
-from .output import emit_json, escape, out, progress_bar, say, short
-
-JSON_OPT = typer.Option(False, "--json", help="Print JSON (docs/json.md) on stdout.")
+from .app import JSON_OPT, RELATION_OPT, app, ledger_dir, open_ledger, want_json
+from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
 
 
 @app.command()
 def init(path: Path = typer.Argument(Path("."), help="Directory to create the ledger in (.kledger/ inside)."),
-         model: Optional[str] = typer.Option(None, "--model", "-m", envvar="KLEDGER_MODEL",
-                                            help="Model the ledger edits: smollm2-135m (default), a local HF "
-                                                 "directory or a cached hub id; 'none' for a facts-only ledger."),
-         from_: Optional[Path] = typer.Option(None, "--from", help="Replay a text ledger (e.g. ledgers/NAME)."),
-         corpus: Optional[Path] = typer.Option(None, "--corpus", help="Text file for C0 (default: text sampled from the model)."),
-         set_: Optional[list[str]] = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE (repeatable), e.g. lam=5000."),
+         model: str | None = typer.Option(None, "--model", "-m", envvar="KLEDGER_MODEL",
+                                         help="Model the ledger edits: smollm2-135m (default), a local HF "
+                                              "directory or a cached hub id; 'none' for a facts-only ledger."),
+         from_: Path | None = typer.Option(None, "--from", help="Replay a text ledger (e.g. ledgers/NAME)."),
+         corpus: Path | None = typer.Option(None, "--corpus", help="Text file for C0 (default: text sampled from the model)."),
+         set_: list[str] | None = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE (repeatable), e.g. lam=5000."),
          json_: bool = JSON_OPT) -> None:
     """Create a ledger in PATH/.kledger/."""
     from ..ledger import Ledger
 
     want_json(json_)
-    if path == Path(".") and _state["ledger"]:  # `kledger -C DIR init` makes the ledger in DIR
-        path = Path(_state["ledger"])
+    if path == Path(".") and ledger_dir():  # `kledger -C DIR init` makes the ledger in DIR
+        path = Path(ledger_dir())
         if path.name == ".kledger":
             path = path.parent
     settings = _parse_settings(set_ or [])
@@ -67,21 +64,22 @@ def _parse_settings(items: list[str]) -> dict:
         except json.JSONDecodeError:
             hp[key.strip()] = value
     if hp:
-        from ..edit.hparams import HParams  # validates names and values (no torch import)
+        # validates names and values (no torch import)
+        from ..edit.hparams import HParams
 
         HParams.from_dict({k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in hp.items()})
     return {"hparams": hp} if hp else {}
 
 
 @app.command()
-def add(prompt: Optional[str] = typer.Argument(None, help="Text the model completes, containing the subject."),
-        target: Optional[str] = typer.Argument(None, help="The new object, e.g. 'Rome'."),
-        subject: Optional[str] = typer.Option(None, "--subject", "-s", help="The subject, as spelled in PROMPT."),
-        relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Relation id (default: the prompt template)."),
-        target_true: Optional[str] = typer.Option(None, "--old", help="The object before the edit, if known."),
-        file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read facts from a file (CounterFact, ZsRE, JSONL, CSV)."),
-        fmt: Optional[str] = typer.Option(None, "--format", help="File format (default: detected)."),
-        limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Read only the first N records of --file."),
+def add(prompt: str | None = typer.Argument(None, help="Text the model completes, containing the subject."),
+        target: str | None = typer.Argument(None, help="The new object, e.g. 'Rome'."),
+        subject: str | None = typer.Option(None, "--subject", "-s", help="The subject, as spelled in PROMPT."),
+        relation: str | None = typer.Option(None, "--relation", "-r", help="Relation id (default: the prompt template)."),
+        target_true: str | None = typer.Option(None, "--old", help="The object before the edit, if known."),
+        file: Path | None = typer.Option(None, "--file", "-f", help="Read facts from a file (CounterFact, ZsRE, JSONL, CSV)."),
+        fmt: str | None = typer.Option(None, "--format", help="File format (default: detected)."),
+        limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Read only the first N records of --file."),
         json_: bool = JSON_OPT) -> None:
     """Stage facts: one from the command line, or many from --file."""
     from ..errors import UsageError
@@ -117,7 +115,7 @@ def add(prompt: Optional[str] = typer.Argument(None, help="Text the model comple
 
 @app.command()
 def rm(subject: str = typer.Argument(..., help="Subject whose facts to retract."),
-       relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Only this relation (id or template)."),
+       relation: str | None = RELATION_OPT,
        json_: bool = JSON_OPT) -> None:
     """Stage the retraction of facts in force about SUBJECT."""
     want_json(json_)
@@ -159,7 +157,7 @@ def status(json_: bool = JSON_OPT) -> None:
 
 
 @app.command()
-def reset(subject: Optional[str] = typer.Argument(None, help="Only unstage facts about this subject."),
+def reset(subject: str | None = typer.Argument(None, help="Only unstage facts about this subject."),
           json_: bool = JSON_OPT) -> None:
     """Unstage facts (all, or those about SUBJECT)."""
     want_json(json_)
@@ -173,7 +171,7 @@ def reset(subject: Optional[str] = typer.Argument(None, help="Only unstage facts
 
 @app.command()
 def commit(message: str = typer.Option(..., "--message", "-m", help="Why this change is made."),
-           author: Optional[str] = typer.Option(None, "--author", help="Author (default $KLEDGER_AUTHOR or user@host)."),
+           author: str | None = typer.Option(None, "--author", help="Author (default $KLEDGER_AUTHOR or user@host)."),
            allow_conflicts: bool = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of refusing."),
            json_: bool = JSON_OPT) -> None:
     """Record the staged facts as a new commit."""
@@ -182,8 +180,6 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
         cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)
         branch = ledger.current_branch()
-    from .conflicts import note_resolved
-
     note_resolved(info["meta"])
     if json_:
         emit_json("commit", {"id": cid, "branch": branch, "added": info["added"], "retracted": info["retracted"],

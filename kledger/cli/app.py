@@ -1,0 +1,105 @@
+"""The typer app and what every command module shares.
+
+Holds the `app` the commands register on, the global options (--ledger/-C, --device, --version),
+the CLI state, `open_ledger`, `want_json`, and the option objects several commands take (--json,
+--abort, --allow-conflicts, --author, --relation, the solver --mode). Command modules import from
+here and from `.output` only, never from `.main` or from each other; `main` imports them to
+register their commands and owns `run`, the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import typer
+
+from .. import __version__
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..ledger import Ledger
+
+app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="A versioned ledger of factual edits to language models, with conflict resolution.")
+
+# ledger: the --ledger/-C value (None: the nearest .kledger upward); json: whether errors are
+# reported as JSON too (main.run sets it from argv first, so that even a usage error is)
+_state: dict = {"ledger": None, "json": False}
+
+
+# ------------------------------------------------------------------ global options
+def _version(value: bool) -> None:
+    if value:
+        print(f"kledger {__version__}")
+        raise typer.Exit()
+
+
+# the name's shape only: kledger.edit.device checks that the device exists (that needs torch)
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def _use_device(device: str) -> None:
+    """Check --device's shape and pass it on to the edit engine.
+
+    For now it is passed through the environment (KLEDGER_DEVICE, read by kledger.edit.device when
+    a model is loaded), as it always was; this is the one place that does so, so that a settings
+    object handed to the library can replace it later."""
+    name = device.strip().lower()
+    if not _DEVICE_RE.fullmatch(name):
+        raise UsageError(f"unknown device {device!r}", "use --device auto, cpu, cuda or cuda:N")
+    os.environ["KLEDGER_DEVICE"] = name
+
+
+@app.callback()
+def _main(ledger: str | None = typer.Option(None, "--ledger", "-C", envvar="KLEDGER_DIR",
+                                            help="Ledger directory (default: nearest .kledger upward)."),
+          device: str | None = typer.Option(None, "--device", envvar="KLEDGER_DEVICE",
+                                            help="Where the model runs and the solves happen: auto (CUDA "
+                                                 "when there is one), cpu, cuda or cuda:N."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    _state["ledger"] = ledger
+    if device is not None:
+        _use_device(device)
+
+
+# ------------------------------------------------------------------ what commands use
+def ledger_dir() -> str | None:
+    """The --ledger/-C directory, if one was given."""
+    return _state["ledger"]
+
+
+@contextmanager
+def open_ledger(write: bool = False) -> Iterator[Ledger]:
+    # imported here, not at the top: `kledger --help` and usage errors need not load the ledger
+    from ..ledger import Ledger
+
+    with Ledger.open(_state["ledger"], write=write) as ledger:
+        yield ledger
+
+
+def want_json(flag: bool) -> bool:
+    _state["json"] = flag
+    return flag
+
+
+# ------------------------------------------------------------------ options several commands take
+JSON_OPT = typer.Option(False, "--json", help="Print JSON (docs/json.md) on stdout.")
+ABORT_OPT = typer.Option(False, "--abort", help="Abandon the operation that stopped on conflicts.")
+ALLOW_OPT = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of stopping.")
+AUTHOR_OPT = typer.Option(None, "--author")
+RELATION_OPT = typer.Option(None, "--relation", "-r", help="Only this relation (id or template).")
+
+MODES = ("accumulated", "alphaedit", "alphaedit-no-history", "no-history")
+MODE_OPT = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}.")
+
+
+def check_mode(mode: str) -> str:
+    """--mode's value, refused unless it is one of MODES."""
+    if mode not in MODES:
+        raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")
+    return mode
