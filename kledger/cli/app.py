@@ -18,6 +18,7 @@ import typer
 
 from .. import __version__
 from ..errors import UsageError
+from ..settings import MODES, check_mode  # noqa: F401  (check_mode: for the command modules)
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
@@ -94,12 +95,4 @@ ALLOW_OPT = typer.Option(False, "--allow-conflicts", help="Record contradictions
 AUTHOR_OPT = typer.Option(None, "--author")
 RELATION_OPT = typer.Option(None, "--relation", "-r", help="Only this relation (id or template).")
 
-MODES = ("accumulated", "alphaedit", "alphaedit-no-history", "no-history")
-MODE_OPT = typer.Option("accumulated", "--mode", help=f"Solver: {', '.join(MODES)}.")
-
-
-def check_mode(mode: str) -> str:
-    """--mode's value, refused unless it is one of MODES."""
-    if mode not in MODES:
-        raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")
-    return mode
+MODE_OPT = typer.Option(MODES[0], "--mode", help=f"Solver: {', '.join(MODES)}.")
