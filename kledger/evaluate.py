@@ -38,8 +38,7 @@ from .edit.device import device_of
 from .edit.hooks import boundary_token, encode, logits_at, pad_id_of
 from .errors import InputError, StateError
 from .records import Fact, short
-
-Progress = Callable[[str, int, int], None]
+from .settings import Progress
 
 KINDS = ("counterfact", "zsre", "other")
 KIND_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "other": "Other facts"}
@@ -430,8 +429,10 @@ def held_out_text(ed: Any, text_path: Path | None, n_tokens: int) -> tuple[list[
         ids = ids[offset:offset + n_tokens]
     else:
         from .edit.stats import SAMPLED_TOKENS, default_corpus
+        from .edit.weights import corpus_cache_root
 
-        text = default_corpus(ed.lm, SAMPLED_TOKENS, seed=ed.hparams.seed, progress=ed.progress)
+        text = default_corpus(ed.lm, SAMPLED_TOKENS, seed=ed.hparams.seed, cache_dir=corpus_cache_root(ed.ledger.env),
+                              progress=ed.progress)
         ids = encode(tok, text)[:n_tokens]
         info = {"source": "model-sampled", "path": None, "offset": 0, "held_out": False}
     if len(ids) < 2:

@@ -31,11 +31,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .edit.hparams import HParams, defaults_for
 from .errors import FingerprintError, StateError
 from .records import Constraint, Fact, canonical_json, sha256_hex, short
+from .settings import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -43,7 +44,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .edit.weights import LoadedModel
 
-Progress = Callable[[str, int, int], None]
 MEMO_KEY = "fingerprint_memo"  # ledger meta: what the model's files and a setup hashed to
 MEMO_FORMAT = 1
 MEMO_KEEP = 16  # setups (and model sources) remembered, newest last
@@ -142,9 +142,10 @@ class Editor:
             from .edit.spec import get_weight
             from .edit.weights import load_model, source_identity
 
-            before = source_identity(self.model_name)
-            self._lm = load_model(self.model_name, progress=self.progress)
-            after = source_identity(self.model_name)
+            env = self.ledger.env
+            before = source_identity(self.model_name, env)
+            self._lm = load_model(self.model_name, env=env, progress=self.progress)
+            after = source_identity(self.model_name, env)
             # remembered only when the files did not change while they were read
             self._source = after if before in (None, after) else None
             for la in self.hparams.layers:
@@ -209,11 +210,14 @@ class Editor:
         import torch
 
         from .edit.stats import SAMPLED_TOKENS, compute_c0, default_corpus
+        from .edit.weights import corpus_cache_root
 
         self._ensure_base_weights()
         n_tokens = hp.c0_tokens
         if text is None:  # the default: text sampled once from the base model, cached beside the model
-            text, n_tokens = default_corpus(self.lm, SAMPLED_TOKENS, seed=hp.seed, progress=self.progress), SAMPLED_TOKENS
+            text = default_corpus(self.lm, SAMPLED_TOKENS, seed=hp.seed, cache_dir=corpus_cache_root(self.ledger.env),
+                                  progress=self.progress)
+            n_tokens = SAMPLED_TOKENS
         c0, n = compute_c0(self.lm, hp.layers, text, n_tokens=n_tokens, seq_len=hp.c0_seq_len, bos=hp.bos,
                            progress=self.progress)
         with self.ledger.store.transaction():
@@ -284,7 +288,7 @@ class Editor:
         ledger's memory, without loading the model; None when not remembered."""
         from .edit.weights import source_identity
 
-        source = source_identity(self.model_name)
+        source = source_identity(self.model_name, self.ledger.env)
         if source is None:
             return None
         memo = self._memo()

@@ -14,6 +14,7 @@ from conftest_edit import save_tiny_model_dir, tiny_lm, word_corpus  # noqa: E40
 
 from kledger.edit.device import check_device_name, resolve_device  # noqa: E402
 from kledger.errors import InputError  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -25,7 +26,7 @@ def test_device_names(monkeypatch):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
     monkeypatch.setenv("KLEDGER_DEVICE", "cpu")
-    assert resolve_device() == torch.device("cpu")
+    assert resolve_device(Settings.from_env().device) == torch.device("cpu")
     for bad in ("tpu", "mps", "gpu"):
         with pytest.raises(InputError, match="device"):
             check_device_name(bad)

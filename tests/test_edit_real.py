@@ -14,6 +14,7 @@ from kledger.edit.hooks import boundary_token, encode  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-test.raw"
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -23,7 +24,7 @@ PARAPHRASE = "The Eiffel Tower can be found in the city of"
 
 @pytest.mark.real
 def test_real_edit_eiffel_tower_to_rome():
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     tok = lm.tokenizer
     hp = defaults_for(lm.model_type, lm.n_layers)
     bos = boundary_token(tok, hp.bos)

@@ -17,6 +17,7 @@ from kledger.edit import spec as S  # noqa: E402
 from kledger.edit.hooks import logits_at  # noqa: E402
 from kledger.edit.weights import (LoadedModel, load_model, model_fingerprint, require_fingerprint,  # noqa: E402
                                   save_delta, save_model)
+from kledger.settings import Settings  # noqa: E402
 
 KINDS = list(tiny_configs())
 
@@ -99,7 +100,7 @@ def test_save_model_and_delta(tmp_path, kind):
     W = S.get_weight(model, spec, 1) + 1.0
     S.set_weight(model, spec, 1, W)
     out = save_model(model, tiny_tokenizer(), tmp_path / "m")
-    lm = load_model(str(out))
+    lm = load_model(str(out), env=Settings.from_env())
     assert lm.spec is spec and not any(p.requires_grad for p in lm.model.parameters())
     assert torch.equal(S.get_weight(lm.model, spec, 1), W)
     assert lm.fingerprint([1]) == model_fingerprint(model, spec, [1])
@@ -114,7 +115,7 @@ def test_save_model_and_delta(tmp_path, kind):
 
 def test_load_missing_model_is_model_error(tmp_path):
     with pytest.raises(ModelError):
-        load_model("no-such-org/no-such-model-kledger")
+        load_model("no-such-org/no-such-model-kledger", env=Settings.from_env())
 
 
 def test_corrupt_cache_is_detected(tmp_path):
@@ -131,7 +132,7 @@ def test_corrupt_cache_is_detected(tmp_path):
 
 @pytest.mark.real
 def test_real_smollm2_loads_and_knows_paris():
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     cfg = lm.model.config
     assert lm.n_layers == 30 and cfg.hidden_size == 576 and cfg.intermediate_size == 1536
     assert S.get_weight(lm.model, lm.spec, 0).shape == (576, 1536)

@@ -20,8 +20,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 def test_paper_pipeline_small(tmp_path):
     import paper
     from kledger.edit.weights import load_model
+    from kledger.settings import Settings
 
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     text = WIKI.read_text(encoding="utf-8")[:60_000]
     res = paper.run("counterfact", 4, 2, ["accumulated", "no-history"], c0_tokens=4000, ppl_tokens=256,
                     gen_tokens=8, lm=lm, corpus_text=text, log=lambda s: None)

@@ -7,18 +7,11 @@ from typing import Optional
 
 import typer
 
+from ..settings import MODES
+from ..settings import check_mode as _check_mode
 from .main import app, open_ledger, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
 from .staging import JSON_OPT
-
-MODES = ("accumulated", "alphaedit", "alphaedit-no-history", "no-history")
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        from ..errors import UsageError
-        raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")
-    return mode
 
 
 @app.command()

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
 from ..errors import InputError, ModelError
+from ..settings import Progress, report
 from .device import device_of
 from .hooks import (add_to_residual, boundary_token, capture_down_inputs, capture_residual, encode,
                     logits_at, pad_batch, pad_id_of, run_until)
@@ -27,7 +28,6 @@ from .hparams import HParams
 from .solve import Batch, solve_history
 from .spec import get_module, get_weight, set_weight
 
-Progress = Callable[[str, int, int], None]
 LayerConstraints = Union[Batch, Sequence[Batch]]  # one (K, V) or the batches of commits in order
 
 # Short neutral contexts put before the prompt (MEMIT's prefix contexts, fixed for determinism).
@@ -235,8 +235,7 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     lay = _layout(toks, range(N), pad, dev, cut)
     with torch.enable_grad():
         for step in range(hp.steps + 1):
-            if progress is not None:
-                progress("values", step, hp.steps)
+            report(progress, "values", step, hp.steps)
             n, M = len(lay.facts), len(lay.t_ids)
             with capture_residual(model, spec, L) as got, \
                     add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
@@ -339,8 +338,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     L = hp.layers[-1]
     new: dict[int, Batch] = {}
     for i, layer in enumerate(hp.layers):
-        if progress is not None:
-            progress("layers", i, len(hp.layers))
+        report(progress, "layers", i, len(hp.layers))
         K, z_cur = measure(lm, toks, layer, L)  # [N, d_in], [N, d]
         resid = (z - z_cur) / (len(hp.layers) - i)  # [N, d]
         W_cur = get_weight(lm.model, lm.spec, layer).double()  # [d_out, d_in]
@@ -351,8 +349,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
                           device=dev)
         _check_finite(W, f"the solved weight of layer {layer}")
         set_weight(lm.model, lm.spec, layer, W)
-    if progress is not None:
-        progress("layers", len(hp.layers), len(hp.layers))
+    report(progress, "layers", len(hp.layers), len(hp.layers))
     return new
 
 
