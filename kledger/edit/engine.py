@@ -23,7 +23,7 @@ from ..errors import InputError, ModelError
 from ..settings import Progress, report
 from .device import device_of
 from .hooks import (add_to_residual, boundary_token, capture_down_inputs, capture_residual, encode,
-                    logits_at, pad_batch, pad_id_of, run_until)
+                    logits_at, pad_batch, pad_id_of, run_until, split_target)
 from .hparams import HParams
 from .solve import Batch, solve_history
 from .spec import get_module, get_weight, set_weight
@@ -88,9 +88,7 @@ def tokenize_request(tok: Any, req: EditRequest, prefixes: Sequence[str], bos_id
     if at < 0:
         raise InputError(f"subject {req.subject!r} does not occur in prompt {prompt!r}",
                          "give the subject exactly as it is spelled in the prompt")
-    p_ids = encode(tok, prompt)
-    full = encode(tok, prompt + " " + target)
-    t_ids = full[len(p_ids):] if full[:len(p_ids)] == p_ids else encode(tok, " " + target)
+    _, t_ids = split_target(tok, prompt, target)
     if not target or not t_ids:
         raise InputError(f"target {req.target!r} of prompt {prompt!r} tokenises to nothing",
                          "give a non-empty target")
