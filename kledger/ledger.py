@@ -494,18 +494,11 @@ class Ledger:
 
     def _measure(self, parent: str | None, facts: list[Fact], progress=None,
                  skip_known: bool = False, exclude: Iterable[str] = ()) -> tuple[str | None, list]:
-        """(constraints hash, rows) of `facts` measured against apply(parent) (without the
-        constraints of the facts in `exclude`); with `skip_known`, only of those no commit has
-        measured yet. (None, []) when there is nothing to measure."""
-        if not self.has_model:
-            return None, []
-        if skip_known:
-            known = self.store.measured_facts(f.id for f in facts)
-            facts = [f for f in facts if f.id not in known]
-        if not facts:
-            return None, []
-        rows = self.editor(progress=progress).compute(parent, facts, exclude=exclude)
-        return constraints_hash(rows), rows
+        """(constraints hash, rows) of `facts` measured against apply(parent): see
+        kledger.model_side.measure."""
+        from . import model_side
+
+        return model_side.measure(self, parent, facts, exclude, progress, skip_known=skip_known)
 
     def _store_constraints(self, cid: str, rows: list) -> None:
         if not rows:
@@ -519,14 +512,45 @@ class Ledger:
         return self.model not in ("", "none")
 
     def editor(self, progress=None, **kwargs):
-        """The ledger's model side (imports torch). One per Ledger unless options differ."""
-        from .materialize import Editor
+        """The ledger's model side (kledger.edit.editor.Editor: the model, hyper-parameters and
+        corpus the ledger was made with; torch is imported when it is used). One per Ledger
+        unless options (`model`, `corpus`, `overrides`) are given."""
+        from .edit.editor import Editor
 
         if kwargs or getattr(self, "_editor", None) is None:
-            self._editor = Editor(self, progress=progress, **kwargs)
+            if not self.has_model and "model" not in kwargs:
+                raise StateError("this ledger has no model (it was made with --model none)",
+                                 "make a ledger with `kledger init --model NAME` to edit a model")
+            opts = {"model": self.model, "overrides": json.loads(self.store.meta("hparams") or "{}"),
+                    "corpus": self.store.meta("corpus"), **kwargs}
+            self._editor = Editor(opts.pop("model"), store=self.store, cache_dir=self.path / "cache" / "apply",
+                                  env=self.env, progress=progress, **opts)
         elif progress is not None:
             self._editor.progress = progress
         return self._editor
+
+    # ================================================================ the model (kledger.model_side)
+    def apply(self, rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
+              delta: Path | None = None, progress=None) -> dict:
+        """Solve the constraints in force at `rev` and write the edited model (the `kledger apply`
+        document); see kledger.model_side.apply."""
+        from . import model_side
+
+        return model_side.apply(self, rev, mode, out_dir, delta, progress)
+
+    def ask(self, prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
+            max_new_tokens: int = 8, progress=None) -> dict:
+        """The model's answer at `rev` beside the base model's (the `kledger ask` document)."""
+        from . import model_side
+
+        return model_side.ask(self, prompt, rev, mode, top, max_new_tokens, progress)
+
+    def evaluate(self, rev: str | None = "HEAD", opts=None, progress=None) -> dict:
+        """Metrics at `rev` beside the base model (the `kledger eval` document); `opts` a
+        kledger.model_side.EvalOptions."""
+        from . import model_side
+
+        return model_side.evaluate(self, rev, opts, progress)
 
     # ================================================================ history
     def log(self, rev: str | None = "HEAD", limit: int | None = None, subject: str | None = None,

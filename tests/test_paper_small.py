@@ -1,5 +1,5 @@
 """The small version of bench/paper.py on the real default model: a handful of sequential edits per
-solver mode, scored by kledger.evaluate, with checks whose answers are known by construction.
+solver mode, scored by kledger.edit.evaluate, with checks whose answers are known by construction.
 Marked `real` (about a minute on 2 CPU cores)."""
 
 from __future__ import annotations
