@@ -43,9 +43,10 @@ def test_cuda_without_cuda_is_a_clear_error():
 def test_cuda_matches_cpu():
     """On a machine with CUDA: the edit and the solve on the GPU give the CPU's constraints and
     weights to float32 round-off."""
-    from kledger.edit.engine import EditRequest, apply_constraints, base_weights, compute_constraints
+    from kledger.edit.engine import EditRequest, compute_constraints
     from kledger.edit.hparams import HParams
-    from kledger.edit.solve import rel_fro
+    from kledger.edit.solve import rel_fro, solve_history
+    from kledger.edit.spec import get_weight
     from kledger.edit.stats import compute_c0
 
     hp = HParams(layers=(1, 2), steps=5, n_prefixes=2, lam=5.0)
@@ -60,9 +61,9 @@ def test_cuda_matches_cpu():
         lm = tiny_lm("llama")
         lm.model.to(dev)
         c0, _ = compute_c0(lm, hp.layers, text, n_tokens=600, seq_len=32)
-        W0 = base_weights(lm, hp.layers)
+        W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
         new = compute_constraints(lm, reqs, hp, c0_ref, W0, {})
-        out[dev] = (c0, new, apply_constraints(W0, new, c0_ref, hp.lam, device=dev))
+        out[dev] = (c0, new, {la: solve_history(W0[la], [new[la]], c0_ref[la], hp.lam, device=dev) for la in hp.layers})
     for la in hp.layers:
         assert rel_fro(out["cuda"][0][la], out["cpu"][0][la]) < 1e-5
         assert rel_fro(out["cuda"][1][la][1], out["cpu"][1][la][1]) < 1e-4

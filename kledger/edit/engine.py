@@ -1,4 +1,4 @@
-"""Keys and values: from edit requests to per-layer constraints (k, v), and applying them.
+"""Keys and values: from edit requests to per-layer constraints (k, v).
 
 For a commit's requests, against a model whose edited layers hold apply(prior):
   1. values: optimise one residual delta δ_i per fact at the last edited layer L (hook on the
@@ -370,23 +370,3 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
         diagnostics.update(info)
     return new
 
-
-def apply_constraints(W0: Mapping[int, torch.Tensor], constraints: Mapping[int, LayerConstraints],
-                      c0: Mapping[int, torch.Tensor], lam: float,
-                      mode: str = "accumulated", device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
-    """The solved weights {layer: W [d_out, d_in] float64, CPU}: a pure function of W0, the stored
-    constraints (per layer one (K, V) or the commits' batches in order), C0 and λ; the float64
-    arithmetic runs on `device` (the CPU by default)."""
-    return {layer: solve_history(W0[layer], _batches(constraints.get(layer)), c0[layer], lam, mode, device=device)
-            for layer in sorted(W0)}
-
-
-def write_weights(lm: Any, weights: Mapping[int, torch.Tensor]) -> None:
-    """Write canonical weights {layer: W [d_out, d_in]} into the model (cast to its dtype)."""
-    for layer, W in weights.items():
-        set_weight(lm.model, lm.spec, layer, W)
-
-
-def base_weights(lm: Any, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The current down-projection weights of `layers`, canonical, float64 copies."""
-    return {la: get_weight(lm.model, lm.spec, la).double() for la in layers}

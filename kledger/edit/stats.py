@@ -23,7 +23,6 @@ from .hooks import boundary_token, capture_down_inputs, encode, pad_batch, pad_i
 from .spec import down_proj, to_canonical
 
 SAMPLED_TOKENS = 20_000  # size of the default, model-sampled corpus (sampling is the slow part)
-SAMPLED_CORPUS = "model-sampled"
 
 
 def corpus_fingerprint(text: str, n_tokens: int) -> str:
@@ -151,19 +150,3 @@ def default_corpus(lm: Any, n_tokens: int = SAMPLED_TOKENS, *, seed: int = 0,
     os.replace(tmp, path)
     return text
 
-
-
-def measure_c0(lm: Any, hp: Any, corpus: str | None = None, *, cache_dir: str | None = None,
-               progress: Progress | None = None) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """C0 for hp.layers on the base model `lm`, and what it depends on: {"corpus": "model-sampled"
-    or "text", "corpus_fingerprint", "n_tokens"}. `corpus` None uses the default corpus
-    (SAMPLED_TOKENS tokens sampled from the model, cached); otherwise the given text, up to
-    hp.c0_tokens tokens."""
-    if corpus is None:
-        text, n_max, kind = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, cache_dir=cache_dir,
-                                           progress=progress), SAMPLED_TOKENS, SAMPLED_CORPUS
-    else:
-        text, n_max, kind = corpus, hp.c0_tokens, "text"
-    c0, n = compute_c0(lm, hp.layers, text, n_tokens=n_max, seq_len=hp.c0_seq_len, bos=hp.bos,
-                       progress=progress)
-    return c0, {"corpus": kind, "corpus_fingerprint": corpus_fingerprint(text, n), "n_tokens": n}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
-from ..errors import FingerprintError, ModelError
+from ..errors import ModelError
 from ..settings import DEFAULT_MODEL, Progress, Settings, report
 from .spec import ArchSpec, get_weight, n_layers, spec_for
 
@@ -117,17 +117,6 @@ def model_fingerprint(model: Any, spec: ArchSpec, layers: Iterable[int]) -> str:
         h.update(f"\0layer {layer} {tuple(w.shape)}\0".encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()
-
-
-def require_fingerprint(lm: LoadedModel, layers: Iterable[int], expected: str) -> None:
-    """FingerprintError unless the model's edited layers and config hash to `expected`."""
-    layers = sorted(set(int(x) for x in layers))
-    actual = lm.fingerprint(layers)
-    if actual != expected:
-        raise FingerprintError(
-            f"model {lm.name!r} (layers {layers}) has fingerprint {actual[:12]}, but the constraints "
-            f"were measured on {expected[:12]}",
-            "load the base model the ledger was made with, or replay the commits on this one")
 
 
 # ---- locating and caching the default model -------------------------------------------------
