@@ -431,6 +431,17 @@ def held_out_text(ed: Any, text_path: Path | None, n_tokens: int) -> tuple[list[
 
 # ---------------------------------------------------------------------------- plot
 
+def _rate_series(history: Sequence[dict]) -> list[tuple[str, str, list]]:
+    """(kind, label, values along the history) of every rate or probability that has a value."""
+    rates = []
+    for kind in KINDS:
+        for name in GROUP_METRICS[kind]:
+            ys = [(p["metrics"].get(kind) or {}).get(name) for p in history]
+            if any(y is not None for y in ys):
+                rates.append((kind, f"{KIND_TITLES[kind]} {name}", ys))
+    return rates
+
+
 def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """A line plot of the metrics along the history (PNG or any format matplotlib knows from the
     extension): the rates and probabilities on a 0–1 axis, perplexity and fluency below it."""
@@ -446,12 +457,7 @@ def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> 
     xs = list(range(len(history)))
     labels = [p["label"] for p in history]
     styles = {"counterfact": ("-", "o"), "zsre": ("--", "s"), "other": (":", "^")}  # one line style per kind
-    rates: list[tuple[str, str, list]] = []
-    for kind in KINDS:
-        for name in GROUP_METRICS[kind]:
-            ys = [(p["metrics"].get(kind) or {}).get(name) for p in history]
-            if any(y is not None for y in ys):
-                rates.append((kind, f"{KIND_TITLES[kind]} {name}", ys))
+    rates = _rate_series(history)
     extra = [name for name in ("perplexity", "fluency") if any(p["metrics"].get(name) is not None for p in history)]
     fig, axes = plt.subplots(1 + len(extra), 1, sharex=True, squeeze=False,
                              figsize=(max(6.0, 0.5 * len(xs) + 3) + 3.5, 3.2 * (1 + len(extra))))
