@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kledger.edit import solve as solve_mod  # noqa: E402
+from kledger.edit.editor import Editor  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Constraint, constraints_hash  # noqa: E402
@@ -140,22 +141,14 @@ def cold_apply(ledger_dir: Path, cid: str) -> tuple[dict, dict]:
         ed.fingerprint()
         out["fingerprint_s"] = time.perf_counter() - t0
         tm = Timer()
-        got = {}
-
-        def keep(fn):
-            def inner(*a, **k):
-                got["rows"] = fn(*a, **k)
-                return got["rows"]
-            return inner
-
-        ed.constraints_at = tm.wrap("gather", keep(ed.constraints_at))
         ed.by_layer = tm.wrap("stack", ed.by_layer)
         ed._store_cache = tm.wrap("cache_write", ed._store_cache)
         orig = solve_mod.solve_layer
         solve_mod.solve_layer = tm.wrap("solve", orig)
         try:
             t0 = time.perf_counter()
-            weights, info = ed.solve(cid)
+            batches = tm.wrap("gather", lg.history.constraints_at)(cid)
+            weights, info = ed.solve(batches)
             total = time.perf_counter() - t0
         finally:
             solve_mod.solve_layer = orig
@@ -165,12 +158,12 @@ def cold_apply(ledger_dir: Path, cid: str) -> tuple[dict, dict]:
                     "other_s": total - sum(tm.t.values()), "facts": info["facts"],
                     "constraints": info["constraints"]})
         t0 = time.perf_counter()
-        w2, info2 = ed.solve(cid)
+        w2, info2 = ed.solve(lg.history.constraints_at(cid))
         out["warm_s"] = time.perf_counter() - t0
         assert info2["cached"] and all(torch.equal(weights[la], w2[la]) for la in weights)
         # the floor, on the same tensors: Gram matrices and one float64 Cholesky solve per layer
         hp, c0 = ed.hparams, ed.c0()
-        groups = Editor_by_layer(got["rows"], hp.layers)
+        groups = Editor.by_layer([r for b in batches for r in b], hp.layers)
         floor = 0.0
         max_diff = 0.0
         dev = ed.lm.device  # where apply solved: the floor runs there too
@@ -196,11 +189,6 @@ def cold_apply(ledger_dir: Path, cid: str) -> tuple[dict, dict]:
         lg._editor = None
         lg.close()
         gc.collect()
-
-
-def Editor_by_layer(rows, layers):
-    from kledger.materialize import Editor
-    return Editor.by_layer(rows, layers)
 
 
 def cli_apply(ledger_dir: Path, cid: str) -> dict:
@@ -231,8 +219,9 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     quick = os.environ.get("APPLY_BENCH_QUICK") == "1"
     from kledger.edit.device import resolve_device
+    from kledger.settings import Settings
 
-    R: dict = {"device": str(resolve_device()), "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    R: dict = {"device": str(resolve_device(Settings.from_env().device)), "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                "torch": torch.__version__, "synthetic_constraints": True}
     work = Path(tempfile.mkdtemp(prefix="kledger-apply-bench-"))
     try:
@@ -356,7 +345,7 @@ def report(R: dict) -> None:
         p(f"  {n:>6} {a['constraints']:>11} {a['gather_s']:>7.2f}s {a['stack_s']:>6.2f}s {a['solve_s']:>6.2f}s"
           f" {a['cache_write_s']:>7.2f}s {a['other_s']:>6.2f}s {a['apply_s']:>6.2f}s {a['floor_s']:>6.2f}s"
           f" {a['ratio_apply_over_floor']:>10.2f}x {a['ratio_solve_over_floor']:>10.2f}x {a['warm_s']:>6.3f}s")
-    p("  gather = Editor.constraints_at (DuckDB query + unpack); stack = by_layer; solve = solve_layer x 5;")
+    p("  gather = History.constraints_at (DuckDB query + unpack); stack = by_layer; solve = solve_layer x 5;")
     p("  floor = sum over the 5 layers of A = lam*C0 + K^T K, B = K^T (V - K W0^T), float64 Cholesky")
     p("  solve, timed directly with torch on the same tensors (target apply/floor <= 2x).")
     p("  Fixed costs outside Editor.solve, per cold apply: " + "; ".join(

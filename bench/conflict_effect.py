@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from kledger.edit.hooks import boundary_token  # noqa: E402
-from kledger.evaluate import Scorer  # noqa: E402
+from kledger.edit.evaluate import Scorer  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
+from kledger.model_side import load_at  # noqa: E402
 from kledger.records import Fact, normalize, template_of  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -64,7 +65,7 @@ def pairs(n: int, start: int) -> list[dict]:
 
 
 def score(lm, recs: list[dict], bos: str) -> dict:
-    """B's scores on the records, per-token mean log-probabilities from kledger.evaluate's Scorer."""
+    """B's scores on the records, per-token mean log-probabilities from kledger.edit.evaluate's Scorer."""
     items = []
     for r in recs:
         items += [(r["prompt"], r["target_b"]), (r["prompt"], r["ground_truth"]), (r["prompt"], r["target_new"]),
@@ -109,11 +110,11 @@ def main() -> None:
     lg.add(facts(recs, "target_b"))
     naive = lg.commit("B: contradicting objects", author="bench", allow_conflicts=True)
     res["open_conflicts"] = len(lg.check()["conflicts"])
-    ed.load(naive)
+    load_at(lg, naive)
     res["naive"] = score(ed.lm, recs, bos)
     r = lg.resolve_conflicts(strategy="newest", author="bench")
     res["resolved_conflicts"] = len(r["decided"])
-    ed.load(lg.head())
+    load_at(lg, lg.head())
     res["resolved"] = score(ed.lm, recs, bos)
     res["check_after_resolve_ok"] = lg.check()["ok"]
     lg.close()
@@ -122,7 +123,7 @@ def main() -> None:
     lg.add(facts(recs, "target_b"))
     only = lg.commit("B only", author="bench")
     ed = lg.editor()
-    ed.load(only)
+    load_at(lg, only)
     res["only_b"] = score(ed.lm, recs, bos)
     lg.close()
     res["seconds"] = round(time.time() - t0, 1)

@@ -21,10 +21,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edit_eval import DATA, counterfact, metrics, requests  # noqa: E402
-from kledger.edit.engine import base_weights, compute_constraints, write_weights  # noqa: E402
+from kledger.edit.engine import compute_constraints  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
+from kledger.edit.spec import get_weight, set_weight  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
+
+
+def restore(lm, weights) -> None:
+    """Write canonical weights {layer: W [d_out, d_in]} back into the model."""
+    for la, W in weights.items():
+        set_weight(lm.model, lm.spec, la, W)
 
 
 def main() -> None:
@@ -34,9 +42,9 @@ def main() -> None:
     ap.add_argument("--model-cache", default=None)
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     a = ap.parse_args()
-    lm = load_model(cache_dir=a.model_cache, device=a.device)
+    lm = load_model(env=Settings.from_env(), cache_dir=a.model_cache, device=a.device)
     hp = defaults_for(lm.model_type, lm.n_layers)
-    W0 = base_weights(lm, hp.layers)
+    W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     c0, _ = compute_c0(lm, hp.layers, (DATA / "wikitext-2-test.raw").read_text(), n_tokens=a.c0_tokens)
     recs = counterfact(a.facts)
     reqs = requests(recs)
@@ -47,7 +55,7 @@ def main() -> None:
     t_batch = time.time() - t
     m_batch = metrics(lm, recs)
 
-    write_weights(lm, W0)
+    restore(lm, W0)
     stored: list[dict] = []
     steps = []
     t = time.time()
@@ -58,7 +66,7 @@ def main() -> None:
         steps += d["steps"]
     t_single = time.time() - t
     m_single = metrics(lm, recs)
-    write_weights(lm, W0)
+    restore(lm, W0)
     out = {"device": str(lm.device), "threads": torch.get_num_threads(), "facts": len(reqs),
            "batched_s_per_fact": round(t_batch / len(reqs), 2),
            "one_at_a_time_s_per_fact": round(t_single / len(reqs), 2),

@@ -17,11 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from edit_eval import DATA, counterfact, metrics, requests  # noqa: E402
-from kledger.edit.engine import base_weights, optimise_values, prepare, spread, write_weights  # noqa: E402
+from kledger.edit.engine import optimise_values, prepare, spread  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.solve import rel_fro  # noqa: E402
 from kledger.edit.stats import compute_c0, default_corpus  # noqa: E402
-from kledger.edit.weights import load_model  # noqa: E402
+from kledger.edit.spec import get_weight, set_weight  # noqa: E402
+from kledger.edit.weights import corpus_cache_root, load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
+
+
+def restore(lm, weights) -> None:
+    """Write canonical weights {layer: W [d_out, d_in]} back into the model."""
+    for la, W in weights.items():
+        set_weight(lm.model, lm.spec, la, W)
 
 
 def say(stage: str, done: int, total: int) -> None:
@@ -36,12 +44,12 @@ def main() -> None:
     ap.add_argument("--model-cache", default=None)
     ap.add_argument("--out", default="bench/out/edit_corpus.json")
     a = ap.parse_args()
-    lm = load_model(cache_dir=a.model_cache)
+    lm = load_model(env=Settings.from_env(), cache_dir=a.model_cache)
     hp = defaults_for(lm.model_type, lm.n_layers)
-    W0 = base_weights(lm, hp.layers)
+    W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     wiki = (DATA / "wikitext-2-test.raw").read_text()
     t = time.time()
-    sampled = default_corpus(lm, a.sampled_tokens, seed=0, progress=say)  # cached after the first run
+    sampled = default_corpus(lm, a.sampled_tokens, seed=0, cache_dir=corpus_cache_root(Settings.from_env()), progress=say)  # cached after the first run
     t_sample = time.time() - t
     c0s, times = {}, {}
     for name, text, n in [("wiki", wiki, a.wiki_tokens), ("wiki-small", wiki, a.sampled_tokens),
@@ -57,10 +65,10 @@ def main() -> None:
     z, info = optimise_values(lm, toks, hp, progress=say)  # the values do not depend on C0
     t_values = time.time() - t
     for name, c0 in c0s.items():
-        write_weights(lm, W0)
+        restore(lm, W0)
         spread(lm, toks, z, hp, c0, W0, {})
         res[name] = metrics(lm, recs)
-    write_weights(lm, W0)
+    restore(lm, W0)
     report = {"hparams": hp.to_dict(), "records": len(recs), "sample_s": round(t_sample, 1),
               "c0_s": {k: round(v, 1) for k, v in times.items()}, "c0_rel_fro_vs_wiki": diff,
               "scores": res, "values_s": round(t_values, 1),

@@ -16,10 +16,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edit_eval import DATA, counterfact, metrics, requests  # noqa: E402
-from kledger.edit.engine import base_weights, optimise_values, prepare, spread, write_weights  # noqa: E402
+from kledger.edit.engine import optimise_values, prepare, spread  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
+from kledger.edit.spec import get_weight, set_weight  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
+
+
+def restore(lm, weights) -> None:
+    """Write canonical weights {layer: W [d_out, d_in]} back into the model."""
+    for la, W in weights.items():
+        set_weight(lm.model, lm.spec, la, W)
 
 
 def main() -> None:
@@ -32,11 +40,11 @@ def main() -> None:
     ap.add_argument("--bos", default="auto", help="auto | always | never (C0, keys and values)")
     ap.add_argument("--model-cache", default=None)
     a = ap.parse_args()
-    lm = load_model(cache_dir=a.model_cache)
+    lm = load_model(env=Settings.from_env(), cache_dir=a.model_cache)
     base = defaults_for(lm.model_type, lm.n_layers).with_(bos=a.bos)
     layer_sets = [tuple(range(int(x.split("-")[0]), int(x.split("-")[1]) + 1)) for x in a.layers.split(",")]
     all_layers = sorted({la for s in layer_sets for la in s})
-    W0 = base_weights(lm, all_layers)
+    W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in all_layers}
     c0, _ = compute_c0(lm, all_layers, (DATA / "wikitext-2-test.raw").read_text(), n_tokens=a.c0_tokens,
                        bos=a.bos)
     recs = counterfact(a.records)
@@ -45,13 +53,13 @@ def main() -> None:
     for layers in layer_sets:
         for lr in (float(x) for x in a.lrs.split(",")):
             hp = base.with_(layers=layers, lr=lr)
-            write_weights(lm, W0)
+            restore(lm, W0)
             toks = prepare(lm, requests(recs), hp)
             t = time.time()
             z, info = optimise_values(lm, toks, hp)
             t_values = time.time() - t
             for lam in (float(x) for x in a.lams.split(",")):
-                write_weights(lm, W0)
+                restore(lm, W0)
                 t = time.time()
                 spread(lm, toks, z, hp.with_(lam=lam), c0, W0, {})
                 row = {"layers": f"{layers[0]}-{layers[-1]}", "lr": lr, "lam": lam,
@@ -59,7 +67,7 @@ def main() -> None:
                        "mean_steps": round(sum(info["steps"]) / len(recs), 1),
                        "values_s": round(t_values, 1), "spread_s": round(time.time() - t, 1)}
                 print(json.dumps(row | metrics(lm, recs, a.bos)), flush=True)
-    write_weights(lm, W0)
+    restore(lm, W0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ plots (metrics against the number of edits) into docs/results.md and docs/img/.
 
 Each mode edits sequentially as `kledger commit` does: batch t's constraints are measured against
 the weights the mode's solve gives for batches 1..t-1, and the model then holds the mode's solve
-over batches 1..t. After every batch, the records edited so far are scored with kledger.evaluate
+over batches 1..t. After every batch, the records edited so far are scored with kledger.edit.evaluate
 (the code behind `kledger eval`). At the end, each model is also scored for perplexity on
 WikiText-2 and for fluency. `accumulated_vs_stored_solve` checks the paper's identity on the real
 model: the weights left by sequential editing equal the one-shot solve over the stored constraints.
@@ -31,13 +31,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from kledger.edit import solve as solve_mod  # noqa: E402
-from kledger.edit.engine import EditRequest, base_weights, compute_constraints, write_weights  # noqa: E402
+from kledger.edit.engine import EditRequest, compute_constraints  # noqa: E402
 from kledger.edit.hooks import boundary_token  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
-from kledger.edit.spec import get_weight  # noqa: E402
+from kledger.edit.spec import get_weight, set_weight  # noqa: E402
 from kledger.edit.stats import SAMPLED_TOKENS, compute_c0, default_corpus  # noqa: E402
-from kledger.edit.weights import load_model  # noqa: E402
-from kledger.evaluate import Scorer, evaluate_model  # noqa: E402
+from kledger.edit.weights import corpus_cache_root, load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
+from kledger.edit.evaluate import Scorer, evaluate_model  # noqa: E402
 from kledger.formats import read_facts  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -45,6 +46,12 @@ FILES = {"counterfact": "counterfact-train.json", "zsre": "zsre-train-1k.json"}
 MODES = ("accumulated", "alphaedit", "no-history")
 HEADLINE = {"counterfact": ("efficacy", "generalization", "specificity"),
             "zsre": ("efficacy", "generalization", "specificity")}
+
+
+def restore(lm, weights) -> None:
+    """Write canonical weights {layer: W [d_out, d_in]} back into the model."""
+    for la, W in weights.items():
+        set_weight(lm.model, lm.spec, la, W)
 
 
 def records(kind: str, n: int, start: int = 0) -> list:
@@ -70,11 +77,13 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
         ppl_tokens: int = 4096, gen_tokens: int = 32, one_shot: bool = True, lm: Any = None,
         corpus_text: str | None = None, log=print) -> dict:
     """One data set: curves and final scores per mode, plus the one-shot edit and the base model."""
-    lm = lm or load_model()
+    lm = lm or load_model(env=Settings.from_env())
     hp = defaults_for(lm.model_type, lm.n_layers)
-    W0 = base_weights(lm, hp.layers)
+    W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     t = time.time()
-    text = corpus_text if corpus_text is not None else default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed)
+    if corpus_text is None:
+        corpus_text = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, cache_dir=corpus_cache_root(Settings.from_env()))
+    text = corpus_text
     c0, n_c0 = compute_c0(lm, hp.layers, text, n_tokens=c0_tokens or SAMPLED_TOKENS, seq_len=hp.c0_seq_len, bos=hp.bos)
     log(f"C0 on {n_c0} tokens: {time.time() - t:.0f} s")
     facts = records(kind, n, start)
@@ -89,14 +98,14 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
                 "fluency": None if r["metrics"]["fluency"] is None else round(r["metrics"]["fluency"], 3),
                 "scoring_seconds": round(sum(r["seconds"].values()), 1)}
 
-    write_weights(lm, W0)
+    restore(lm, W0)
     out: dict = {"kind": kind, "file": FILES[kind], "records": [f.extra.get("case_id", i + start)
                                                                   for i, f in enumerate(facts)],
                  "n": n, "batch": batch, "c0_tokens": n_c0, "hardware": hardware(), "base": final_scores(), "modes": {}}
     log(f"base: {out['base']}")
     for mode in modes:
         hpm = hp.with_(mode=mode)
-        write_weights(lm, W0)
+        restore(lm, W0)
         stored: list[dict] = []
         curve = []
         t = time.time()
@@ -119,19 +128,19 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
         out["modes"][mode] = res
         log(f"{mode}: {res}")
     if one_shot:
-        write_weights(lm, W0)
+        restore(lm, W0)
         t = time.time()
         compute_constraints(lm, reqs, hp, c0, W0, {})
         out["one_shot"] = {"edit_seconds": round(time.time() - t, 1), **final_scores()}
         log(f"one-shot: {out['one_shot']}")
-    write_weights(lm, W0)
+    restore(lm, W0)
     return out
 
 
 def hardware() -> str:
     from kledger.edit.device import resolve_device
 
-    dev = resolve_device()  # where load_model() puts the model
+    dev = resolve_device(Settings.from_env().device)  # where load_model() puts the model
     where = f"on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} thread(s), {where}")
@@ -248,7 +257,7 @@ def main() -> None:
             seconds = None if seconds is None or saved.get("seconds") is None else seconds + saved["seconds"]
         cmd = "\n".join(r["command"] for r in results) + "\n" + "python bench/paper.py --render " + " ".join(a.render)
     else:
-        lm = load_model()
+        lm = load_model(env=Settings.from_env())
         results = [run(k, a.n, a.batch, a.modes.split(","), start=a.start, ppl_tokens=a.ppl_tokens, lm=lm,
                        log=lambda s: print(s, file=sys.stderr, flush=True))
                    for k in a.data.split(",")]

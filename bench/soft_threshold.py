@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from kledger.edit.engine import EditRequest, measure, prepare  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 from kledger.records import normalize, template_of  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     a = ap.parse_args()
     t0 = time.time()
-    lm = load_model(a.model)
+    lm = load_model(a.model, env=Settings.from_env())
     hp = defaults_for(lm.model_type, lm.n_layers)
     layer = hp.layers[0]
     recs = json.loads((DATA / "counterfact-train.json").read_text())

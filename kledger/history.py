@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import RevisionError, UsageError
-from .records import OP_ADD, Commit, Fact, Op, looks_like_id, short
+from .errors import RevisionError, StateError, UsageError
+from .records import OP_ADD, Commit, Constraint, Fact, Op, looks_like_id, short
 from .store import Store
 
 _BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])")
@@ -213,6 +213,35 @@ class History:
         ordered += sorted(set(state) - set(ordered))
         facts = self.store.facts(ordered)
         return [facts[i] for i in ordered if i in facts]
+
+    def constraints_at(self, cid: str | None) -> list[list[Constraint]]:
+        """The stored constraints of the facts in force at `cid`, grouped by the commit that put
+        each fact in force, in first-parent order (oldest first): the batches `apply` solves. A
+        fact's constraints are those of the commit that put it in force, or, for a fact brought by
+        a merge, cherry-pick or revert (commits that measure nothing), those of the commit that
+        measured it. A StateError when a fact in force has none. Needs neither model nor torch."""
+        if cid is None:
+            return []
+        state = self.state(cid)
+        rows = self.store.constraints_for_facts(list(state))
+        order = self.store.commit_order()
+        best: dict[str, str] = {}
+        for r in rows:
+            cur = best.get(r.fact_id)
+            if cur is None or r.commit_id == state[r.fact_id] or (
+                    cur != state[r.fact_id] and order.get(r.commit_id, 0) > order.get(cur, 0)):
+                best[r.fact_id] = r.commit_id
+        missing = [f for f in state if f not in best]
+        if missing:
+            raise StateError(f"{len(missing)} fact(s) in force at {short(cid)} have no stored constraints "
+                             f"(e.g. {short(missing[0])}), from commits made without a model",
+                             "run `kledger replay` to compute them")
+        pos = {c: i for i, c in enumerate(reversed(self.first_parent_chain(cid)))}
+        by_commit: dict[int, list[Constraint]] = {}
+        for r in rows:
+            if best.get(r.fact_id) == r.commit_id:
+                by_commit.setdefault(pos.get(state[r.fact_id], 0), []).append(r)
+        return [by_commit[i] for i in sorted(by_commit)]
 
     # ---------------------------------------------------------------- read verbs
     def log(self, rev: str | None = "HEAD", limit: int | None = None, subject: str | None = None,

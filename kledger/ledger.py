@@ -56,11 +56,7 @@ class Ledger:
                 "created": env.now(), "created_by": f"kledger {__version__}"}
         if meta["model"] not in ("", "none"):
             meta["soft_threshold"] = str(SOFT_THRESHOLD)
-        settings = settings or {}
-        if settings.get("hparams"):
-            meta["hparams"] = json.dumps(settings["hparams"], sort_keys=True)
-        if settings.get("corpus"):
-            meta["corpus"] = str(settings["corpus"])
+        meta.update(_checked_settings(settings or {}))
         return cls(Store.create(ldir, meta, wait=env.lock_wait), env)
 
     @classmethod
@@ -343,18 +339,11 @@ class Ledger:
     # ================================================================ the model side
     def _measure(self, parent: str | None, facts: list[Fact], progress=None,
                  skip_known: bool = False, exclude: Iterable[str] = ()) -> tuple[str | None, list]:
-        """(constraints hash, rows) of `facts` measured against apply(parent) (without the
-        constraints of the facts in `exclude`); with `skip_known`, only of those no commit has
-        measured yet. (None, []) when there is nothing to measure."""
-        if not self.has_model:
-            return None, []
-        if skip_known:
-            known = self.store.measured_facts(f.id for f in facts)
-            facts = [f for f in facts if f.id not in known]
-        if not facts:
-            return None, []
-        rows = self.editor(progress=progress).compute(parent, facts, exclude=exclude)
-        return constraints_hash(rows), rows
+        """(constraints hash, rows) of `facts` measured against apply(parent): see
+        kledger.model_side.measure."""
+        from . import model_side
+
+        return model_side.measure(self, parent, facts, exclude, progress, skip_known=skip_known)
 
     def _store_constraints(self, cid: str, rows: list) -> None:
         if not rows:
@@ -364,14 +353,45 @@ class Ledger:
         self.store.put_constraints(cid, rows)
 
     def editor(self, progress=None, **kwargs):
-        """The ledger's model side (imports torch). One per Ledger unless options differ."""
-        from .materialize import Editor
+        """The ledger's model side (kledger.edit.editor.Editor: the model, hyper-parameters and
+        corpus the ledger was made with; torch is imported when it is used). One per Ledger
+        unless options (`model`, `corpus`, `overrides`) are given."""
+        from .edit.editor import Editor
 
         if kwargs or self._editor is None:
-            self._editor = Editor(self, progress=progress, **kwargs)
+            if not self.has_model and "model" not in kwargs:
+                raise StateError("this ledger has no model (it was made with --model none)",
+                                 "make a ledger with `kledger init --model NAME` to edit a model")
+            opts = {"model": self.model, "overrides": json.loads(self.store.meta("hparams") or "{}"),
+                    "corpus": self.store.meta("corpus"), **kwargs}
+            self._editor = Editor(opts.pop("model"), store=self.store, cache_dir=self.path / "cache" / "apply",
+                                  env=self.env, progress=progress, **opts)
         elif progress is not None:
             self._editor.progress = progress
         return self._editor
+
+    # ================================================================ the model (kledger.model_side)
+    def apply(self, rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
+              delta: Path | None = None, progress=None) -> dict:
+        """Solve the constraints in force at `rev` and write the edited model (the `kledger apply`
+        document); see kledger.model_side.apply."""
+        from . import model_side
+
+        return model_side.apply(self, rev, mode, out_dir, delta, progress)
+
+    def ask(self, prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
+            max_new_tokens: int = 8, progress=None) -> dict:
+        """The model's answer at `rev` beside the base model's (the `kledger ask` document)."""
+        from . import model_side
+
+        return model_side.ask(self, prompt, rev, mode, top, max_new_tokens, progress)
+
+    def evaluate(self, rev: str | None = "HEAD", opts=None, progress=None) -> dict:
+        """Metrics at `rev` beside the base model (the `kledger eval` document); `opts` a
+        kledger.model_side.EvalOptions."""
+        from . import model_side
+
+        return model_side.evaluate(self, rev, opts, progress)
 
     # ================================================================ branches
     def create_branch(self, name: str, rev: str = "HEAD", force: bool = False) -> str:
@@ -666,6 +686,24 @@ class Ledger:
             raise
         ledger._changed()
         return ledger
+
+
+def _checked_settings(settings: dict) -> dict[str, str]:
+    """The meta rows of `init`'s settings, checked before anything is created: hyper-parameter
+    names and values (kledger.edit.hparams, no torch) and that the corpus file exists."""
+    meta = {}
+    if settings.get("hparams"):
+        from .edit.hparams import HParams
+
+        hp = settings["hparams"]
+        HParams.from_dict({k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in hp.items()})
+        meta["hparams"] = json.dumps(hp, sort_keys=True)
+    if settings.get("corpus"):
+        corpus = Path(settings["corpus"]).expanduser()
+        if not corpus.is_file():
+            raise InputError(f"corpus file {corpus} does not exist", "give a UTF-8 text file")
+        meta["corpus"] = str(corpus.resolve())
+    return meta
 
 
 def _with_resolved(meta: dict | None, entries: list[dict]) -> dict | None:

@@ -30,7 +30,7 @@ class Result:
 def device_for_tests(monkeypatch):
     """Every test runs on the CPU, whose tolerances the tests were written for, also on a machine
     with a GPU; the CUDA paths have their own test in test_device.py. KLEDGER_TEST_DEVICE=cuda runs
-    the whole suite on the GPU instead. (`--device` writes $KLEDGER_DEVICE for the process; setting
+    the whole suite on the GPU instead. (Each command reads $KLEDGER_DEVICE once, into its Settings; setting
     it here makes teardown restore it.)"""
     monkeypatch.setenv("KLEDGER_DEVICE", os.environ.get("KLEDGER_TEST_DEVICE", "cpu"))
 

@@ -23,7 +23,7 @@ from conftest_edit import save_tiny_model_dir, tiny_model, word_corpus  # noqa: 
 from kledger.edit import weights as weights_mod  # noqa: E402
 from kledger.errors import FingerprintError  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
-from kledger.materialize import MEMO_KEY, Editor  # noqa: E402
+from kledger.edit.editor import MEMO_KEY, Editor  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
 FACTS = [
@@ -94,7 +94,7 @@ def editor(proj) -> tuple[Ledger, Editor]:
 def cached_at_head(proj) -> bool:
     lg, ed = editor(proj)
     try:
-        return ed.cached(lg.head()) is not None
+        return ed.cached(lg.history.constraints_at(lg.head())) is not None
     finally:
         lg.close()
 
@@ -166,7 +166,7 @@ def test_changed_model_files_invalidate(k, tmp_path_factory, corpus):
     lg, ed = editor(proj)
     try:
         with pytest.raises(FingerprintError, match="base model weights"):
-            ed.solve(lg.head())
+            ed.solve(lg.history.constraints_at(lg.head()))
     finally:
         lg.close()
     r = k("-C", proj / "proj", "apply", "--json")
@@ -180,9 +180,9 @@ def test_other_hparams_or_corpus_miss_then_refuse(k, proj):
     lg.store.set_meta("hparams", json.dumps({**json.loads(hp), "lam": 50.0}))
     ed = lg.editor()
     try:
-        assert ed.cached(lg.head()) is None
+        assert ed.cached(lg.history.constraints_at(lg.head())) is None
         with pytest.raises(FingerprintError, match="hyper-parameters"):
-            ed.solve(lg.head())
+            ed.solve(lg.history.constraints_at(lg.head()))
     finally:
         lg.store.set_meta("hparams", hp)
         lg.close()
@@ -193,9 +193,9 @@ def test_other_hparams_or_corpus_miss_then_refuse(k, proj):
     lg.store.set_meta("corpus", str(other))
     ed = lg.editor()
     try:
-        assert ed.cached(lg.head()) is None
+        assert ed.cached(lg.history.constraints_at(lg.head())) is None
         with pytest.raises(FingerprintError, match="C0"):
-            ed.solve(lg.head())
+            ed.solve(lg.history.constraints_at(lg.head()))
     finally:
         lg.close()
 
@@ -265,7 +265,7 @@ def test_read_only_ledger_remembers_nothing(proj):
     lg = Ledger.open(proj / "proj")
     try:
         ed = lg.editor()
-        assert ed.solve(lg.resolve("HEAD~1"))[1]["facts"] == 2
+        assert ed.solve(lg.history.constraints_at(lg.resolve("HEAD~1")))[1]["facts"] == 2
         assert lg.store.meta(MEMO_KEY) == "{}"
     finally:
         lg.close()

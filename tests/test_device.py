@@ -14,6 +14,7 @@ from conftest_edit import save_tiny_model_dir, tiny_lm, word_corpus  # noqa: E40
 
 from kledger.edit.device import check_device_name, resolve_device  # noqa: E402
 from kledger.errors import InputError  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -25,7 +26,7 @@ def test_device_names(monkeypatch):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
     monkeypatch.setenv("KLEDGER_DEVICE", "cpu")
-    assert resolve_device() == torch.device("cpu")
+    assert resolve_device(Settings.from_env().device) == torch.device("cpu")
     for bad in ("tpu", "mps", "gpu"):
         with pytest.raises(InputError, match="device"):
             check_device_name(bad)
@@ -42,9 +43,10 @@ def test_cuda_without_cuda_is_a_clear_error():
 def test_cuda_matches_cpu():
     """On a machine with CUDA: the edit and the solve on the GPU give the CPU's constraints and
     weights to float32 round-off."""
-    from kledger.edit.engine import EditRequest, apply_constraints, base_weights, compute_constraints
+    from kledger.edit.engine import EditRequest, compute_constraints
     from kledger.edit.hparams import HParams
-    from kledger.edit.solve import rel_fro
+    from kledger.edit.solve import rel_fro, solve_history
+    from kledger.edit.spec import get_weight
     from kledger.edit.stats import compute_c0
 
     hp = HParams(layers=(1, 2), steps=5, n_prefixes=2, lam=5.0)
@@ -59,9 +61,9 @@ def test_cuda_matches_cpu():
         lm = tiny_lm("llama")
         lm.model.to(dev)
         c0, _ = compute_c0(lm, hp.layers, text, n_tokens=600, seq_len=32)
-        W0 = base_weights(lm, hp.layers)
+        W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
         new = compute_constraints(lm, reqs, hp, c0_ref, W0, {})
-        out[dev] = (c0, new, apply_constraints(W0, new, c0_ref, hp.lam, device=dev))
+        out[dev] = (c0, new, {la: solve_history(W0[la], [new[la]], c0_ref[la], hp.lam, device=dev) for la in hp.layers})
     for la in hp.layers:
         assert rel_fro(out["cuda"][0][la], out["cpu"][0][la]) < 1e-5
         assert rel_fro(out["cuda"][1][la][1], out["cpu"][1][la][1]) < 1e-4

@@ -13,12 +13,12 @@ pytest.importorskip("transformers")
 from conftest_edit import one_thread, tiny_lm, word_corpus  # noqa: E402,F401
 
 from kledger.errors import InputError  # noqa: E402
-from kledger.edit.engine import (EditRequest, apply_constraints, base_weights,  # noqa: E402
-                                 compute_constraints, context_prefixes, optimise_values,
-                                 tokenize_request, write_weights)
+from kledger.edit.engine import (EditRequest, compute_constraints, context_prefixes,  # noqa: E402
+                                 optimise_values, tokenize_request)
 from kledger.edit.hooks import boundary_token  # noqa: E402
 from kledger.edit.hparams import HParams  # noqa: E402
-from kledger.edit.solve import rel_fro, solve_layer  # noqa: E402
+from kledger.edit.solve import rel_fro, solve_history, solve_layer  # noqa: E402
+from kledger.edit.spec import get_weight, set_weight  # noqa: E402
 from kledger.edit.stats import compute_c0, corpus_fingerprint  # noqa: E402
 
 HP = HParams(layers=(1, 2), lam=5.0, steps=8, lr=0.5, n_prefixes=2, early_stop_prob=0.99)
@@ -46,7 +46,7 @@ def setup(dtype=torch.float64):
     lm.model.to(dtype)
     c0, n = compute_c0(lm, HP.layers, corpus(), n_tokens=1200, seq_len=64)
     assert n > 1000 and all(c.dtype == torch.float64 and c.shape == (48, 48) for c in c0.values())
-    return lm, c0, base_weights(lm, HP.layers)
+    return lm, c0, {la: get_weight(lm.model, lm.spec, la).double() for la in HP.layers}  # W0
 
 
 def test_sequential_commits_equal_one_solve_and_retraction():
@@ -60,21 +60,21 @@ def test_sequential_commits_equal_one_solve_and_retraction():
             assert K.shape == (2, 48) and V.shape == (2, 32)
         stored.append(new)
     all_c = {la: [c[la] for c in stored] for la in HP.layers}
-    one_shot = apply_constraints(W0, all_c, c0, HP.lam)
+    one_shot = {la: solve_history(W0[la], all_c[la], c0[la], HP.lam) for la in HP.layers}
     for la in HP.layers:
-        from kledger.edit.spec import get_weight
         assert rel_fro(get_weight(lm.model, lm.spec, la), one_shot[la]) < 1e-9
     # retract commit 3: the solve without its constraints, from the stored pairs only
     kept = {la: [c[la] for i, c in enumerate(stored) if i != 2] for la in HP.layers}
-    without = apply_constraints(W0, kept, c0, HP.lam)
+    without = {la: solve_history(W0[la], kept[la], c0[la], HP.lam) for la in HP.layers}
     for la in HP.layers:
         K = torch.cat([k for k, _ in kept[la]])
         V = torch.cat([v for _, v in kept[la]])
         assert rel_fro(without[la], solve_layer(W0[la], K, V, c0[la], HP.lam)) < 1e-12
         assert rel_fro(without[la], one_shot[la]) > 1e-6
-    write_weights(lm, without)
+    for la, W in without.items():
+        set_weight(lm.model, lm.spec, la, W)
     # no constraints at all gives back the base weights
-    base = apply_constraints(W0, {}, c0, HP.lam)
+    base = {la: solve_history(W0[la], [], c0[la], HP.lam) for la in HP.layers}
     assert all(torch.equal(base[la], W0[la]) for la in HP.layers)
 
 
@@ -193,29 +193,41 @@ def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
 
 @pytest.mark.parametrize("mode", ["no-history", "alphaedit", "alphaedit-no-history"])
 def test_other_modes_commits_equal_apply(mode):
-    from kledger.edit.spec import get_weight
-
     lm, c0, W0 = setup()
     hp = HP.with_(mode=mode, steps=3, weight_decay=0.5)
     stored: list[dict] = []
     for t in range(3):
         prior = {la: [c[la] for c in stored] for la in hp.layers}
         stored.append(compute_constraints(lm, FACTS[2 * t:2 * t + 2], hp, c0, W0, prior))
-    applied = apply_constraints(W0, {la: [c[la] for c in stored] for la in hp.layers}, c0, hp.lam, mode)
+    applied = {la: solve_history(W0[la], [c[la] for c in stored], c0[la], hp.lam, mode) for la in hp.layers}
     for la in hp.layers:
         assert rel_fro(get_weight(lm.model, lm.spec, la), applied[la]) < 1e-9
     # with its history AlphaEdit is order-free too (the paper's point: it is least squares); without
     # history the order of commits matters (the later ones overwrite the earlier ones)
-    rev = apply_constraints(W0, {la: [c[la] for c in stored][::-1] for la in hp.layers}, c0, hp.lam, mode)
+    rev = {la: solve_history(W0[la], [c[la] for c in stored][::-1], c0[la], hp.lam, mode) for la in hp.layers}
     diff = max(rel_fro(rev[la], applied[la]) for la in hp.layers)
     assert diff < 1e-9 if mode == "alphaedit" else diff > 1e-6
 
 
-def test_measure_c0_records_its_corpus(tmp_path):
-    from kledger.edit.stats import measure_c0
+def test_ledger_c0_records_its_corpus(tmp_path):
+    """C0 as a ledger measures it (Editor.c0): on the corpus file given, up to c0_tokens tokens,
+    named in the fingerprint by the corpus text and the tokens measured."""
+    from conftest_edit import save_tiny_model_dir
 
-    lm = tiny_lm("llama")
+    from kledger.ledger import Ledger
+
+    d = save_tiny_model_dir(tmp_path / "model", corpus_words=None)
+    (tmp_path / "corpus.txt").write_text(corpus())
     hp = HP.with_(c0_tokens=300, c0_seq_len=32)
-    c0, meta = measure_c0(lm, hp, corpus(), cache_dir=str(tmp_path))
-    assert set(c0) == set(hp.layers) and meta["corpus"] == "text" and 250 < meta["n_tokens"] <= 300
-    assert meta["corpus_fingerprint"] == corpus_fingerprint(corpus(), meta["n_tokens"])
+    lg = Ledger.init(tmp_path / "l", model=str(d), settings={
+        "hparams": {"layers": list(hp.layers), "c0_tokens": hp.c0_tokens, "c0_seq_len": hp.c0_seq_len},
+        "corpus": str(tmp_path / "corpus.txt")})
+    try:
+        ed = lg.editor()
+        c0 = ed.c0()
+        _, body = ed.fingerprint()
+        meta = body["c0"]
+        assert set(c0) == set(hp.layers) and ed.corpus_identity()[1] == corpus() and 250 < meta["n_tokens"] <= 300
+        assert meta["corpus"] == corpus_fingerprint(corpus(), meta["n_tokens"])
+    finally:
+        lg.close()

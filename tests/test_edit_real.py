@@ -9,11 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kledger.edit.engine import EditRequest, base_weights, compute_constraints  # noqa: E402
+from kledger.edit.engine import EditRequest, compute_constraints  # noqa: E402
 from kledger.edit.hooks import boundary_token, encode  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
+from kledger.edit.spec import get_weight  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-test.raw"
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -23,7 +25,7 @@ PARAPHRASE = "The Eiffel Tower can be found in the city of"
 
 @pytest.mark.real
 def test_real_edit_eiffel_tower_to_rome():
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     tok = lm.tokenizer
     hp = defaults_for(lm.model_type, lm.n_layers)
     bos = boundary_token(tok, hp.bos)
@@ -36,7 +38,7 @@ def test_real_edit_eiffel_tower_to_rome():
     before = {p: probs(p) for p in (EIFFEL, LOUVRE, PARAPHRASE)}
     assert int(before[EIFFEL].argmax()) == paris
     c0, _ = compute_c0(lm, hp.layers, WIKI.read_text(), n_tokens=20_000)
-    W0 = base_weights(lm, hp.layers)
+    W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     diag: dict = {}
     compute_constraints(lm, [EditRequest(EIFFEL, "Eiffel Tower", "Rome")], hp, c0, W0, {}, diagnostics=diag)
     after = {p: probs(p) for p in (EIFFEL, LOUVRE, PARAPHRASE)}

@@ -10,13 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest_edit import V, one_thread, tiny_configs, tiny_model, tiny_tokenizer  # noqa: E402,F401
+from conftest_edit import V, one_thread, tiny_configs, tiny_model, tiny_tokenizer, word_corpus  # noqa: E402,F401
 
 from kledger.errors import FingerprintError, ModelError  # noqa: E402
 from kledger.edit import spec as S  # noqa: E402
 from kledger.edit.hooks import logits_at  # noqa: E402
-from kledger.edit.weights import (LoadedModel, load_model, model_fingerprint, require_fingerprint,  # noqa: E402
-                                  save_delta, save_model)
+from kledger.edit.weights import load_model, model_fingerprint, save_delta, save_model  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 KINDS = list(tiny_configs())
 
@@ -73,21 +73,41 @@ def test_unsupported_architectures():
         assert "\n" not in e.value.one_line()
 
 
-def test_fingerprint_depends_on_edited_layers_only():
+def test_fingerprint_depends_on_edited_layers_only(tmp_path):
+    import numpy as np
+
+    from kledger.ledger import Ledger
+    from kledger.records import Constraint
+
     model = tiny_model("llama")
     spec = S.spec_for(model)
-    fp = model_fingerprint(model, spec, [1, 2])
-    assert fp == model_fingerprint(model, spec, [2, 1])
-    S.set_weight(model, spec, 3, torch.zeros_like(S.get_weight(model, spec, 3)))
-    assert fp == model_fingerprint(model, spec, [1, 2])
-    W = S.get_weight(model, spec, 1)
-    W[0, 0] += 1e-3
-    S.set_weight(model, spec, 1, W)
-    assert fp != model_fingerprint(model, spec, [1, 2])
-    lm = LoadedModel(model=model, tokenizer=None, spec=spec, name="tiny")
-    require_fingerprint(lm, [2, 1], model_fingerprint(model, spec, [1, 2]))
-    with pytest.raises(FingerprintError):
-        require_fingerprint(lm, [1, 2], fp)
+    d = save_model(model, tiny_tokenizer(), tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text(word_corpus(400))
+    lg = Ledger.init(tmp_path / "ledger", model=str(d), settings={
+        "hparams": {"layers": [1, 2], "c0_tokens": 300, "c0_seq_len": 32}, "corpus": str(tmp_path / "corpus.txt")})
+    fp_id, body = lg.editor().fingerprint()  # constraints measured on the base model (edited layers 1, 2)
+    lg.store.put_fingerprint(fp_id, body)
+    measured = [Constraint("f" * 64, la, np.zeros(48, np.float32), np.zeros(32, np.float32), fp_id) for la in (1, 2)]
+
+    def check_on(m) -> None:
+        """The ledger's fingerprint check, on a fresh model side over `m` saved where the base was."""
+        save_model(m, tiny_tokenizer(), d)
+        lg.editor(model=str(d)).check(measured)
+
+    try:
+        fp = model_fingerprint(model, spec, [1, 2])
+        assert fp == model_fingerprint(model, spec, [2, 1])
+        S.set_weight(model, spec, 3, torch.zeros_like(S.get_weight(model, spec, 3)))
+        assert fp == model_fingerprint(model, spec, [1, 2])
+        check_on(model)  # layer 3 is not edited: the constraints still hold
+        W = S.get_weight(model, spec, 1)
+        W[0, 0] += 1e-3
+        S.set_weight(model, spec, 1, W)
+        assert fp != model_fingerprint(model, spec, [1, 2])
+        with pytest.raises(FingerprintError, match="base model weights"):
+            check_on(model)
+    finally:
+        lg.close()
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -99,7 +119,7 @@ def test_save_model_and_delta(tmp_path, kind):
     W = S.get_weight(model, spec, 1) + 1.0
     S.set_weight(model, spec, 1, W)
     out = save_model(model, tiny_tokenizer(), tmp_path / "m")
-    lm = load_model(str(out))
+    lm = load_model(str(out), env=Settings.from_env())
     assert lm.spec is spec and not any(p.requires_grad for p in lm.model.parameters())
     assert torch.equal(S.get_weight(lm.model, spec, 1), W)
     assert lm.fingerprint([1]) == model_fingerprint(model, spec, [1])
@@ -114,7 +134,7 @@ def test_save_model_and_delta(tmp_path, kind):
 
 def test_load_missing_model_is_model_error(tmp_path):
     with pytest.raises(ModelError):
-        load_model("no-such-org/no-such-model-kledger")
+        load_model("no-such-org/no-such-model-kledger", env=Settings.from_env())
 
 
 def test_corrupt_cache_is_detected(tmp_path):
@@ -131,7 +151,7 @@ def test_corrupt_cache_is_detected(tmp_path):
 
 @pytest.mark.real
 def test_real_smollm2_loads_and_knows_paris():
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     cfg = lm.model.config
     assert lm.n_layers == 30 and cfg.hidden_size == 576 and cfg.intermediate_size == 1536
     assert S.get_weight(lm.model, lm.spec, 0).shape == (576, 1536)

@@ -18,10 +18,11 @@ pytest.importorskip("transformers")
 from conftest import snapshot  # noqa: E402
 from conftest_edit import VOCAB, one_thread, save_tiny_model_dir, tiny_lm, tiny_tokenizer  # noqa: E402,F401
 
-from kledger.evaluate import (Scorer, evaluate_model, ngram_entropy, record_kind,  # noqa: E402
-                              split_ids, summarize)
+from kledger.edit.evaluate import (Scorer, evaluate_model, ngram_entropy, record_kind,  # noqa: E402
+                                   split_ids, summarize)
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 ID = {w: i for i, w in enumerate(VOCAB)}
 BOS = ID["<|endoftext|>"]
@@ -295,7 +296,7 @@ def test_eval_json_shape_and_base_column(k, ledger, model_dir):
     # the base column is the base model: score it independently, from the saved model directory
     from kledger.edit.weights import load_model
 
-    lm = load_model(str(model_dir))
+    lm = load_model(str(model_dir), env=Settings.from_env())
     ids = lm.tokenizer(" ".join((model_dir / "corpus.txt").read_text().split()), add_special_tokens=False).input_ids
     fresh = evaluate_model(Scorer(lm.model, lm.tokenizer, BOS), FACTS, ppl_ids=ids[1200:1400], gen_tokens=4)
     assert fresh["metrics"]["perplexity"] == pytest.approx(doc["base"]["perplexity"], rel=1e-5)
@@ -435,7 +436,7 @@ def _real_eval(k, tmp_path, facts):
     from kledger.edit.hooks import boundary_token
     from kledger.edit.weights import load_model
 
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     fresh = evaluate_model(Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, "auto")), facts)
     for name, v in fresh["metrics"]["counterfact"].items():
         assert v == pytest.approx(doc["base"]["counterfact"][name], abs=1e-5), name

@@ -15,6 +15,7 @@ from conftest_edit import save_tiny_model_dir  # noqa: E402
 from kledger.edit.solve import rel_fro, sequential_update, solve_layer  # noqa: E402
 from kledger.errors import FingerprintError  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
+from kledger.model_side import load_at  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
 FACTS = [
@@ -53,6 +54,13 @@ def history(model_dir, tmp_path_factory):
     lg.close()
 
 
+def rows_at(lg, cid):
+    """The constraints in force at `cid` (all commits together), checked against the fingerprint."""
+    rows = [r for batch in lg.history.constraints_at(cid) for r in batch]
+    lg.editor().check(rows)
+    return rows
+
+
 def stacked(rows, layer):
     rows = sorted((r for r in rows if r.layer == layer), key=lambda r: r.fact_id)
     return (torch.stack([torch.from_numpy(r.key) for r in rows]).double(),
@@ -65,7 +73,7 @@ def test_commits_store_constraints_with_fingerprints(history):
     for cid in ids:
         c = lg.store.commit(cid)
         assert c.constraints is not None and len(c.constraints) == 64
-    rows = ed.constraints_at(ids[-1])
+    rows = rows_at(lg, ids[-1])
     assert len(rows) == 10 * len(ed.hparams.layers)
     fp_id, body = ed.fingerprint()
     assert {r.fingerprint for r in rows} == {fp_id}
@@ -79,15 +87,15 @@ def test_sequential_equals_one_shot(history):
     lg, ids, left = history
     ed = lg.editor()
     lam, c0 = ed.hparams.lam, ed.c0()
-    one_shot, _ = ed.solve(ids[-1])
+    one_shot, _ = ed.solve(lg.history.constraints_at(ids[-1]))
     for la in ed.hparams.layers:
         W = ed.W0[la].double()
         H = None
         for cid in ids:
-            new = [r for r in ed.constraints_at(cid) if r.fact_id in set(lg.state(cid)) - set(lg.state(lg.graph()[cid][0] if lg.graph()[cid] else None))]
+            new = [r for r in rows_at(lg, cid) if r.fact_id in set(lg.state(cid)) - set(lg.state(lg.graph()[cid][0] if lg.graph()[cid] else None))]
             K, V = stacked(new, la)
             W, H = sequential_update(W, K, V, c0[la], lam, H)
-        K_all, V_all = stacked(ed.constraints_at(ids[-1]), la)
+        K_all, V_all = stacked(rows_at(lg, ids[-1]), la)
         exact = solve_layer(ed.W0[la], K_all, V_all, c0[la], lam)
         assert rel_fro(W, exact) < 1e-9
         assert rel_fro(one_shot[la].double(), exact) < 1e-6  # stored as float32
@@ -99,9 +107,9 @@ def test_revert_equals_solve_without_that_commit(history):
     lg, ids, _ = history
     lg.revert(ids[2], author="t")
     ed = lg.editor()
-    after, info = ed.solve(lg.head())
+    after, info = ed.solve(lg.history.constraints_at(lg.head()))
     assert info["facts"] == 8
-    keep = [r for r in ed.constraints_at(ids[-1]) if r.fact_id not in {o.fact_id for o in lg.store.commit(ids[2]).ops}]
+    keep = [r for r in rows_at(lg, ids[-1]) if r.fact_id not in {o.fact_id for o in lg.store.commit(ids[2]).ops}]
     for la in ed.hparams.layers:
         K, V = stacked(keep, la)
         assert rel_fro(after[la].double(), solve_layer(ed.W0[la], K, V, ed.c0()[la], ed.hparams.lam)) < 1e-6
@@ -110,15 +118,15 @@ def test_revert_equals_solve_without_that_commit(history):
 def test_apply_is_cached_and_writes_outputs(history, tmp_path):
     lg, ids, _ = history
     ed = lg.editor()
-    _, first = ed.solve(ids[1])
-    _, again = ed.solve(ids[1])
+    _, first = ed.solve(lg.history.constraints_at(ids[1]))
+    _, again = ed.solve(lg.history.constraints_at(ids[1]))
     assert again["cached"] and again["cache_key"] == first["cache_key"]
     from transformers import AutoModelForCausalLM
 
     from kledger.edit.weights import save_delta, save_model
 
-    weights, _ = ed.solve(ids[1])
-    ed.load(ids[1])
+    weights, _ = ed.solve(lg.history.constraints_at(ids[1]))
+    load_at(lg, ids[1])
     save_model(ed.lm.model, ed.lm.tokenizer, tmp_path / "out")
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     la = ed.hparams.layers[0]
@@ -130,9 +138,9 @@ def test_apply_is_cached_and_writes_outputs(history, tmp_path):
 def test_solver_modes_differ_and_no_history_forgets(history):
     lg, ids, _ = history
     ed = lg.editor()
-    acc, _ = ed.solve(ids[-1], "accumulated")
-    nohist, _ = ed.solve(ids[-1], "no-history")
-    alpha, _ = ed.solve(ids[-1], "alphaedit")
+    acc, _ = ed.solve(lg.history.constraints_at(ids[-1]), "accumulated")
+    nohist, _ = ed.solve(lg.history.constraints_at(ids[-1]), "no-history")
+    alpha, _ = ed.solve(lg.history.constraints_at(ids[-1]), "alphaedit")
     la = ed.hparams.layers[-1]
     assert rel_fro(nohist[la].double(), acc[la].double()) > 1e-6
     assert torch.isfinite(alpha[la]).all()
@@ -145,7 +153,7 @@ def test_fingerprint_mismatch_is_refused(history):
     try:
         fresh = lg.editor(model=lg.model)  # a new Editor reads the ledger's settings again
         with pytest.raises(FingerprintError, match="hyper-parameters"):
-            fresh.solve(ids[-1])
+            fresh.solve(lg.history.constraints_at(ids[-1]))
     finally:
         lg.store.set_meta("hparams", '{"c0_tokens": 1200, "c0_seq_len": 64, "lam": 5.0, "n_prefixes": 2, "steps": 6}')
         lg._editor = None
@@ -171,9 +179,9 @@ def test_init_from_text_ledger_measures_constraints(model_dir, tmp_path):
                           settings={**SETTINGS, "corpus": str(model_dir / "corpus.txt")})
     try:
         ed = lg.editor()
-        assert len({r.fact_id for r in ed.constraints_at(lg.head())}) == len(lg.state(lg.head())) == 30
+        assert len({r.fact_id for r in rows_at(lg, lg.head())}) == len(lg.state(lg.head())) == 30
         assert lg.fsck()["ok"]
-        _, info = ed.solve(lg.head())
+        _, info = ed.solve(lg.history.constraints_at(lg.head()))
         assert info["facts"] == 30
     finally:
         lg.close()
@@ -191,7 +199,7 @@ def test_replay_measures_afresh_like_a_fresh_history(model_dir, tmp_path):
         ids.append(a.commit(f"batch {i}", author="t"))
     a.checkout("without-b", create=True, start=ids[0])
     picked = a.cherry_pick(ids[2], author="t")
-    stale = {(r.fact_id, r.layer): r for r in a.editor().constraints_at(picked)}
+    stale = {(r.fact_id, r.layer): r for r in rows_at(a, picked)}
     res = a.replay(ids[0], author="t")
     assert res["replayed"] == 1 and res["mapping"] == {picked: res["head"]} and a.fsck()["ok"]
     assert set(a.state(a.head())) == set(a.state(picked))
@@ -199,8 +207,8 @@ def test_replay_measures_afresh_like_a_fresh_history(model_dir, tmp_path):
     for i, batch in enumerate((A, C)):
         fresh.add([Fact.create(p, t, subject=s) for p, s, t in batch])
         fresh.commit(f"batch {i}", author="t")
-    replayed = {(r.fact_id, r.layer): r for r in a.editor().constraints_at(a.head())}
-    clean = {(r.fact_id, r.layer): r for r in fresh.editor().constraints_at(fresh.head())}
+    replayed = {(r.fact_id, r.layer): r for r in rows_at(a, a.head())}
+    clean = {(r.fact_id, r.layer): r for r in rows_at(fresh, fresh.head())}
     assert replayed.keys() == clean.keys() == stale.keys()
     for key, r in clean.items():
         assert np.allclose(replayed[key].key, r.key, atol=1e-5)

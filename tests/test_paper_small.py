@@ -1,5 +1,5 @@
 """The small version of bench/paper.py on the real default model: a handful of sequential edits per
-solver mode, scored by kledger.evaluate, with checks whose answers are known by construction.
+solver mode, scored by kledger.edit.evaluate, with checks whose answers are known by construction.
 Marked `real` (about a minute on 2 CPU cores)."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 def test_paper_pipeline_small(tmp_path):
     import paper
     from kledger.edit.weights import load_model
+    from kledger.settings import Settings
 
-    lm = load_model()
+    lm = load_model(env=Settings.from_env())
     text = WIKI.read_text(encoding="utf-8")[:60_000]
     res = paper.run("counterfact", 4, 2, ["accumulated", "no-history"], c0_tokens=4000, ppl_tokens=256,
                     gen_tokens=8, lm=lm, corpus_text=text, log=lambda s: None)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from kledger.edit.ask import next_token_probs  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
+from kledger.model_side import load_at  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-test.raw"
@@ -28,7 +29,7 @@ def test_commit_apply_ask_revert_on_the_default_model(tmp_path):
     rome, paris = (tok(w, add_special_tokens=False).input_ids[0] for w in (" Rome", " Paris"))
 
     def probs(rev):
-        ed.load(rev)
+        load_at(lg, rev)
         return {p: next_token_probs(ed.lm, p, ed.hparams.bos) for p in (EIFFEL, LOUVRE, PARAPHRASE)}
 
     before = probs(None)

@@ -93,7 +93,7 @@ def test_soft_conflict_refused_recorded_checked_resolved_remembered(model_dir, t
     assert lg.check()["ok"]
     in_force = {f.target for f in lg.store.facts(lg.state(lg.head())).values()}
     assert in_force == {"Oslo", "Berlin"}
-    rows = lg.editor().constraints_at(lg.head())
+    rows = [r for batch in lg.history.constraints_at(lg.head()) for r in batch]
     assert {r.fact_id for r in rows} == set(lg.state(lg.head()))
 
     # exported decisions travel: a new ledger from the export knows the decision (and threshold)
@@ -131,8 +131,8 @@ def test_remembered_hard_decision_skips_measuring_the_loser(model_dir, tmp_path,
     lg.commit("berlin", author="t", allow_conflicts=True)
     lg.resolve_conflicts(keep="Rome", author="t")
     measured = []
-    real = lg.editor().compute
-    monkeypatch.setattr(lg.editor(), "compute", lambda parent, facts, **kw: measured.append(facts) or real(parent, facts, **kw))
+    real = lg.editor().measure
+    monkeypatch.setattr(lg.editor(), "measure", lambda prior, facts, **kw: measured.append(facts) or real(prior, facts, **kw))
     lg.add([fact(PROMPT, "the Eiffel Tower", "Berlin"), fact("the Louvre is located in the city of", "Louvre", "Oslo")])
     cid = lg.commit("again", author="t")
     assert [f.target for f in measured[0]] == ["Oslo"]
@@ -172,14 +172,14 @@ def test_resolve_newest_remeasures_kept_facts_as_if_the_loser_never_was(model_di
     assert meta["remeasured"] == [b.id]
     assert lg.state(cid)[b.id] == cid  # B's constraints in force are the re-measured ones
     assert {r.commit_id for r in lg.store.constraints_for_facts([b.id])} == {lg.head(), lg.store.commits([cid])[cid].parents[0]}
-    W_resolved, _ = lg.editor().solve(lg.head())
+    W_resolved, _ = lg.editor().solve(lg.history.constraints_at(lg.head()))
 
     only = new_ledger(model_dir, tmp_path / "b")
     only.add([other])
     only.commit("oslo", author="t")
     only.add([b])
     only.commit("berlin", author="t")
-    W_only, _ = only.editor().solve(only.head())
+    W_only, _ = only.editor().solve(only.history.constraints_at(only.head()))
     for la in W_only:
         assert torch.allclose(W_resolved[la], W_only[la], rtol=0, atol=1e-5), la
     # keeping the older side needs no re-measurement: Rome was measured before Berlin existed

@@ -8,8 +8,6 @@ register their commands and owns `run`, the one place errors become exit codes."
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -18,7 +16,7 @@ import typer
 
 from .. import __version__
 from ..errors import UsageError
-from ..settings import MODES, check_mode  # noqa: F401  (check_mode: for the command modules)
+from ..settings import MODES, Settings, check_device, check_mode  # noqa: F401  (check_mode: for the command modules)
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
@@ -28,8 +26,9 @@ app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
                   help="A versioned ledger of factual edits to language models, with conflict resolution.")
 
 # ledger: the --ledger/-C value (None: the nearest .kledger upward); json: whether errors are
-# reported as JSON too (main.run sets it from argv first, so that even a usage error is)
-_state: dict = {"ledger": None, "json": False}
+# reported as JSON too (main.run sets it from argv first, so that even a usage error is); env:
+# the Settings the command runs with (the environment, with --device applied)
+_state: dict = {"ledger": None, "json": False, "env": None}
 
 
 # ------------------------------------------------------------------ global options
@@ -37,22 +36,6 @@ def _version(value: bool) -> None:
     if value:
         print(f"kledger {__version__}")
         raise typer.Exit()
-
-
-# the name's shape only: kledger.edit.device checks that the device exists (that needs torch)
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-def _use_device(device: str) -> None:
-    """Check --device's shape and pass it on to the edit engine.
-
-    For now it is passed through the environment (KLEDGER_DEVICE, read by kledger.edit.device when
-    a model is loaded), as it always was; this is the one place that does so, so that a settings
-    object handed to the library can replace it later."""
-    name = device.strip().lower()
-    if not _DEVICE_RE.fullmatch(name):
-        raise UsageError(f"unknown device {device!r}", "use --device auto, cpu, cuda or cuda:N")
-    os.environ["KLEDGER_DEVICE"] = name
 
 
 @app.callback()
@@ -64,8 +47,8 @@ def _main(ledger: str | None = typer.Option(None, "--ledger", "-C", envvar="KLED
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     _state["ledger"] = ledger
-    if device is not None:
-        _use_device(device)
+    env = Settings.from_env()  # the environment, read once for the command
+    _state["env"] = env if device is None else env.with_(device=check_device(device))
 
 
 # ------------------------------------------------------------------ what commands use
@@ -74,12 +57,19 @@ def ledger_dir() -> str | None:
     return _state["ledger"]
 
 
+def settings() -> Settings:
+    """The Settings every library call of this command gets."""
+    if _state["env"] is None:
+        _state["env"] = Settings.from_env()
+    return _state["env"]
+
+
 @contextmanager
 def open_ledger(write: bool = False) -> Iterator[Ledger]:
     # imported here, not at the top: `kledger --help` and usage errors need not load the ledger
     from ..ledger import Ledger
 
-    with Ledger.open(_state["ledger"], write=write) as ledger:
+    with Ledger.open(_state["ledger"], write=write, env=settings()) as ledger:
         yield ledger
 
 

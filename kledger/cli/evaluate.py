@@ -56,14 +56,13 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
         except ImportError:
             from ..errors import StateError
             raise StateError("--plot needs matplotlib, which is not installed", "pip install 'kledger[eval]'")
-    from ..evaluate import EvalOptions, evaluate_ledger, plot_history
+    from ..model_side import EvalOptions
 
     opts = EvalOptions(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,
-                       gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size, history=plot is not None)
+                       gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size, history=plot is not None,
+                       plot=plot, plot_title=f"kledger eval {rev} ({mode})")
     with open_ledger(write=True) as ledger, progress_bar() as progress:
-        res = evaluate_ledger(ledger, rev, opts, progress=progress)
-    if plot is not None:
-        res["plot"] = str(plot_history(res["history"], plot, title=f"kledger eval {rev} ({mode})"))
+        res = ledger.evaluate(rev, opts, progress=progress)
     if json_:
         emit_json("eval", res)
         return
@@ -73,7 +72,7 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
 def _print(res: dict, rev: str) -> None:
     from rich.table import Table
 
-    from ..evaluate import GROUP_METRICS, KIND_TITLES, KINDS
+    from ..model_side import GROUP_METRICS, KIND_TITLES, KINDS
 
     d, base, edited = res["data"], res["base"], res["edited"]
     where = f"from {d['path']}" if d["source"] == "file" else f"in force at {rev}"

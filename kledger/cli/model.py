@@ -1,7 +1,5 @@
-"""apply, ask: writing the facts in force into the model, and asking it.
-
-Their bodies still drive the edit engine themselves (ledger.editor(), kledger.edit.*); they are to
-become single calls of the ledger's facade."""
+"""apply, ask: writing the facts in force into the model, and asking it (one facade call each:
+`Ledger.apply`, `Ledger.ask`)."""
 
 from __future__ import annotations
 
@@ -23,43 +21,17 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
     want_json(json_)
     check_mode(mode)
     with open_ledger(write=True) as ledger, progress_bar() as progress:
-        cid = ledger.resolve(rev)
-        ed = ledger.editor(progress=progress)
-        written = {}
-        # Solved before? Then answer from the cache without loading the model (nor torch); --out
-        # writes a whole model, so it loads it, and `solve` reads the same cache entry.
-        hit = ed.cached(cid, mode) if out_dir is None else None
-        if hit is not None:
-            info = hit.info
-            if delta is not None:
-                from ..edit.weights import write_delta
-
-                t, m = write_delta(delta, hit.weights, hit.spec(), meta={
-                    "revision": cid, "mode": mode, "fingerprint": hit.fingerprint, "model": ed.model_name})
-                written["delta"], written["manifest"] = str(t), str(m)
-        else:
-            weights, info = ed.solve(cid, mode)
-            if delta is not None:
-                from ..edit.weights import save_delta
-
-                fp_id, _ = ed.fingerprint()
-                t, m = save_delta(delta, weights, ed.lm.spec, meta={"revision": cid, "mode": mode,
-                                                                   "fingerprint": fp_id, "model": ed.model_name})
-                written["delta"], written["manifest"] = str(t), str(m)
-            if out_dir is not None:
-                from ..edit.weights import save_model
-
-                ed.load(cid, mode, weights=weights)
-                written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
-    res = {**info, "revision": cid, **written}
+        # Solved before? Then answered from the cache without loading the model (nor torch).
+        res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress)
     if json_:
         emit_json("apply", res)
     else:
-        src = "cache" if info["cached"] else "solve"
-        say(f"Applied {short(cid)}: {info['facts']} fact(s), {info['constraints']} constraint(s) on layers "
-            f"{info['layers']} ({info['mode']}, from {src})")
-        for k, v in written.items():
-            say(f"  wrote {k}: {escape(v)}")
+        src = "cache" if res["cached"] else "solve"
+        say(f"Applied {short(res['revision'])}: {res['facts']} fact(s), {res['constraints']} constraint(s) on "
+            f"layers {res['layers']} ({res['mode']}, from {src})")
+        for k in ("delta", "manifest", "model"):
+            if k in res:
+                say(f"  wrote {k}: {escape(res[k])}")
 
 
 @app.command()
@@ -72,19 +44,12 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
     """The model's answer and top next tokens at REV, beside the base model's."""
     want_json(json_)
     check_mode(mode)
-    from ..edit.ask import answer
-
     with open_ledger(write=True) as ledger, progress_bar() as progress:
-        cid = ledger.resolve(rev)
-        ed = ledger.editor(progress=progress)
-        ed.load(None)
-        bos = ed.hparams.bos
-        base = answer(ed.lm, prompt, top, max_new_tokens, bos)
-        ed.load(cid, mode)
-        edited = answer(ed.lm, prompt, top, max_new_tokens, bos)
+        res = ledger.ask(prompt, rev, mode, top=top, max_new_tokens=max_new_tokens, progress=progress)
     if json_:
-        emit_json("ask", {"prompt": prompt, "revision": cid, "mode": mode, "base": base, "edited": edited})
+        emit_json("ask", res)
         return
+    cid, base, edited = res["revision"], res["base"], res["edited"]
     out.print(f"[bold]{escape(prompt)}[/]")
     for label, a in ((f"at {short(cid)}", edited), ("base", base)):
         out.print(f"  {label:>14}: [bold]{escape(a['answer'])}[/]")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import JSON_OPT, RELATION_OPT, app, ledger_dir, open_ledger, want_json
+from .app import settings as env
 from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
 
 
@@ -29,15 +30,12 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
             path = path.parent
     settings = _parse_settings(set_ or [])
     if corpus is not None:
-        if not corpus.is_file():
-            from ..errors import InputError
-            raise InputError(f"corpus file {corpus} does not exist", "give a UTF-8 text file")
-        settings["corpus"] = str(corpus.resolve())
+        settings["corpus"] = str(corpus)
     if from_ is not None:
         with progress_bar() as progress:
-            ledger = Ledger.init_from(path, from_, model=model, settings=settings, progress=progress)
+            ledger = Ledger.init_from(path, from_, model=model, settings=settings, progress=progress, env=env())
     else:
-        ledger = Ledger.init(path, model=model, settings=settings)
+        ledger = Ledger.init(path, model=model, settings=settings, env=env())
     with ledger:
         info = {"path": str(ledger.path), "model": ledger.model, "head": ledger.head(),
                 "branch": ledger.current_branch(), "commits": len(ledger.graph())}
@@ -49,7 +47,8 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
 
 
 def _parse_settings(items: list[str]) -> dict:
-    """--set KEY=VALUE pairs → {"hparams": {...}} with JSON-typed values (numbers, lists)."""
+    """--set KEY=VALUE pairs → {"hparams": {...}} with JSON-typed values (numbers, lists); the
+    names and values are checked by `Ledger.init`."""
     import json
 
     from ..errors import UsageError
@@ -63,11 +62,6 @@ def _parse_settings(items: list[str]) -> dict:
             hp[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             hp[key.strip()] = value
-    if hp:
-        # validates names and values (no torch import)
-        from ..edit.hparams import HParams
-
-        HParams.from_dict({k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in hp.items()})
     return {"hparams": hp} if hp else {}
 
 

@@ -6,6 +6,11 @@ transformers; import its modules directly (this package imports nothing heavy).
   hparams  HParams and per-model defaults (no torch)
   stats    C0 over a corpus; the default, model-sampled corpus
   hooks    scoped forward hooks and tokenisation helpers
-  engine   EditRequest → constraints (keys, values, spreading); apply_constraints
+  engine   EditRequest → constraints (keys, values, spreading)
   solve    the float64 least-squares solve and its modes (no model)
+  cache    the apply cache: solved weights on disk (no torch)
+  editor   Editor: a base model, its C0, the cached solve of constraints, measuring new ones;
+           knows nothing of commits (kledger.model_side is the glue to them)
+  ask      the model's answer and top next tokens
+  evaluate CounterFact / ZsRE metrics, perplexity, fluency, the history plot
 """

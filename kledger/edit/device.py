@@ -1,20 +1,19 @@
 """Where the model runs and the solves happen: CUDA when there is one, the CPU otherwise.
 
-`--device` on the command line, or $KLEDGER_DEVICE: "auto" (the default), "cpu", "cuda" or
+The name comes from the caller's `Settings.device` (`--device` on the command line, or
+$KLEDGER_DEVICE, read once by kledger.settings): "auto" (the default), "cpu", "cuda" or
 "cuda:N". The device never changes what is stored: constraints are kept on the CPU in float32,
 solves run in float64 with TF32 off on either device, and results come back to the CPU.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from ..errors import InputError
 
-ENV = "KLEDGER_DEVICE"
 CHOICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -41,8 +40,8 @@ def check_device_name(name: str) -> str:
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """The torch device for `name` (None: $KLEDGER_DEVICE, else "auto")."""
-    name = check_device_name(name if name is not None else os.environ.get(ENV, "auto"))
+    """The torch device for `name` (a `Settings.device`; None: "auto")."""
+    name = check_device_name(name if name is not None else "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -1,4 +1,4 @@
-"""Keys and values: from edit requests to per-layer constraints (k, v), and applying them.
+"""Keys and values: from edit requests to per-layer constraints (k, v).
 
 For a commit's requests, against a model whose edited layers hold apply(prior):
   1. values: optimise one residual delta δ_i per fact at the last edited layer L (hook on the
@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
 from ..errors import InputError, ModelError
+from ..settings import Progress, report
 from .device import device_of
 from .hooks import (add_to_residual, boundary_token, capture_down_inputs, capture_residual, encode,
-                    logits_at, pad_batch, pad_id_of, run_until)
+                    logits_at, pad_batch, pad_id_of, run_until, split_target)
 from .hparams import HParams
 from .solve import Batch, solve_history
 from .spec import get_module, get_weight, set_weight
 
-Progress = Callable[[str, int, int], None]
 LayerConstraints = Union[Batch, Sequence[Batch]]  # one (K, V) or the batches of commits in order
 
 # Short neutral contexts put before the prompt (MEMIT's prefix contexts, fixed for determinism).
@@ -88,9 +88,7 @@ def tokenize_request(tok: Any, req: EditRequest, prefixes: Sequence[str], bos_id
     if at < 0:
         raise InputError(f"subject {req.subject!r} does not occur in prompt {prompt!r}",
                          "give the subject exactly as it is spelled in the prompt")
-    p_ids = encode(tok, prompt)
-    full = encode(tok, prompt + " " + target)
-    t_ids = full[len(p_ids):] if full[:len(p_ids)] == p_ids else encode(tok, " " + target)
+    _, t_ids = split_target(tok, prompt, target)
     if not target or not t_ids:
         raise InputError(f"target {req.target!r} of prompt {prompt!r} tokenises to nothing",
                          "give a non-empty target")
@@ -235,8 +233,7 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     lay = _layout(toks, range(N), pad, dev, cut)
     with torch.enable_grad():
         for step in range(hp.steps + 1):
-            if progress is not None:
-                progress("values", step, hp.steps)
+            report(progress, "values", step, hp.steps)
             n, M = len(lay.facts), len(lay.t_ids)
             with capture_residual(model, spec, L) as got, \
                     add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
@@ -339,8 +336,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     L = hp.layers[-1]
     new: dict[int, Batch] = {}
     for i, layer in enumerate(hp.layers):
-        if progress is not None:
-            progress("layers", i, len(hp.layers))
+        report(progress, "layers", i, len(hp.layers))
         K, z_cur = measure(lm, toks, layer, L)  # [N, d_in], [N, d]
         resid = (z - z_cur) / (len(hp.layers) - i)  # [N, d]
         W_cur = get_weight(lm.model, lm.spec, layer).double()  # [d_out, d_in]
@@ -351,8 +347,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
                           device=dev)
         _check_finite(W, f"the solved weight of layer {layer}")
         set_weight(lm.model, lm.spec, layer, W)
-    if progress is not None:
-        progress("layers", len(hp.layers), len(hp.layers))
+    report(progress, "layers", len(hp.layers), len(hp.layers))
     return new
 
 
@@ -375,23 +370,3 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
         diagnostics.update(info)
     return new
 
-
-def apply_constraints(W0: Mapping[int, torch.Tensor], constraints: Mapping[int, LayerConstraints],
-                      c0: Mapping[int, torch.Tensor], lam: float,
-                      mode: str = "accumulated", device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
-    """The solved weights {layer: W [d_out, d_in] float64, CPU}: a pure function of W0, the stored
-    constraints (per layer one (K, V) or the commits' batches in order), C0 and λ; the float64
-    arithmetic runs on `device` (the CPU by default)."""
-    return {layer: solve_history(W0[layer], _batches(constraints.get(layer)), c0[layer], lam, mode, device=device)
-            for layer in sorted(W0)}
-
-
-def write_weights(lm: Any, weights: Mapping[int, torch.Tensor]) -> None:
-    """Write canonical weights {layer: W [d_out, d_in]} into the model (cast to its dtype)."""
-    for layer, W in weights.items():
-        set_weight(lm.model, lm.spec, layer, W)
-
-
-def base_weights(lm: Any, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The current down-projection weights of `layers`, canonical, float64 copies."""
-    return {la: get_weight(lm.model, lm.spec, la).double() for la in layers}

@@ -136,6 +136,16 @@ def encode(tokenizer: Any, text: str, bos_id: int | None = None) -> list[int]:
     return ([bos_id] if bos_id is not None else []) + ids
 
 
+def split_target(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids), no boundary token: the target tokenised as the continuation of
+    the prompt after a space (the ids of prompt + " " + target after the prompt's own), or as
+    " " + target alone when the prompt's tokens change at the seam. The target's ids may be
+    empty; the caller says what that means."""
+    p = encode(tokenizer, prompt)
+    full = encode(tokenizer, prompt + " " + target)
+    return p, (full[len(p):] if full[:len(p)] == p else encode(tokenizer, " " + target))
+
+
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # [B, T] right-padded
@@ -143,14 +153,16 @@ class Batch:
     lengths: list[int]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> Batch:
-    """Right-pad token lists into a batch (positions stay 0..len-1 for every sequence)."""
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, *, left: bool = False) -> Batch:
+    """Pad token lists into a batch: on the right (positions stay 0..len-1 for every sequence),
+    or with `left` on the left (every sequence ends in the last column, as generation needs)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, :len(s)] = 1
+        lo = T - len(s) if left else 0
+        ids[i, lo:lo + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, lo:lo + len(s)] = 1
     return Batch(ids, mask, [len(s) for s in seqs])
 
 

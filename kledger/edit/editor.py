@@ -1,0 +1,438 @@
+"""The model side: a base model with its C0, the solve of stored constraints, and the measuring of
+new ones. Knows nothing of commits: it is given constraints and returns weights or constraints.
+
+`Editor(model, store=..., cache_dir=...)` loads the base model once (lazily), keeps W0 (the base
+weights of the edited layers), gets C0 from the store (computing it once per model, layer set and
+corpus), and:
+
+- `solve(batches, mode)` is the pure function (W0, constraints, C0, λ) → weights, cached on disk
+  by the constraint set (kledger.edit.cache), so solving the same set twice costs one file read;
+- `cached(batches, mode)` answers from that cache without loading the model (or importing torch),
+  when the store remembers which fingerprint the model's files, unchanged since, hash to;
+- `measure(prior, facts)` measures new constraints against the solve of `prior`: sequential
+  editing;
+- `check(constraints)` refuses constraints measured under another fingerprint, saying what differs.
+
+`batches` are constraints grouped by the commit that put their facts in force, oldest first (the
+order matters only for the solver modes without history).
+
+The fingerprint hashes the base model's edited weights, which takes loading the model; so each
+time it is computed with the model loaded, the store remembers (meta `fingerprint_memo`) the
+model's source identity (`kledger.edit.weights.source_identity`: names, sizes, mtimes and inodes
+of its files) with its model type and depth, and, for the setup (model name, source identity,
+hyper-parameters, corpus contents, library versions), the fingerprint id it hashed to. A changed
+file, setting, corpus or version makes a different setup: no remembered id, so the full path
+loads the model and checks the fingerprint as always.
+
+torch and transformers are imported only where used: importing this module and `Editor.cached`
+need neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Mapping, Protocol, Sequence
+
+from ..errors import FingerprintError, InputError, StateError
+from ..records import Constraint, Fact, canonical_json, sha256_hex
+from ..settings import Progress, Settings
+from .cache import CachedApply, cache_key, read_cache, write_cache
+from .hparams import HParams, defaults_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from .weights import LoadedModel
+
+MEMO_KEY = "fingerprint_memo"  # store meta: what the model's files and a setup hashed to
+MEMO_FORMAT = 1
+MEMO_KEEP = 16  # setups (and model sources) remembered, newest last
+Batches = Sequence[Sequence[Constraint]]  # constraints by commit, oldest first
+KV = tuple["torch.Tensor", "torch.Tensor"]  # (K [n, d_in], V [n, d_out])
+
+
+class EditorStore(Protocol):
+    """What the Editor needs of a store (kledger.store.Store is one): meta for the fingerprint
+    memo, C0 statistics, stored fingerprint bodies (to explain a mismatch), transactions."""
+
+    read_only: bool
+
+    def meta(self, key: str, default: str | None = None) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def stats(self, model_fp: str, corpus_fp: str) -> dict[int, tuple[int, "np.ndarray"]]: ...
+
+    def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, matrix: "np.ndarray") -> None: ...
+
+    def fingerprint(self, fid: str) -> dict | None: ...
+
+    def transaction(self) -> ContextManager[Any]: ...
+
+
+def flatten(batches: Batches) -> list[Constraint]:
+    return [r for b in batches for r in b]
+
+
+class Editor:
+    """A base model, its C0 and the solve of constraints. The model loads lazily."""
+
+    def __init__(self, model: str, *, store: EditorStore, cache_dir: str | os.PathLike,
+                 overrides: Mapping[str, Any] | None = None, corpus: str | os.PathLike | None = None,
+                 env: Settings | None = None, progress: Progress | None = None):
+        if model in (None, "", "none"):
+            raise StateError("no model to edit", "give a model name or directory")
+        self.model_name = model
+        self.store = store
+        self.cache_dir = Path(cache_dir)
+        self.overrides = dict(overrides or {})  # hyper-parameters over the model's defaults
+        self.corpus_path = Path(corpus) if corpus else None
+        self.env = env or Settings()
+        self.progress = progress
+        self._lm: LoadedModel | None = None
+        self._hp: HParams | None = None
+        self._W0: dict[int, "torch.Tensor"] = {}
+        self._base_fp_value: str | None = None
+        self._c0: dict[int, "torch.Tensor"] | None = None
+        self._c0_tokens = 0
+        self._fp: tuple[str, dict] | None = None
+        self._at_base = True  # whether the in-memory weights are the base weights
+        self._source: str | None = None  # identity of the model files loaded (None: unknown)
+
+    # ------------------------------------------------------------------ model, hparams, C0
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            from . import weights
+            from .spec import get_weight
+
+            before = weights.source_identity(self.model_name, self.env)
+            self._lm = weights.load_model(self.model_name, env=self.env, progress=self.progress)
+            after = weights.source_identity(self.model_name, self.env)
+            # remembered only when the files did not change while they were read
+            self._source = after if before in (None, after) else None
+            for la in self.hparams.layers:
+                self._W0[la] = get_weight(self._lm.model, self._lm.spec, la).detach().clone()
+        return self._lm
+
+    @property
+    def hparams(self) -> HParams:
+        """The model's defaults with the overrides (`kledger init --set KEY=VALUE`)."""
+        if self._hp is None:
+            lm = self._lm if self._lm is not None else self.lm
+            self._hp = self._hparams_for(lm.model_type, lm.n_layers)
+        return self._hp
+
+    def _hparams_for(self, model_type: str, n_layers: int) -> HParams:
+        base = defaults_for(model_type, n_layers).to_dict()
+        base.update(self.overrides)
+        return HParams.from_dict(base)
+
+    @property
+    def W0(self) -> dict[int, "torch.Tensor"]:
+        _ = self.lm
+        return self._W0
+
+    def corpus_identity(self) -> tuple[str, str | None]:
+        """(corpus fingerprint, text or None). The default corpus is sampled from the model; its
+        identity is the model's fingerprint with the sampling settings, so it is not re-sampled
+        just to be named."""
+        from .stats import SAMPLED_TOKENS, corpus_fingerprint
+
+        hp = self.hparams
+        if self.corpus_path is None:
+            return sha256_hex(canonical_json(["model-sampled", self._base_fp(), hp.seed, SAMPLED_TOKENS,
+                                              hp.c0_seq_len])), None
+        try:
+            text = self.corpus_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read corpus {self.corpus_path}: {exc}", "give a UTF-8 text file") from exc
+        return corpus_fingerprint(text, hp.c0_tokens), text
+
+    def sampled_corpus(self) -> str:
+        """The default C0 corpus: text sampled once from the base model (cached beside the model
+        cache, `Settings.model_cache`)."""
+        from .stats import SAMPLED_TOKENS, default_corpus
+        from .weights import corpus_cache_root
+
+        self._ensure_base_weights()
+        return default_corpus(self.lm, SAMPLED_TOKENS, seed=self.hparams.seed,
+                              cache_dir=corpus_cache_root(self.env), progress=self.progress)
+
+    def _base_fp(self) -> str:
+        """Hash of the BASE edited tensors and config, taken once, before any edit is written."""
+        if self._base_fp_value is None:
+            self._ensure_base_weights()
+            self._base_fp_value = self.lm.fingerprint(self.hparams.layers)
+        return self._base_fp_value
+
+    def c0(self) -> dict[int, "torch.Tensor"]:
+        if self._c0 is not None:
+            return self._c0
+        import torch
+
+        hp = self.hparams
+        base = self._base_fp()
+        corpus_fp, text = self.corpus_identity()
+        stored = self.store.stats(base, corpus_fp)
+        if all(la in stored for la in hp.layers):
+            self._c0 = {la: torch.from_numpy(stored[la][1]) for la in hp.layers}
+            self._c0_tokens = stored[hp.layers[0]][0]
+            return self._c0
+        from .stats import SAMPLED_TOKENS, compute_c0
+
+        self._ensure_base_weights()
+        n_tokens = hp.c0_tokens
+        if text is None:  # the default: text sampled once from the base model, cached beside the model
+            text, n_tokens = self.sampled_corpus(), SAMPLED_TOKENS
+        c0, n = compute_c0(self.lm, hp.layers, text, n_tokens=n_tokens, seq_len=hp.c0_seq_len, bos=hp.bos,
+                           progress=self.progress)
+        with self.store.transaction():
+            for la, m in c0.items():
+                self.store.put_stats(base, corpus_fp, la, n, m.to("cpu", torch.float64).numpy())
+        self._c0, self._c0_tokens = c0, n
+        return c0
+
+    def fingerprint(self) -> tuple[str, dict]:
+        """(id, body) of what every constraint computed now depends on."""
+        if self._fp is None:
+            corpus_fp, _ = self.corpus_identity()
+            c0 = self.c0()
+            body = {"model": self.model_name, "base_model": self._base_fp(),
+                    "c0": {"corpus": corpus_fp, "n_tokens": int(self._c0_tokens), "layers": sorted(c0)},
+                    "hparams": self.hparams.to_dict()}
+            self._fp = (sha256_hex("fingerprint\0" + canonical_json(body)), body)
+            self._remember(self._fp[0])
+        return self._fp
+
+    def check(self, constraints: Iterable[Constraint]) -> None:
+        """A FingerprintError, saying what differs (model, base weights, C0, hyper-parameters),
+        if any of `constraints` was measured under another fingerprint than the current one."""
+        fp_id, _ = self.fingerprint()
+        bad = {r.fingerprint for r in constraints if r.fingerprint != fp_id}
+        if bad:
+            self._explain_mismatch(bad.pop())
+
+    def _explain_mismatch(self, stored_fp: str) -> None:
+        body = self.store.fingerprint(stored_fp) or {}
+        _, now = self.fingerprint()
+        diffs = [k for k in ("model", "base_model", "c0", "hparams") if body.get(k) != now.get(k)]
+        what = {"model": "model", "base_model": "base model weights", "c0": "C0 (corpus or token count)",
+                "hparams": "hyper-parameters"}
+        raise FingerprintError(
+            f"stored constraints were measured with a different {', '.join(what[d] for d in diffs) or 'setup'}",
+            "apply with the setup the ledger was made with, or `kledger replay` to measure them again")
+
+    # ------------------------------------------------------------------ the remembered fingerprint
+    def _memo(self) -> dict:
+        try:
+            memo = json.loads(self.store.meta(MEMO_KEY) or "{}")
+        except ValueError:
+            return {}
+        return memo if isinstance(memo, dict) and memo.get("format") == MEMO_FORMAT else {}
+
+    def _setup_key(self, source: str, hp: HParams) -> str | None:
+        """Everything the fingerprint is a function of, cheaply: the model's name and source
+        identity (its files), the hyper-parameters, the corpus (its bytes) and the versions of
+        the code that hashes them. None when the corpus cannot be read (the full path says why)."""
+        from .weights import runtime_versions
+
+        if self.corpus_path is None:
+            corpus: list = ["model-sampled"]
+        else:
+            try:
+                corpus = ["file", hashlib.sha256(self.corpus_path.read_bytes()).hexdigest()]
+            except OSError:
+                return None
+        return sha256_hex(canonical_json(["kledger-setup/1", self.model_name, source, hp.to_dict(), corpus,
+                                          runtime_versions()]))
+
+    def _remember(self, fp_id: str) -> None:
+        """Record, in a writable store, the loaded model's source identity and the fingerprint
+        id this setup hashes to, so that `cached` can find the cache key without the model."""
+        if self._source is None or self._lm is None or getattr(self.store, "read_only", True):
+            return
+        key = self._setup_key(self._source, self.hparams)
+        if key is None:
+            return
+        memo = self._memo() or {"format": MEMO_FORMAT}
+        models, fps = dict(memo.get("models") or {}), dict(memo.get("fingerprints") or {})
+        model = {"model_type": self._lm.model_type, "n_layers": self._lm.n_layers}
+        if models.get(self._source) == model and fps.get(key) == fp_id:
+            return
+        for d, k, v in ((models, self._source, model), (fps, key, fp_id)):
+            d.pop(k, None)
+            d[k] = v  # newest last
+            while len(d) > MEMO_KEEP:
+                d.pop(next(iter(d)))
+        self.store.set_meta(MEMO_KEY, json.dumps({"format": MEMO_FORMAT, "models": models,
+                                                  "fingerprints": fps}))
+
+    def _remembered(self) -> tuple[str, HParams, str] | None:
+        """(fingerprint id, hparams, model type) for the model's files as they are now, from the
+        store's memory, without loading the model; None when not remembered."""
+        from .weights import source_identity
+
+        source = source_identity(self.model_name, self.env)
+        if source is None:
+            return None
+        memo = self._memo()
+        model = (memo.get("models") or {}).get(source)
+        if not isinstance(model, dict):
+            return None
+        try:
+            hp = self._hparams_for(model["model_type"], int(model["n_layers"]))
+        except Exception:  # noqa: BLE001 - bad settings: the full path reports them
+            return None
+        key = self._setup_key(source, hp)
+        fp_id = (memo.get("fingerprints") or {}).get(key) if key else None
+        return (fp_id, hp, model["model_type"]) if isinstance(fp_id, str) else None
+
+    # ------------------------------------------------------------------ solve
+    @staticmethod
+    def by_layer(rows: Iterable[Constraint], layers: Iterable[int]) -> dict[int, KV]:
+        """{layer: (K [n, d_in], V [n, d_out])} of `rows`, sorted by fact id (float32, CPU)."""
+        import numpy as np
+        import torch
+
+        rows = list(rows)
+        out = {}
+        for la in layers:
+            sel = sorted((r for r in rows if r.layer == la), key=lambda r: r.fact_id)
+            if sel:
+                out[la] = (torch.from_numpy(np.stack([r.key for r in sel])),
+                           torch.from_numpy(np.stack([r.value for r in sel])))
+        return out
+
+    @staticmethod
+    def _info(rows: list[Constraint], mode: str, hp: HParams, key: str, cached: bool) -> dict:
+        return {"facts": len({r.fact_id for r in rows}), "constraints": len(rows), "mode": mode,
+                "layers": list(hp.layers), "cache_key": key, "cached": cached}
+
+    def cached(self, batches: Batches, mode: str = "accumulated") -> CachedApply | None:
+        """The weights solved from `batches` from the apply cache, found without loading the model
+        when the store remembers the fingerprint of the model's files as they are now; None on any
+        miss (nothing remembered, files changed, constraints of another fingerprint, no or a
+        damaged cache file). `solve` then does the full work and its checks."""
+        if self._lm is not None:
+            fp_id, _ = self.fingerprint()
+            hp, model_type = self.hparams, self._lm.model_type
+        else:
+            got = self._remembered()
+            if got is None:
+                return None
+            fp_id, hp, model_type = got
+        rows = flatten(batches)
+        if any(r.fingerprint != fp_id for r in rows):
+            return None  # measured under another setup: `solve` explains the mismatch
+        key = cache_key(fp_id, mode, (r.digest() for r in rows))
+        weights = read_cache(self.cache_dir / f"{key}.safetensors", key)
+        if weights is None or sorted(weights) != sorted(hp.layers):
+            return None
+        return CachedApply(weights, self._info(rows, mode, hp, key, True), fp_id, model_type)
+
+    def solve(self, batches: Batches, mode: str = "accumulated") -> tuple[dict[int, "torch.Tensor"], dict]:
+        """Edited weights ([d_out, d_in], float32) of every edited layer, solved from `batches`
+        with `mode`, and info {"facts", "constraints", "mode", "layers", "cache_key", "cached"}.
+        A FingerprintError if a constraint was measured under another setup."""
+        import torch
+
+        rows = flatten(batches)
+        self.check(rows)
+        hp = self.hparams
+        fp_id, _ = self.fingerprint()
+        key = cache_key(fp_id, mode, (r.digest() for r in rows))
+        path = self.cache_dir / f"{key}.safetensors"
+        info = self._info(rows, mode, hp, key, False)
+        hit = read_cache(path, key)
+        if hit is not None and sorted(hit) == sorted(hp.layers):
+            return {la: torch.from_numpy(w.copy()) for la, w in hit.items()}, {**info, "cached": True}
+        weights = self._solve_batches(batches, mode)
+        self._store_cache(path, key, weights)
+        return weights, info
+
+    @staticmethod
+    def _store_cache(path: Path, key: str, weights: Mapping[int, "torch.Tensor"]) -> None:
+        import torch
+
+        write_cache(path, key, {la: w.detach().to("cpu", torch.float32).numpy() for la, w in weights.items()})
+
+    def _solve_batches(self, batches: Batches, mode: str) -> dict[int, "torch.Tensor"]:
+        """The solve itself, uncached: each batch (commit) in order, per edited layer, in float64
+        on the model's device (the order matters only for the modes without history; the
+        accumulated solve stacks them)."""
+        import torch
+
+        from .solve import no_tf32, solve_history
+
+        hp, c0 = self.hparams, self.c0()
+        groups = [self.by_layer(b, hp.layers) for b in batches if b]
+        weights = {}
+        with no_tf32():
+            for la in hp.layers:
+                per_commit = [g[la] for g in groups if la in g]
+                W = (solve_history(self.W0[la], per_commit, c0[la], hp.lam, mode, device=self.lm.device)
+                     if per_commit else self.W0[la])
+                weights[la] = W.to(torch.float32)
+        return weights
+
+    # ------------------------------------------------------------------ the in-memory model
+    def load(self, weights: Mapping[int, "torch.Tensor"] | None = None) -> None:
+        """Write `weights` ({layer: [d_out, d_in]}, as `solve` returns them) into the in-memory
+        model; None writes the base weights back."""
+        from .spec import set_weight
+
+        at_base = weights is None
+        if weights is None:
+            weights = dict(self.W0)
+        self._base_fp()  # fix the base fingerprint before the first write
+        for la, W in weights.items():
+            set_weight(self.lm.model, self.lm.spec, la, W)
+        self._at_base = at_base
+
+    def _ensure_base_weights(self) -> None:
+        from .spec import set_weight
+
+        if not self._at_base:
+            for la, W in self.W0.items():
+                set_weight(self.lm.model, self.lm.spec, la, W)
+            self._at_base = True
+
+    # ------------------------------------------------------------------ new constraints
+    def measure(self, prior: Batches, facts: Sequence[Fact], *, exclude: Iterable[str] = ()) -> list[Constraint]:
+        """Constraints of `facts` measured against the solve of `prior` (the constraints in force at
+        the parent, by commit): sequential editing. The model is brought to the accumulated
+        (cached) solve of `prior`. With `exclude` (fact ids), to the uncached solve, in the
+        hyper-parameters' mode, of `prior` without those facts' constraints (as if they had never
+        been made: `resolve` re-measures a kept fact this way when it was measured on top of the
+        facts that lost)."""
+        import torch
+
+        from .engine import EditRequest, compute_constraints
+
+        hp = self.hparams
+        fp_id, _ = self.fingerprint()
+        rows = flatten(prior)
+        self.check(rows)
+        excluded = set(exclude)
+        if excluded and rows:
+            prior = [kept for kept in ([r for r in b if r.fact_id not in excluded] for b in prior) if kept]
+            self.load(self._solve_batches(prior, hp.mode))
+        elif rows:
+            self.load(self.solve(prior, "accumulated")[0])
+        else:
+            self.load(None)
+        prior_kv = self.by_layer(flatten(prior), hp.layers)
+        requests = [EditRequest(prompt=f.prompt, subject=f.subject, target=f.target) for f in facts]
+        new = compute_constraints(self.lm, requests, hp, self.c0(), self.W0, prior_kv, progress=self.progress)
+        self._at_base = False
+        out = []
+        for la, (K, V) in sorted(new.items()):
+            for i, f in enumerate(facts):
+                out.append(Constraint(f.id, la, K[i].to("cpu", torch.float32).numpy(),
+                                      V[i].to("cpu", torch.float32).numpy(), fp_id))
+        return out

@@ -1,0 +1,237 @@
+"""The ledger's glue to the model side (kledger.edit): which stored constraints are in force at a
+commit, and the library calls behind `commit`'s measuring, `apply`, `ask` and `eval`.
+
+Each function takes the Ledger first; the Ledger facade (`Ledger.apply`, `.ask`, `.evaluate`,
+`._measure`) calls them. The model side itself (kledger.edit.editor.Editor) is given constraints
+and returns weights or constraints; it knows nothing of commits. Importing this module needs
+neither torch nor transformers; `apply` of a revision solved before needs neither either.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .edit.evaluate import GROUP_METRICS, KIND_TITLES, KINDS  # noqa: F401  (re-exported for the CLI)
+from .errors import InputError, StateError
+from .records import Constraint, Fact, constraints_hash, short
+from .settings import Progress, check_mode, report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Ledger
+
+
+def load_at(ledger: "Ledger", cid: str | None, mode: str = "accumulated", progress: Progress | None = None) -> dict:
+    """Write the weights at `cid` (solved with `mode`; None: the base weights) into the ledger's
+    in-memory model; returns the solve's info ({} for the base weights)."""
+    ed = ledger.editor(progress=progress)
+    if cid is None:
+        ed.load(None)
+        return {}
+    weights, info = ed.solve(ledger.history.constraints_at(cid), mode)
+    ed.load(weights)
+    return info
+
+
+# ---------------------------------------------------------------------------- commit: measuring
+
+def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: Iterable[str] = (),
+            progress: Progress | None = None, *, skip_known: bool = False) -> tuple[str | None, list[Constraint]]:
+    """(constraints hash, constraints) of `facts` measured against apply(parent) (without the
+    constraints of the facts in `exclude`); with `skip_known`, only of those no commit has
+    measured yet. (None, []) when there is nothing to measure or the ledger has no model."""
+    if not ledger.has_model:
+        return None, []
+    if skip_known:
+        known = ledger.store.measured_facts(f.id for f in facts)
+        facts = [f for f in facts if f.id not in known]
+    if not facts:
+        return None, []
+    rows = ledger.editor(progress=progress).measure(ledger.history.constraints_at(parent), facts, exclude=exclude)
+    return constraints_hash(rows), rows
+
+
+# ---------------------------------------------------------------------------- apply, ask
+
+def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
+          delta: Path | None = None, progress: Progress | None = None) -> dict:
+    """Solve the constraints in force at `rev` (float64) and write the edited model: `delta`, only
+    the edited tensors (safetensors + manifest); `out_dir`, a Hugging Face model directory. A
+    revision solved before is answered from the apply cache without loading the model (nor
+    torch), unless `out_dir` needs the whole model. The `kledger apply` document."""
+    check_mode(mode)
+    cid = ledger.resolve(rev)
+    ed = ledger.editor(progress=progress)
+    batches = ledger.history.constraints_at(cid)
+
+    def meta(fp_id: str) -> dict:
+        return {"revision": cid, "mode": mode, "fingerprint": fp_id, "model": ed.model_name}
+
+    written: dict[str, str] = {}
+    hit = ed.cached(batches, mode) if out_dir is None else None
+    if hit is not None:
+        info = hit.info
+        if delta is not None:
+            from .edit.weights import write_delta
+
+            t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta(hit.fingerprint))
+            written["delta"], written["manifest"] = str(t), str(m)
+    else:
+        weights, info = ed.solve(batches, mode)
+        if delta is not None:
+            from .edit.weights import save_delta
+
+            fp_id, _ = ed.fingerprint()
+            t, m = save_delta(delta, weights, ed.lm.spec, meta=meta(fp_id))
+            written["delta"], written["manifest"] = str(t), str(m)
+        if out_dir is not None:
+            from .edit.weights import save_model
+
+            ed.load(weights)
+            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
+    return {"revision": cid, **info, **written}
+
+
+def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
+        max_new_tokens: int = 8, progress: Progress | None = None) -> dict:
+    """The model's greedy answer and top next tokens at `rev` (its facts applied with `mode`),
+    beside the base model's. The `kledger ask` document."""
+    check_mode(mode)
+    from .edit.ask import answer
+
+    cid = ledger.resolve(rev)
+    ed = ledger.editor(progress=progress)
+    ed.load(None)
+    bos = ed.hparams.bos
+    base = answer(ed.lm, prompt, top, max_new_tokens, bos)
+    load_at(ledger, cid, mode)
+    edited = answer(ed.lm, prompt, top, max_new_tokens, bos)
+    return {"prompt": prompt, "revision": cid, "mode": mode, "base": base, "edited": edited}
+
+
+# ---------------------------------------------------------------------------- eval
+
+@dataclass
+class EvalOptions:
+    """What `kledger eval` measures. `data` None: the facts in force at each revision. `history`:
+    also every commit of the revision's first-parent history; `plot`: and plot it there."""
+
+    mode: str = "accumulated"
+    data: Path | None = None
+    fmt: str | None = None
+    limit: int | None = None
+    text: Path | None = None
+    ppl_tokens: int = 2048
+    gen_tokens: int = 32
+    batch_size: int = 32
+    history: bool = False
+    plot: Path | None = None
+    plot_title: str = ""
+
+
+def _records(ledger: "Ledger", cid: str, opts: EvalOptions, fixed: list[Fact] | None) -> list[Fact]:
+    if fixed is not None:
+        return fixed
+    facts = ledger.history.facts_in_force(cid)
+    return facts[:opts.limit] if opts.limit else facts
+
+
+def _fixed_records(opts: EvalOptions) -> list[Fact] | None:
+    """The records of `--data`, or None (the facts in force); checks `--text` too."""
+    fixed = None
+    if opts.data is not None:
+        from .formats import read_facts
+
+        fixed = read_facts(opts.data, opts.fmt, opts.limit)
+    if opts.text is not None and not Path(opts.text).is_file():
+        raise InputError(f"cannot read text {opts.text}: no such file", "give a UTF-8 text file")
+    return fixed
+
+
+def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | None = None,
+             progress: Progress | None = None) -> dict:
+    """Evaluate the model at `rev` beside the base model (the `kledger eval` document, without
+    the envelope). Writes nothing to the ledger but the apply cache (and the plot, if asked)."""
+    from .edit.evaluate import Scorer, evaluate_model, held_out_text, plot_history, record_kind
+    from .edit.hooks import boundary_token
+
+    opts = opts or EvalOptions()
+    check_mode(opts.mode)
+    if opts.ppl_tokens < 0 or opts.gen_tokens < 0:
+        raise InputError("token counts must be 0 or more", "give --ppl-tokens and --gen-tokens ≥ 0")
+    started = time.perf_counter()
+    cid = ledger.resolve(rev)
+    fixed = _fixed_records(opts)
+    facts = _records(ledger, cid, opts, fixed)
+    if not ledger.has_model:
+        raise StateError("this ledger has no model (it was made with --model none)",
+                         "evaluate a ledger made with `kledger init --model NAME`")
+    ed = ledger.editor(progress=progress)
+    lm = ed.lm
+    scorer = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, ed.hparams.bos),
+                    batch_size=opts.batch_size, spec=lm.spec, progress=progress)
+    ed.load(None)
+    ppl_ids, text_info = (held_out_text(ed, opts.text, opts.ppl_tokens) if opts.ppl_tokens > 0 else (None, None))
+    loaded = time.perf_counter()
+
+    def run(records: list[Fact]) -> dict:
+        return evaluate_model(scorer, records, ppl_ids=ppl_ids, gen_tokens=opts.gen_tokens)
+
+    base = run(facts)
+    info = load_at(ledger, cid, opts.mode)
+    edited = run(facts)
+    res = _document(cid, opts, fixed, facts, [record_kind(f) for f in facts], base, edited, text_info, info)
+    hist_s = 0.0
+    if opts.history:
+        t = time.perf_counter()
+        res["history"] = _history(ledger, cid, opts, fixed, base, edited, run, progress)
+        hist_s = time.perf_counter() - t
+    res["seconds"] = {"load": loaded - started,
+                      "records": sum(r["seconds"]["records"] for r in (base, edited)),
+                      "fluency": sum(r["seconds"]["fluency"] for r in (base, edited)),
+                      "perplexity": sum(r["seconds"]["perplexity"] for r in (base, edited)),
+                      "history": hist_s, "total": time.perf_counter() - started}
+    if opts.plot is not None:
+        res["plot"] = str(plot_history(res["history"], opts.plot, title=opts.plot_title))
+    return res
+
+
+def _document(cid: str, opts: EvalOptions, fixed: list[Fact] | None, facts: list[Fact], kinds: list[str],
+              base: dict, edited: dict, text_info: dict | None, info: dict) -> dict[str, Any]:
+    n = len(facts)
+    work = sum(r["seconds"]["records"] + r["seconds"]["fluency"] for r in (base, edited))
+    return {
+        "revision": cid, "mode": opts.mode,
+        "data": {"source": "file" if fixed is not None else "ledger",
+                 "path": str(opts.data) if opts.data is not None else None, "records": n,
+                 **{k: kinds.count(k) for k in KINDS}},
+        "base": base["metrics"], "edited": edited["metrics"],
+        "text": text_info,
+        "generation": {"tokens": opts.gen_tokens, "greedy": True} if opts.gen_tokens > 0 else None,
+        "records": [{"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target,
+                     "kind": k, "base": b, "edited": e}
+                    for f, k, b, e in zip(facts, kinds, base["per_record"], edited["per_record"])],
+        "facts_solved": info.get("facts"),
+        "seconds_per_record": work / n if n else None,
+    }
+
+
+def _history(ledger: "Ledger", cid: str, opts: EvalOptions, fixed: list[Fact] | None, base: dict,
+             edited: dict, run: Callable[[list[Fact]], dict], progress: Progress | None) -> list[dict]:
+    """One point per commit on `cid`'s first-parent chain, oldest first, after a "base" point (the
+    base model on the records evaluated at `cid`)."""
+    chain = list(reversed(ledger.first_parent_chain(cid)))
+    points = [{"commit": None, "label": "base", "records": len(base["per_record"]), "metrics": base["metrics"]}]
+    for i, c in enumerate(chain):
+        report(progress, "history", i, len(chain))
+        if c == cid:
+            got = edited
+        else:
+            load_at(ledger, c, opts.mode)
+            got = run(_records(ledger, c, opts, fixed))
+        points.append({"commit": c, "label": short(c, 7), "records": len(got["per_record"]),
+                       "metrics": got["metrics"]})
+    report(progress, "history", len(chain), len(chain))
+    return points
