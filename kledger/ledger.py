@@ -17,12 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
-from . import __version__, integrity, transfer
+from . import __version__, commits, integrity, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
-from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, describe, parse_threshold, relation_arg, target_of
-from .errors import ConflictError, InputError, StateError, UsageError
+from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
+from .errors import InputError, StateError, UsageError
 from .history import FactChange, History, apply_ops, check_branch_name  # noqa: F401  (re-exported)
-from .records import OP_ADD, OP_RETRACT, Commit, Fact, Op, constraints_hash, looks_like_id, normalize, short
+from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
 from .store import LEDGER_DIR, Store, find_ledger_dir
 
@@ -197,144 +197,15 @@ class Ledger:
         if pending:
             raise StateError(f"a {pending['kind']} is in progress", _PENDING_HINT)
 
-    def _new_commit(self, parents: list[str], ops: list[Op], message: str, author: str | None,
-                    meta: dict | None = None, allow_conflicts: bool = False,
-                    constraints: str | None = None, found: list[Conflict] | None = None) -> str:
-        """Write a commit on HEAD's branch (or detached HEAD) in the current transaction, after
-        replaying remembered decisions; refuse unresolved conflicts (ConflictError) unless allowed.
-        `found`: the conflicts left after the decisions were replayed on these ops, when the caller
-        has just looked (so they are not looked for again)."""
-        if not message or not message.strip():
-            raise UsageError("empty commit message", "give -m MESSAGE")
-        if found is None:
-            base = self.state(parents[0]) if parents else {}
-            added = [o.fact_id for o in ops if o.op == OP_ADD]
-            found = self.decisions.conflicts_in(apply_ops(base, ops), involving=added)
-            if found:  # replay remembered decisions (rerere) before refusing
-                ops, found, replayed = self.decisions.replay(base, ops, added)
-                meta = _with_resolved(meta, replayed)
-        if found and not allow_conflicts:
-            raise ConflictError(
-                f"{len(found)} unresolved conflict(s): {describe(found[0], self.store.facts(found[0].fact_ids))}",
-                "run `kledger conflicts` and `kledger resolve`, or pass --allow-conflicts to record them as open",
-                conflicts=found)
-        if found:
-            meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
-        commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(),
-                        author=(author or self.env.default_author()).strip(), timestamp=self.env.now(),
-                        meta=meta or {}, constraints=constraints)
-        cid = self.store.put_commit(commit)
-        self._move_head(cid)
-        return cid
-
-    def _move_head(self, cid: str) -> None:
-        branch = self.current_branch()
-        if branch is not None:
-            self.store.set_ref(branch, cid)
-        else:
-            self.store.set_head(cid)
-        self._changed()
-
     def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
                compute: bool | None = None, progress=None, meta: dict | None = None,
                measure_without: Iterable[str] = ()) -> str:
-        """Commit the staged changes. On a ledger with a model (the default), the constraints of
-        the added facts are first measured against apply(HEAD) (sequential editing) and stored
-        with the commit, in the same transaction; `compute=False` records facts only. With
-        `measure_without`, they are measured against apply(HEAD) without those facts' constraints
-        (`resolve` re-measuring kept facts as if the losers had never been made)."""
-        self._require_no_pending()
-        staged = self.store.staged()
-        if not staged:
-            raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
-        if not message or not message.strip():
-            raise UsageError("empty commit message", "give -m MESSAGE")
-        head = self.head()
-        ops, digest, rows, found = staged, None, [], None
-        if compute if compute is not None else self.has_model:
-            ops, digest, rows, meta, found = self._measure_staged(head, staged, meta, progress, measure_without)
-        with self.store.transaction(), self.decisions.new_keys(rows):
-            if self.store.staged() != staged or self.head() != head:
-                raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
-            cid = self._new_commit([head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
-                                   constraints=digest, meta=meta, found=found)
-            self._store_constraints(cid, rows)
-            self.store.clear_staged()
-            self.env.fault_point("commit")
-        return cid
-
-    def _measure_staged(self, head: str | None, ops: list[Op], meta: dict | None, progress,
-                        exclude: Iterable[str]) -> tuple[list[Op], str | None, list, dict | None, list[Conflict]]:
-        """Remembered decisions first, so that a staged fact that loses to one is not measured;
-        then measure; then the decisions about soft conflicts, which the new keys reveal.
-        Returns (ops, constraints hash, constraints, meta, the conflicts left among the facts
-        added): conflicts are looked for twice per commit, before and after measuring."""
-        base = self.state(head)
-        adds = [o.fact_id for o in ops if o.op == OP_ADD]
-        ops, _, replayed = self.decisions.replay(base, ops, adds)
-        added = self.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
-        digest, rows = self._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress,
-                                     exclude=exclude)
-        with self.decisions.new_keys(rows):
-            ops, found, replayed_soft = self.decisions.replay(base, ops, adds)
-        kept = {o.fact_id for o in ops if o.op == OP_ADD}
-        if len(kept) < len(added):
-            rows = [r for r in rows if r.fact_id in kept]
-            digest = constraints_hash(rows)
-        return ops, digest, rows, _with_resolved(meta, replayed + replayed_soft), found
+        """Commit the staged changes (kledger.commits.commit); the new commit id."""
+        return commits.commit(self, message, author, allow_conflicts, compute, progress, meta, measure_without)
 
     def replay(self, base: str | None = None, author: str | None = None, progress=None) -> dict:
-        """Rewrite the commits after `base` on HEAD's first-parent chain (all of them without
-        `base`) as new commits whose added facts are measured afresh against apply(new parent),
-        as `git rebase` rewrites commits; then move HEAD's branch to the new tip. A merge becomes
-        an ordinary commit with the same changes (its second parent is not kept). The old commits
-        stay, reachable by id."""
-        todo, parent = self._replay_todo(base)
-        commits = self.store.commits(todo)
-        mapping = {}
-        with self.store.transaction():
-            for i, cid in enumerate(todo):
-                if progress is not None:
-                    progress("replay", i, len(todo))
-                c = commits[cid]
-                meta = {k: v for k, v in c.meta.items() if k not in ("merged", "merge_base")}
-                new = Commit(parents=(parent,) if parent else (), ops=c.ops, message=c.message,
-                             author=author or c.author, timestamp=self.env.now(), meta={**meta, "replayed_from": cid})
-                parent = mapping[cid] = self._put_measured(new, progress)
-            self._move_head(parent)
-        if progress is not None:
-            progress("replay", len(todo), len(todo))
-        return {"replayed": len(todo), "head": parent, "mapping": mapping}
-
-    def _replay_todo(self, base: str | None) -> tuple[list[str], str | None]:
-        """(commits to replay, oldest first; the parent of the first)."""
-        head = self._require_head("replay")
-        if not self.has_model:
-            raise StateError("this ledger has no model, so there is nothing to measure",
-                             "replay is for ledgers made with a model")
-        chain = list(reversed(self.first_parent_chain(head)))
-        start, parent = 0, None
-        if base is not None:
-            parent = self.resolve(base)
-            if parent not in chain:
-                raise UsageError(f"{short(parent)} is not on HEAD's first-parent history",
-                                 "give a commit that `kledger log --oneline` lists")
-            start = chain.index(parent) + 1
-        if not chain[start:]:
-            raise StateError("nothing to replay after that commit", "give an older base")
-        return chain[start:], parent
-
-    def _put_measured(self, commit: Commit, progress=None, skip_known: bool = False) -> str:
-        """Store `commit` with its added facts measured against apply(its first parent), in the
-        current transaction (its facts are stored already); the new commit id."""
-        added = self.store.facts(o.fact_id for o in commit.ops if o.op == OP_ADD)
-        self._changed()
-        parent = commit.parents[0] if commit.parents else None
-        digest, rows = self._measure(parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD], progress,
-                                     skip_known=skip_known)
-        cid = self.store.put_commit(replace(commit, constraints=digest))
-        self._store_constraints(cid, rows)
-        return cid
+        """Measure HEAD's commits after `base` afresh on their new parents, as new commits."""
+        return commits.replay(self, base, author, progress)
 
     # ================================================================ the model side
     def _measure(self, parent: str | None, facts: list[Fact], progress=None,
@@ -447,69 +318,14 @@ class Ledger:
 
     def revert(self, rev: str, author: str | None = None, message: str | None = None,
                allow_conflicts: bool = False) -> str:
-        cid = self.resolve(rev)
-        head = self._require_head("revert")
-        added, removed = self.history.delta(cid)
-        now = self.state(head)
-        ops = [Op(OP_RETRACT, i) for i in sorted(added) if i in now]
-        ops += [Op(OP_ADD, i) for i in sorted(removed) if i not in now]
-        if not ops:
-            raise StateError(f"reverting {short(cid)} changes nothing at HEAD", "its facts are already gone")
-        c = self.store.commit(cid)
-        body = {"theirs": cid, "head": head, "ops": [o.to_list() for o in ops],
-                "message": message or f'Revert "{c.message}"', "author": author, "meta": {"reverts": cid}}
-        return self._finish_or_stop("revert", [head], body, allow_conflicts)
+        return commits.revert(self, rev, author, message, allow_conflicts)
 
     def cherry_pick(self, rev: str, author: str | None = None, allow_conflicts: bool = False) -> str:
-        cid = self.resolve(rev)
-        head = self._require_head("cherry-pick")
-        added, removed = self.history.delta(cid)
-        now = self.state(head)
-        ops = [Op(OP_ADD, i) for i in sorted(added) if i not in now]
-        ops += [Op(OP_RETRACT, i) for i in sorted(removed) if i in now]
-        if not ops:
-            raise StateError(f"cherry-picking {short(cid)} changes nothing at HEAD", "its facts are already in force")
-        c = self.store.commit(cid)
-        body = {"theirs": cid, "head": head, "ops": [o.to_list() for o in ops], "message": c.message,
-                "author": author or c.author, "meta": {"cherry_picked_from": cid}}
-        return self._finish_or_stop("cherry-pick", [head], body, allow_conflicts)
+        return commits.cherry_pick(self, rev, author, allow_conflicts)
 
     def merge(self, branch: str, author: str | None = None, message: str | None = None,
               no_ff: bool = False, allow_conflicts: bool = False) -> dict:
-        theirs = self.resolve(branch)
-        head = self._require_head("merge")
-        h = self.history
-        if theirs in h.ancestors(head):
-            return {"result": "up-to-date", "head": head, **h.change_counts(head, head)}
-        base = h.merge_base(head, theirs)
-        if base == head and not no_ff:
-            with self.store.transaction():
-                self._move_head(theirs)
-            return {"result": "fast-forward", "head": theirs, **h.change_counts(head, theirs)}
-        base_ids, their_ids, our_ids = set(self.state(base)), set(self.state(theirs)), set(self.state(head))
-        ops = [Op(OP_ADD, i) for i in sorted(their_ids - base_ids) if i not in our_ids]
-        ops += [Op(OP_RETRACT, i) for i in sorted(base_ids - their_ids) if i in our_ids]
-        body = {"theirs": theirs, "head": head, "ops": [o.to_list() for o in ops],
-                "message": message or f"Merge {branch!r} into {self.current_branch() or short(head)}",
-                "author": author, "meta": {"merged": theirs, "merge_base": base}}
-        cid = self._finish_or_stop("merge", [head, theirs], body, allow_conflicts)
-        return {"result": "merge", "head": cid, **h.change_counts(head, cid)}
-
-    def _finish_or_stop(self, kind: str, parents: list[str], body: dict, allow_conflicts: bool) -> str:
-        """Commit a merge or cherry-pick, or — when it would bring contradictions — record it as
-        pending with its conflicts and raise ConflictError (exit code 3). Nothing else changes."""
-        ops = [Op(o, f) for o, f in body["ops"]]
-        try:
-            with self.store.transaction():
-                return self._new_commit(parents, ops, body["message"], body.get("author"), meta=body["meta"],
-                                        allow_conflicts=allow_conflicts)
-        except ConflictError as exc:
-            body = {**body, "parents": parents, "conflicts": [c.key for c in exc.conflicts]}
-            with self.store.transaction():
-                self.store.set_pending(kind, body)
-            raise ConflictError(f"{kind} stopped: {exc.message}",
-                                f"run `kledger conflicts` and `kledger resolve`, or `kledger {kind} --abort`",
-                                conflicts=exc.conflicts) from None
+        return commits.merge(self, branch, author, message, no_ff, allow_conflicts)
 
     def abort(self, kind: str | None = None) -> dict:
         pending = self.store.pending()
@@ -610,37 +426,10 @@ class Ledger:
             ops, left, entries = d.replay(pf.base, pf.ops, pf.involving, {c.key for c in targets})
             adds = {o.fact_id for o in ops if o.op == OP_ADD}
             blocking = [c for c in left if pf.pending is not None or set(c.fact_ids) & adds]
-            cid = self._commit_decisions(pf, ops, decided, entries, blocking, message, author)
+            cid = commits.commit_decisions(self, pf, ops, decided, entries, blocking, message, author)
             self.env.fault_point("resolve")
         return {"context": pf.kind, "decided": decided, "commit": cid, "resolved": entries,
                 "remaining": [conflict_id(c) for c in blocking]}
-
-    def _commit_decisions(self, pf: ProposedFacts, ops: list[Op], decided: list[dict], entries: list[dict],
-                          blocking: list[Conflict], message: str | None, author: str | None) -> str | None:
-        """The commit that carries `resolve`'s decisions (None while conflicts still block it)."""
-        if blocking:
-            if pf.pending is not None:
-                body = {k: v for k, v in pf.pending.items() if k != "kind"}
-                self.store.set_pending(pf.kind, {**body, "conflicts": [c.key for c in blocking]})
-            return None
-        if pf.pending is not None:
-            p = pf.pending
-            cid = self._new_commit(pf.parents, ops, message or p["message"], author or p.get("author"),
-                                   meta={**p["meta"], "resolved": entries})
-            self.store.set_pending(None)
-            return cid
-        message = message or "Resolve " + "; ".join(
-            f"{d['subject']} · {d['relation']}: keep {', '.join(d['keep'])}" for d in decided)
-        self.store.clear_staged()
-        dropped = {f for d in decided for f in d["dropped"]} | {f for e in entries for f in e["dropped"]}
-        stale = self.decisions.measured_with(pf.base, {f for d in decided for f in d["kept"]}, dropped)
-        if stale:  # kept facts measured on top of the losers: measured again without them
-            ops = ops + [Op(OP_ADD, f) for f in sorted(stale)]
-        if not ops:  # only staged facts lost: the commit records the decision
-            return self._new_commit(pf.parents, ops, message, author, meta={"resolved": entries})
-        self.store.stage(ops)  # the staging area with the decisions applied, committed as `commit` does
-        return self.commit(message, author, meta={"resolved": entries, **(
-            {"remeasured": sorted(stale)} if stale else {})}, measure_without=dropped | stale)
 
     def forget_decision(self, key_prefix: str) -> dict:
         """Forget a recorded decision (by conflict key or a prefix of it): it is no longer replayed."""
@@ -676,7 +465,7 @@ class Ledger:
                 for commit, ops in plan.commits:
                     ledger.store.put_facts([f for _, f in ops])
                     parents = tuple(remap[p] for p in commit.parents)
-                    remap[commit.id] = ledger._put_measured(replace(commit, parents=parents), progress,
+                    remap[commit.id] = commits.put_measured(ledger, replace(commit, parents=parents), progress,
                                                             skip_known=True)
                 final = {text_id: remap[cid] for text_id, cid in plan.ids.items()}
                 transfer.restore_refs(ledger.store, plan, final, ledger.has_model)
@@ -704,10 +493,3 @@ def _checked_settings(settings: dict) -> dict[str, str]:
             raise InputError(f"corpus file {corpus} does not exist", "give a UTF-8 text file")
         meta["corpus"] = str(corpus.resolve())
     return meta
-
-
-def _with_resolved(meta: dict | None, entries: list[dict]) -> dict | None:
-    """`meta` with `entries` appended to its `resolved` list (unchanged when there are none)."""
-    if not entries:
-        return meta
-    return {**(meta or {}), "resolved": [*(meta or {}).get("resolved", []), *entries]}

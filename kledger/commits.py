@@ -1,0 +1,277 @@
+"""Commits: every path that writes a commit, as functions of the Ledger facade.
+
+- `commit`: the staged facts, measured against apply(HEAD) on a model ledger (sequential editing),
+  remembered decisions replayed before and after measuring, contradictions refused;
+- `replay`: commits measured afresh on their new parents, like `git rebase`;
+- `revert`, `cherry_pick`, `merge`: ops computed from the history, committed, or stopped as a
+  pending operation when they bring contradictions;
+- `commit_decisions`: the commit that carries `resolve`'s decisions.
+
+Each takes the ledger first and runs inside its store transaction; measuring goes through
+`Ledger._measure` (the model side), looking for conflicts through `Ledger.decisions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Iterable
+
+from .conflicts import Conflict
+from .decisions import ProposedFacts, describe
+from .errors import ConflictError, StateError, UsageError
+from .history import apply_ops
+from .records import OP_ADD, OP_RETRACT, Commit, Op, constraints_hash, short
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Ledger
+
+
+def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, author: str | None,
+                meta: dict | None = None, allow_conflicts: bool = False,
+                constraints: str | None = None, found: list[Conflict] | None = None) -> str:
+    """Write a commit on HEAD's branch (or detached HEAD) in the current transaction, after
+    replaying remembered decisions; refuse unresolved conflicts (ConflictError) unless allowed.
+    `found`: the conflicts left after the decisions were replayed on these ops, when the caller
+    has just looked (so they are not looked for again)."""
+    if not message or not message.strip():
+        raise UsageError("empty commit message", "give -m MESSAGE")
+    if found is None:
+        base = lg.state(parents[0]) if parents else {}
+        added = [o.fact_id for o in ops if o.op == OP_ADD]
+        found = lg.decisions.conflicts_in(apply_ops(base, ops), involving=added)
+        if found:  # replay remembered decisions (rerere) before refusing
+            ops, found, replayed = lg.decisions.replay(base, ops, added)
+            meta = _with_resolved(meta, replayed)
+    if found and not allow_conflicts:
+        raise ConflictError(
+            f"{len(found)} unresolved conflict(s): {describe(found[0], lg.store.facts(found[0].fact_ids))}",
+            "run `kledger conflicts` and `kledger resolve`, or pass --allow-conflicts to record them as open",
+            conflicts=found)
+    if found:
+        meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
+    commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(),
+                    author=(author or lg.env.default_author()).strip(), timestamp=lg.env.now(),
+                    meta=meta or {}, constraints=constraints)
+    cid = lg.store.put_commit(commit)
+    move_head(lg, cid)
+    return cid
+
+
+def move_head(lg: "Ledger", cid: str) -> None:
+    branch = lg.current_branch()
+    if branch is not None:
+        lg.store.set_ref(branch, cid)
+    else:
+        lg.store.set_head(cid)
+    lg._changed()
+
+
+def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflicts: bool = False,
+           compute: bool | None = None, progress=None, meta: dict | None = None,
+           measure_without: Iterable[str] = ()) -> str:
+    """Commit the staged changes. On a ledger with a model (the default), the constraints of
+    the added facts are first measured against apply(HEAD) (sequential editing) and stored
+    with the commit, in the same transaction; `compute=False` records facts only. With
+    `measure_without`, they are measured against apply(HEAD) without those facts' constraints
+    (`resolve` re-measuring kept facts as if the losers had never been made)."""
+    lg._require_no_pending()
+    staged = lg.store.staged()
+    if not staged:
+        raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
+    if not message or not message.strip():
+        raise UsageError("empty commit message", "give -m MESSAGE")
+    head = lg.head()
+    ops, digest, rows, found = staged, None, [], None
+    if compute if compute is not None else lg.has_model:
+        ops, digest, rows, meta, found = _measure_staged(lg, head, staged, meta, progress, measure_without)
+    with lg.store.transaction(), lg.decisions.new_keys(rows):
+        if lg.store.staged() != staged or lg.head() != head:
+            raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
+        cid = new_commit(lg, [head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
+                               constraints=digest, meta=meta, found=found)
+        lg._store_constraints(cid, rows)
+        lg.store.clear_staged()
+        lg.env.fault_point("commit")
+    return cid
+
+
+def _measure_staged(lg: "Ledger", head: str | None, ops: list[Op], meta: dict | None, progress,
+                    exclude: Iterable[str]) -> tuple[list[Op], str | None, list, dict | None, list[Conflict]]:
+    """Remembered decisions first, so that a staged fact that loses to one is not measured;
+    then measure; then the decisions about soft conflicts, which the new keys reveal.
+    Returns (ops, constraints hash, constraints, meta, the conflicts left among the facts
+    added): conflicts are looked for twice per commit, before and after measuring."""
+    base = lg.state(head)
+    adds = [o.fact_id for o in ops if o.op == OP_ADD]
+    ops, _, replayed = lg.decisions.replay(base, ops, adds)
+    added = lg.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
+    digest, rows = lg._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress,
+                                 exclude=exclude)
+    with lg.decisions.new_keys(rows):
+        ops, found, replayed_soft = lg.decisions.replay(base, ops, adds)
+    kept = {o.fact_id for o in ops if o.op == OP_ADD}
+    if len(kept) < len(added):
+        rows = [r for r in rows if r.fact_id in kept]
+        digest = constraints_hash(rows)
+    return ops, digest, rows, _with_resolved(meta, replayed + replayed_soft), found
+
+
+def replay(lg: "Ledger", base: str | None = None, author: str | None = None, progress=None) -> dict:
+    """Rewrite the commits after `base` on HEAD's first-parent chain (all of them without
+    `base`) as new commits whose added facts are measured afresh against apply(new parent),
+    as `git rebase` rewrites commits; then move HEAD's branch to the new tip. A merge becomes
+    an ordinary commit with the same changes (its second parent is not kept). The old commits
+    stay, reachable by id."""
+    todo, parent = _replay_todo(lg, base)
+    commits = lg.store.commits(todo)
+    mapping = {}
+    with lg.store.transaction():
+        for i, cid in enumerate(todo):
+            if progress is not None:
+                progress("replay", i, len(todo))
+            c = commits[cid]
+            meta = {k: v for k, v in c.meta.items() if k not in ("merged", "merge_base")}
+            new = Commit(parents=(parent,) if parent else (), ops=c.ops, message=c.message,
+                         author=author or c.author, timestamp=lg.env.now(), meta={**meta, "replayed_from": cid})
+            parent = mapping[cid] = put_measured(lg, new, progress)
+        move_head(lg, parent)
+    if progress is not None:
+        progress("replay", len(todo), len(todo))
+    return {"replayed": len(todo), "head": parent, "mapping": mapping}
+
+
+def _replay_todo(lg: "Ledger", base: str | None) -> tuple[list[str], str | None]:
+    """(commits to replay, oldest first; the parent of the first)."""
+    head = lg._require_head("replay")
+    if not lg.has_model:
+        raise StateError("this ledger has no model, so there is nothing to measure",
+                         "replay is for ledgers made with a model")
+    chain = list(reversed(lg.first_parent_chain(head)))
+    start, parent = 0, None
+    if base is not None:
+        parent = lg.resolve(base)
+        if parent not in chain:
+            raise UsageError(f"{short(parent)} is not on HEAD's first-parent history",
+                             "give a commit that `kledger log --oneline` lists")
+        start = chain.index(parent) + 1
+    if not chain[start:]:
+        raise StateError("nothing to replay after that commit", "give an older base")
+    return chain[start:], parent
+
+
+def put_measured(lg: "Ledger", commit: Commit, progress=None, skip_known: bool = False) -> str:
+    """Store `commit` with its added facts measured against apply(its first parent), in the
+    current transaction (its facts are stored already); the new commit id."""
+    added = lg.store.facts(o.fact_id for o in commit.ops if o.op == OP_ADD)
+    lg._changed()
+    parent = commit.parents[0] if commit.parents else None
+    digest, rows = lg._measure(parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD], progress,
+                                 skip_known=skip_known)
+    cid = lg.store.put_commit(replace(commit, constraints=digest))
+    lg._store_constraints(cid, rows)
+    return cid
+
+
+def revert(lg: "Ledger", rev: str, author: str | None = None, message: str | None = None,
+           allow_conflicts: bool = False) -> str:
+    cid = lg.resolve(rev)
+    head = lg._require_head("revert")
+    added, removed = lg.history.delta(cid)
+    now = lg.state(head)
+    ops = [Op(OP_RETRACT, i) for i in sorted(added) if i in now]
+    ops += [Op(OP_ADD, i) for i in sorted(removed) if i not in now]
+    if not ops:
+        raise StateError(f"reverting {short(cid)} changes nothing at HEAD", "its facts are already gone")
+    c = lg.store.commit(cid)
+    body = {"theirs": cid, "head": head, "ops": [o.to_list() for o in ops],
+            "message": message or f'Revert "{c.message}"', "author": author, "meta": {"reverts": cid}}
+    return _finish_or_stop(lg, "revert", [head], body, allow_conflicts)
+
+
+def cherry_pick(lg: "Ledger", rev: str, author: str | None = None, allow_conflicts: bool = False) -> str:
+    cid = lg.resolve(rev)
+    head = lg._require_head("cherry-pick")
+    added, removed = lg.history.delta(cid)
+    now = lg.state(head)
+    ops = [Op(OP_ADD, i) for i in sorted(added) if i not in now]
+    ops += [Op(OP_RETRACT, i) for i in sorted(removed) if i in now]
+    if not ops:
+        raise StateError(f"cherry-picking {short(cid)} changes nothing at HEAD", "its facts are already in force")
+    c = lg.store.commit(cid)
+    body = {"theirs": cid, "head": head, "ops": [o.to_list() for o in ops], "message": c.message,
+            "author": author or c.author, "meta": {"cherry_picked_from": cid}}
+    return _finish_or_stop(lg, "cherry-pick", [head], body, allow_conflicts)
+
+
+def merge(lg: "Ledger", branch: str, author: str | None = None, message: str | None = None,
+          no_ff: bool = False, allow_conflicts: bool = False) -> dict:
+    theirs = lg.resolve(branch)
+    head = lg._require_head("merge")
+    h = lg.history
+    if theirs in h.ancestors(head):
+        return {"result": "up-to-date", "head": head, **h.change_counts(head, head)}
+    base = h.merge_base(head, theirs)
+    if base == head and not no_ff:
+        with lg.store.transaction():
+            move_head(lg, theirs)
+        return {"result": "fast-forward", "head": theirs, **h.change_counts(head, theirs)}
+    base_ids, their_ids, our_ids = set(lg.state(base)), set(lg.state(theirs)), set(lg.state(head))
+    ops = [Op(OP_ADD, i) for i in sorted(their_ids - base_ids) if i not in our_ids]
+    ops += [Op(OP_RETRACT, i) for i in sorted(base_ids - their_ids) if i in our_ids]
+    body = {"theirs": theirs, "head": head, "ops": [o.to_list() for o in ops],
+            "message": message or f"Merge {branch!r} into {lg.current_branch() or short(head)}",
+            "author": author, "meta": {"merged": theirs, "merge_base": base}}
+    cid = _finish_or_stop(lg, "merge", [head, theirs], body, allow_conflicts)
+    return {"result": "merge", "head": cid, **h.change_counts(head, cid)}
+
+
+def _finish_or_stop(lg: "Ledger", kind: str, parents: list[str], body: dict, allow_conflicts: bool) -> str:
+    """Commit a merge or cherry-pick, or — when it would bring contradictions — record it as
+    pending with its conflicts and raise ConflictError (exit code 3). Nothing else changes."""
+    ops = [Op(o, f) for o, f in body["ops"]]
+    try:
+        with lg.store.transaction():
+            return new_commit(lg, parents, ops, body["message"], body.get("author"), meta=body["meta"],
+                                    allow_conflicts=allow_conflicts)
+    except ConflictError as exc:
+        body = {**body, "parents": parents, "conflicts": [c.key for c in exc.conflicts]}
+        with lg.store.transaction():
+            lg.store.set_pending(kind, body)
+        raise ConflictError(f"{kind} stopped: {exc.message}",
+                            f"run `kledger conflicts` and `kledger resolve`, or `kledger {kind} --abort`",
+                            conflicts=exc.conflicts) from None
+
+
+def commit_decisions(lg: "Ledger", pf: ProposedFacts, ops: list[Op], decided: list[dict], entries: list[dict],
+                      blocking: list[Conflict], message: str | None, author: str | None) -> str | None:
+    """The commit that carries `resolve`'s decisions (None while conflicts still block it)."""
+    if blocking:
+        if pf.pending is not None:
+            body = {k: v for k, v in pf.pending.items() if k != "kind"}
+            lg.store.set_pending(pf.kind, {**body, "conflicts": [c.key for c in blocking]})
+        return None
+    if pf.pending is not None:
+        p = pf.pending
+        cid = new_commit(lg, pf.parents, ops, message or p["message"], author or p.get("author"),
+                               meta={**p["meta"], "resolved": entries})
+        lg.store.set_pending(None)
+        return cid
+    message = message or "Resolve " + "; ".join(
+        f"{d['subject']} · {d['relation']}: keep {', '.join(d['keep'])}" for d in decided)
+    lg.store.clear_staged()
+    dropped = {f for d in decided for f in d["dropped"]} | {f for e in entries for f in e["dropped"]}
+    stale = lg.decisions.measured_with(pf.base, {f for d in decided for f in d["kept"]}, dropped)
+    if stale:  # kept facts measured on top of the losers: measured again without them
+        ops = ops + [Op(OP_ADD, f) for f in sorted(stale)]
+    if not ops:  # only staged facts lost: the commit records the decision
+        return new_commit(lg, pf.parents, ops, message, author, meta={"resolved": entries})
+    lg.store.stage(ops)  # the staging area with the decisions applied, committed as `commit` does
+    return commit(lg, message, author, meta={"resolved": entries, **(
+        {"remeasured": sorted(stale)} if stale else {})}, measure_without=dropped | stale)
+
+
+def _with_resolved(meta: dict | None, entries: list[dict]) -> dict | None:
+    """`meta` with `entries` appended to its `resolved` list (unchanged when there are none)."""
+    if not entries:
+        return meta
+    return {**(meta or {}), "resolved": [*(meta or {}).get("resolved", []), *entries]}
