@@ -52,7 +52,7 @@ def add_synthetic(root: Path, n: int) -> None:
     """Branch `synthetic` off main with n synthetic facts in commits of 100 (once)."""
     sys.path[:0] = [str(REPO), str(REPO / "bench")]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from apply_bench import BATCH, SyntheticMeasure, synthetic_facts
+    from apply_bench import BATCH, synthetic_facts, synthetic_measure
 
     from kledger.ledger import Ledger
 
@@ -62,10 +62,10 @@ def add_synthetic(root: Path, n: int) -> None:
             return
         t = time.perf_counter()
         lg.checkout("synthetic", create=True)
-        lg._measure = SyntheticMeasure(lg.editor())
-        for b in range(0, n, BATCH):
-            lg.add(synthetic_facts(b, min(BATCH, n - b)))
-            lg.commit(f"synthetic facts {b}-{min(b + BATCH, n) - 1}", author="bench")
+        with synthetic_measure(lg.editor()):
+            for b in range(0, n, BATCH):
+                lg.add(synthetic_facts(b, min(BATCH, n - b)))
+                lg.commit(f"synthetic facts {b}-{min(b + BATCH, n) - 1}", author="bench")
         lg.checkout("main")
         print(f"added {n} synthetic facts in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     finally:

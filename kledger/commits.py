@@ -20,10 +20,28 @@ from .conflicts import Conflict
 from .decisions import ProposedFacts, describe
 from .errors import ConflictError, StateError, UsageError
 from .history import apply_ops
+from . import model_side
 from .records import OP_ADD, OP_RETRACT, Commit, Op, constraints_hash, short
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
+
+_PENDING_HINT = "finish it with `kledger resolve`, or abandon it with --abort"
+
+
+def require_no_pending(lg: "Ledger") -> None:
+    pending = lg.store.pending()
+    if pending:
+        raise StateError(f"a {pending['kind']} is in progress", _PENDING_HINT)
+
+
+def require_head(lg: "Ledger", what: str) -> str:
+    """HEAD's commit, refused while an operation is stopped or before the first commit."""
+    require_no_pending(lg)
+    head = lg.history.head()
+    if head is None:
+        raise StateError(f"cannot {what}: HEAD has no commits yet", "commit something first")
+    return head
 
 
 def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, author: str | None,
@@ -36,7 +54,7 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
     if not message or not message.strip():
         raise UsageError("empty commit message", "give -m MESSAGE")
     if found is None:
-        base = lg.state(parents[0]) if parents else {}
+        base = lg.history.state(parents[0]) if parents else {}
         added = [o.fact_id for o in ops if o.op == OP_ADD]
         found = lg.decisions.conflicts_in(apply_ops(base, ops), involving=added)
         if found:  # replay remembered decisions (rerere) before refusing
@@ -58,12 +76,12 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
 
 
 def move_head(lg: "Ledger", cid: str) -> None:
-    branch = lg.current_branch()
+    branch = lg.history.current_branch()
     if branch is not None:
         lg.store.set_ref(branch, cid)
     else:
         lg.store.set_head(cid)
-    lg._changed()
+    lg.history.changed()
 
 
 def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflicts: bool = False,
@@ -74,22 +92,22 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
     with the commit, in the same transaction; `compute=False` records facts only. With
     `measure_without`, they are measured against apply(HEAD) without those facts' constraints
     (`resolve` re-measuring kept facts as if the losers had never been made)."""
-    lg._require_no_pending()
+    require_no_pending(lg)
     staged = lg.store.staged()
     if not staged:
         raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
     if not message or not message.strip():
         raise UsageError("empty commit message", "give -m MESSAGE")
-    head = lg.head()
+    head = lg.history.head()
     ops, digest, rows, found = staged, None, [], None
     if compute if compute is not None else lg.has_model:
         ops, digest, rows, meta, found = _measure_staged(lg, head, staged, meta, progress, measure_without)
     with lg.store.transaction(), lg.decisions.new_keys(rows):
-        if lg.store.staged() != staged or lg.head() != head:
+        if lg.store.staged() != staged or lg.history.head() != head:
             raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
         cid = new_commit(lg, [head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
                                constraints=digest, meta=meta, found=found)
-        lg._store_constraints(cid, rows)
+        model_side.store_constraints(lg, cid, rows)
         lg.store.clear_staged()
         lg.env.fault_point("commit")
     return cid
@@ -101,12 +119,12 @@ def _measure_staged(lg: "Ledger", head: str | None, ops: list[Op], meta: dict | 
     then measure; then the decisions about soft conflicts, which the new keys reveal.
     Returns (ops, constraints hash, constraints, meta, the conflicts left among the facts
     added): conflicts are looked for twice per commit, before and after measuring."""
-    base = lg.state(head)
+    base = lg.history.state(head)
     adds = [o.fact_id for o in ops if o.op == OP_ADD]
     ops, _, replayed = lg.decisions.replay(base, ops, adds)
     added = lg.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
-    digest, rows = lg._measure(head, [added[o.fact_id] for o in ops if o.op == OP_ADD], progress,
-                                 exclude=exclude)
+    digest, rows = model_side.measure(lg, head, [added[o.fact_id] for o in ops if o.op == OP_ADD],
+                                      exclude=exclude, progress=progress)
     with lg.decisions.new_keys(rows):
         ops, found, replayed_soft = lg.decisions.replay(base, ops, adds)
     kept = {o.fact_id for o in ops if o.op == OP_ADD}
@@ -142,14 +160,14 @@ def replay(lg: "Ledger", base: str | None = None, author: str | None = None, pro
 
 def _replay_todo(lg: "Ledger", base: str | None) -> tuple[list[str], str | None]:
     """(commits to replay, oldest first; the parent of the first)."""
-    head = lg._require_head("replay")
+    head = require_head(lg, "replay")
     if not lg.has_model:
         raise StateError("this ledger has no model, so there is nothing to measure",
                          "replay is for ledgers made with a model")
-    chain = list(reversed(lg.first_parent_chain(head)))
+    chain = list(reversed(lg.history.first_parent_chain(head)))
     start, parent = 0, None
     if base is not None:
-        parent = lg.resolve(base)
+        parent = lg.history.resolve(base)
         if parent not in chain:
             raise UsageError(f"{short(parent)} is not on HEAD's first-parent history",
                              "give a commit that `kledger log --oneline` lists")
@@ -163,21 +181,21 @@ def put_measured(lg: "Ledger", commit: Commit, progress=None, skip_known: bool =
     """Store `commit` with its added facts measured against apply(its first parent), in the
     current transaction (its facts are stored already); the new commit id."""
     added = lg.store.facts(o.fact_id for o in commit.ops if o.op == OP_ADD)
-    lg._changed()
+    lg.history.changed()
     parent = commit.parents[0] if commit.parents else None
-    digest, rows = lg._measure(parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD], progress,
-                                 skip_known=skip_known)
+    digest, rows = model_side.measure(lg, parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD],
+                                      progress=progress, skip_known=skip_known)
     cid = lg.store.put_commit(replace(commit, constraints=digest))
-    lg._store_constraints(cid, rows)
+    model_side.store_constraints(lg, cid, rows)
     return cid
 
 
 def revert(lg: "Ledger", rev: str, author: str | None = None, message: str | None = None,
            allow_conflicts: bool = False) -> str:
-    cid = lg.resolve(rev)
-    head = lg._require_head("revert")
+    cid = lg.history.resolve(rev)
+    head = require_head(lg, "revert")
     added, removed = lg.history.delta(cid)
-    now = lg.state(head)
+    now = lg.history.state(head)
     ops = [Op(OP_RETRACT, i) for i in sorted(added) if i in now]
     ops += [Op(OP_ADD, i) for i in sorted(removed) if i not in now]
     if not ops:
@@ -189,10 +207,10 @@ def revert(lg: "Ledger", rev: str, author: str | None = None, message: str | Non
 
 
 def cherry_pick(lg: "Ledger", rev: str, author: str | None = None, allow_conflicts: bool = False) -> str:
-    cid = lg.resolve(rev)
-    head = lg._require_head("cherry-pick")
+    cid = lg.history.resolve(rev)
+    head = require_head(lg, "cherry-pick")
     added, removed = lg.history.delta(cid)
-    now = lg.state(head)
+    now = lg.history.state(head)
     ops = [Op(OP_ADD, i) for i in sorted(added) if i not in now]
     ops += [Op(OP_RETRACT, i) for i in sorted(removed) if i in now]
     if not ops:
@@ -205,8 +223,8 @@ def cherry_pick(lg: "Ledger", rev: str, author: str | None = None, allow_conflic
 
 def merge(lg: "Ledger", branch: str, author: str | None = None, message: str | None = None,
           no_ff: bool = False, allow_conflicts: bool = False) -> dict:
-    theirs = lg.resolve(branch)
-    head = lg._require_head("merge")
+    theirs = lg.history.resolve(branch)
+    head = require_head(lg, "merge")
     h = lg.history
     if theirs in h.ancestors(head):
         return {"result": "up-to-date", "head": head, **h.change_counts(head, head)}
@@ -215,11 +233,11 @@ def merge(lg: "Ledger", branch: str, author: str | None = None, message: str | N
         with lg.store.transaction():
             move_head(lg, theirs)
         return {"result": "fast-forward", "head": theirs, **h.change_counts(head, theirs)}
-    base_ids, their_ids, our_ids = set(lg.state(base)), set(lg.state(theirs)), set(lg.state(head))
+    base_ids, their_ids, our_ids = set(lg.history.state(base)), set(lg.history.state(theirs)), set(lg.history.state(head))
     ops = [Op(OP_ADD, i) for i in sorted(their_ids - base_ids) if i not in our_ids]
     ops += [Op(OP_RETRACT, i) for i in sorted(base_ids - their_ids) if i in our_ids]
     body = {"theirs": theirs, "head": head, "ops": [o.to_list() for o in ops],
-            "message": message or f"Merge {branch!r} into {lg.current_branch() or short(head)}",
+            "message": message or f"Merge {branch!r} into {lg.history.current_branch() or short(head)}",
             "author": author, "meta": {"merged": theirs, "merge_base": base}}
     cid = _finish_or_stop(lg, "merge", [head, theirs], body, allow_conflicts)
     return {"result": "merge", "head": cid, **h.change_counts(head, cid)}

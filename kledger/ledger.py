@@ -26,15 +26,14 @@ from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
 from .store import LEDGER_DIR, Store, find_ledger_dir
 
-_PENDING_HINT = "finish it with `kledger resolve`, or abandon it with --abort"
-
-
 class Ledger:
     """A ledger on disk. Open with `Ledger.open()` (read) or `Ledger.open(write=True)`."""
 
     def __init__(self, store: Store, env: Settings | None = None):
         self.store = store
         self.env = env or Settings.from_env()
+        self.model: str = store.meta("model") or DEFAULT_MODEL  # fixed when the ledger is made
+        self.has_model = self.model not in ("", "none")
         self.history = History(store)
         self.decisions = Decisions(store, self.history, self.has_model)
         self._editor = None
@@ -78,14 +77,6 @@ class Ledger:
     @property
     def path(self) -> Path:
         return self.store.path
-
-    @property
-    def model(self) -> str:
-        return self.store.meta("model") or DEFAULT_MODEL
-
-    @property
-    def has_model(self) -> bool:
-        return self.model not in ("", "none")
 
     def _changed(self) -> None:
         self.history.changed()
@@ -192,11 +183,6 @@ class Ledger:
                 "pending": self.store.pending(), "model": self.model}
 
     # ================================================================ committing
-    def _require_no_pending(self) -> None:
-        pending = self.store.pending()
-        if pending:
-            raise StateError(f"a {pending['kind']} is in progress", _PENDING_HINT)
-
     def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
                compute: bool | None = None, progress=None, meta: dict | None = None,
                measure_without: Iterable[str] = ()) -> str:
@@ -207,41 +193,13 @@ class Ledger:
         """Measure HEAD's commits after `base` afresh on their new parents, as new commits."""
         return commits.replay(self, base, author, progress)
 
-    # ================================================================ the model side
-    def _measure(self, parent: str | None, facts: list[Fact], progress=None,
-                 skip_known: bool = False, exclude: Iterable[str] = ()) -> tuple[str | None, list]:
-        """(constraints hash, rows) of `facts` measured against apply(parent): see
-        kledger.model_side.measure."""
+    # ================================================================ the model (kledger.model_side)
+    def editor(self, progress=None, **options):
+        """The ledger's model side, a kledger.edit.editor.Editor (see model_side.editor)."""
         from . import model_side
 
-        return model_side.measure(self, parent, facts, exclude, progress, skip_known=skip_known)
+        return model_side.editor(self, progress, **options)
 
-    def _store_constraints(self, cid: str, rows: list) -> None:
-        if not rows:
-            return
-        fp_id, body = self.editor().fingerprint()
-        self.store.put_fingerprint(fp_id, body)
-        self.store.put_constraints(cid, rows)
-
-    def editor(self, progress=None, **kwargs):
-        """The ledger's model side (kledger.edit.editor.Editor: the model, hyper-parameters and
-        corpus the ledger was made with; torch is imported when it is used). One per Ledger
-        unless options (`model`, `corpus`, `overrides`) are given."""
-        from .edit.editor import Editor
-
-        if kwargs or self._editor is None:
-            if not self.has_model and "model" not in kwargs:
-                raise StateError("this ledger has no model (it was made with --model none)",
-                                 "make a ledger with `kledger init --model NAME` to edit a model")
-            opts = {"model": self.model, "overrides": json.loads(self.store.meta("hparams") or "{}"),
-                    "corpus": self.store.meta("corpus"), **kwargs}
-            self._editor = Editor(opts.pop("model"), store=self.store, cache_dir=self.path / "cache" / "apply",
-                                  env=self.env, progress=progress, **opts)
-        elif progress is not None:
-            self._editor.progress = progress
-        return self._editor
-
-    # ================================================================ the model (kledger.model_side)
     def apply(self, rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
               delta: Path | None = None, progress=None) -> dict:
         """Solve the constraints in force at `rev` and write the edited model (the `kledger apply`
@@ -257,12 +215,19 @@ class Ledger:
 
         return model_side.ask(self, prompt, rev, mode, top, max_new_tokens, progress)
 
-    def evaluate(self, rev: str | None = "HEAD", opts=None, progress=None) -> dict:
+    def evaluate(self, rev: str | None = "HEAD", opts=None, progress=None, **options) -> dict:
         """Metrics at `rev` beside the base model (the `kledger eval` document); `opts` a
-        kledger.model_side.EvalOptions."""
+        kledger.model_side.EvalOptions, or its fields as keyword `options`."""
         from . import model_side
 
-        return model_side.evaluate(self, rev, opts, progress)
+        return model_side.evaluate(self, rev, opts or model_side.EvalOptions(**options), progress)
+
+    @staticmethod
+    def eval_metrics() -> tuple[tuple[str, ...], dict[str, str], dict[str, tuple[str, ...]]]:
+        """(record kinds, their titles, each kind's summary metrics in display order) of `evaluate`."""
+        from .edit.evaluate import GROUP_METRICS, KIND_TITLES, KINDS
+
+        return KINDS, KIND_TITLES, GROUP_METRICS
 
     # ================================================================ branches
     def create_branch(self, name: str, rev: str = "HEAD", force: bool = False) -> str:
@@ -287,7 +252,7 @@ class Ledger:
         return cid
 
     def checkout(self, target: str, create: bool = False, start: str | None = None) -> dict:
-        self._require_no_pending()
+        commits.require_no_pending(self)
         with self.store.transaction():
             if create:
                 cid = self.resolve(start) if start is not None else self.head()
@@ -309,13 +274,6 @@ class Ledger:
         return out
 
     # ================================================================ rearranging
-    def _require_head(self, what: str) -> str:
-        self._require_no_pending()
-        head = self.head()
-        if head is None:
-            raise StateError(f"cannot {what}: HEAD has no commits yet", "commit something first")
-        return head
-
     def revert(self, rev: str, author: str | None = None, message: str | None = None,
                allow_conflicts: bool = False) -> str:
         return commits.revert(self, rev, author, message, allow_conflicts)

@@ -9,24 +9,54 @@ neither torch nor transformers; `apply` of a revision solved before needs neithe
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .edit.evaluate import GROUP_METRICS, KIND_TITLES, KINDS  # noqa: F401  (re-exported for the CLI)
-from .errors import InputError, StateError
+from .errors import InputError, StateError, UsageError
 from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .edit.editor import Editor
     from .ledger import Ledger
+
+
+def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -> "Editor":
+    """The ledger's Editor: its model, hyper-parameter overrides and corpus (`options` may replace
+    `model`, `overrides`, `corpus`), its store for C0 and the fingerprint memo, its apply cache
+    and Settings. One per Ledger unless options are given; torch loads when the model is used."""
+    from .edit.editor import Editor
+
+    if options or ledger._editor is None:
+        if not ledger.has_model and "model" not in options:
+            raise StateError("this ledger has no model (it was made with --model none)",
+                             "make a ledger with `kledger init --model NAME` to edit a model")
+        opts = {"model": ledger.model, "overrides": json.loads(ledger.store.meta("hparams") or "{}"),
+                "corpus": ledger.store.meta("corpus"), **options}
+        ledger._editor = Editor(opts.pop("model"), store=ledger.store, cache_dir=ledger.path / "cache" / "apply",
+                                env=ledger.env, progress=progress, **opts)
+    elif progress is not None:
+        ledger._editor.progress = progress
+    return ledger._editor
+
+
+def store_constraints(ledger: "Ledger", cid: str, rows: list[Constraint]) -> None:
+    """Store commit `cid`'s measured constraints with the fingerprint they depend on (in the
+    caller's transaction)."""
+    if not rows:
+        return
+    fp_id, body = editor(ledger).fingerprint()
+    ledger.store.put_fingerprint(fp_id, body)
+    ledger.store.put_constraints(cid, rows)
 
 
 def load_at(ledger: "Ledger", cid: str | None, mode: str = "accumulated", progress: Progress | None = None) -> dict:
     """Write the weights at `cid` (solved with `mode`; None: the base weights) into the ledger's
     in-memory model; returns the solve's info ({} for the base weights)."""
-    ed = ledger.editor(progress=progress)
+    ed = editor(ledger, progress)
     if cid is None:
         ed.load(None)
         return {}
@@ -49,7 +79,7 @@ def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: It
         facts = [f for f in facts if f.id not in known]
     if not facts:
         return None, []
-    rows = ledger.editor(progress=progress).measure(ledger.history.constraints_at(parent), facts, exclude=exclude)
+    rows = editor(ledger, progress).measure(ledger.history.constraints_at(parent), facts, exclude=exclude)
     return constraints_hash(rows), rows
 
 
@@ -62,8 +92,8 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
     revision solved before is answered from the apply cache without loading the model (nor
     torch), unless `out_dir` needs the whole model. The `kledger apply` document."""
     check_mode(mode)
-    cid = ledger.resolve(rev)
-    ed = ledger.editor(progress=progress)
+    cid = ledger.history.resolve(rev)
+    ed = editor(ledger, progress)
     batches = ledger.history.constraints_at(cid)
 
     def meta(fp_id: str) -> dict:
@@ -101,8 +131,8 @@ def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "ac
     check_mode(mode)
     from .edit.ask import answer
 
-    cid = ledger.resolve(rev)
-    ed = ledger.editor(progress=progress)
+    cid = ledger.history.resolve(rev)
+    ed = editor(ledger, progress)
     ed.load(None)
     bos = ed.hparams.bos
     base = answer(ed.lm, prompt, top, max_new_tokens, bos)
@@ -150,6 +180,23 @@ def _fixed_records(opts: EvalOptions) -> list[Fact] | None:
     return fixed
 
 
+def _check_options(opts: EvalOptions) -> None:
+    """Refuse bad options before anything slow happens."""
+    check_mode(opts.mode)
+    if opts.ppl_tokens < 0 or opts.gen_tokens < 0:
+        raise InputError("token counts must be 0 or more", "give --ppl-tokens and --gen-tokens ≥ 0")
+    if opts.fmt is not None and opts.data is None:
+        raise UsageError("--format applies to --data only", "give --data FILE, or leave out --format")
+    if opts.plot is not None:
+        if not Path(opts.plot).parent.is_dir():
+            raise InputError(f"cannot write the plot {opts.plot}: no folder {Path(opts.plot).parent}",
+                             "give a path in an existing folder")
+        try:
+            import matplotlib  # noqa: F401  (fail before the slow part)
+        except ImportError:
+            raise StateError("--plot needs matplotlib, which is not installed", "pip install 'kledger[eval]'") from None
+
+
 def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | None = None,
              progress: Progress | None = None) -> dict:
     """Evaluate the model at `rev` beside the base model (the `kledger eval` document, without
@@ -158,17 +205,15 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
     from .edit.hooks import boundary_token
 
     opts = opts or EvalOptions()
-    check_mode(opts.mode)
-    if opts.ppl_tokens < 0 or opts.gen_tokens < 0:
-        raise InputError("token counts must be 0 or more", "give --ppl-tokens and --gen-tokens ≥ 0")
+    _check_options(opts)
     started = time.perf_counter()
-    cid = ledger.resolve(rev)
+    cid = ledger.history.resolve(rev)
     fixed = _fixed_records(opts)
     facts = _records(ledger, cid, opts, fixed)
     if not ledger.has_model:
         raise StateError("this ledger has no model (it was made with --model none)",
                          "evaluate a ledger made with `kledger init --model NAME`")
-    ed = ledger.editor(progress=progress)
+    ed = editor(ledger, progress)
     lm = ed.lm
     scorer = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, ed.hparams.bos),
                     batch_size=opts.batch_size, spec=lm.spec, progress=progress)
@@ -200,6 +245,8 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
 
 def _document(cid: str, opts: EvalOptions, fixed: list[Fact] | None, facts: list[Fact], kinds: list[str],
               base: dict, edited: dict, text_info: dict | None, info: dict) -> dict[str, Any]:
+    from .edit.evaluate import KINDS
+
     n = len(facts)
     work = sum(r["seconds"]["records"] + r["seconds"]["fluency"] for r in (base, edited))
     return {
@@ -222,7 +269,7 @@ def _history(ledger: "Ledger", cid: str, opts: EvalOptions, fixed: list[Fact] | 
              edited: dict, run: Callable[[list[Fact]], dict], progress: Progress | None) -> list[dict]:
     """One point per commit on `cid`'s first-parent chain, oldest first, after a "base" point (the
     base model on the records evaluated at `cid`)."""
-    chain = list(reversed(ledger.first_parent_chain(cid)))
+    chain = list(reversed(ledger.history.first_parent_chain(cid)))
     points = [{"commit": None, "label": "base", "records": len(base["per_record"]), "metrics": base["metrics"]}]
     for i, c in enumerate(chain):
         report(progress, "history", i, len(chain))

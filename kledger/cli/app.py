@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import typer
 
 from .. import __version__
-from ..errors import UsageError
 from ..settings import MODES, Settings, check_device, check_mode  # noqa: F401  (check_mode: for the command modules)
 
 if TYPE_CHECKING:

@@ -43,26 +43,11 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
     fluency at REV, beside the base model."""
     want_json(json_)
     check_mode(mode)
-    if fmt is not None and data is None:
-        from ..errors import UsageError
-        raise UsageError("--format applies to --data only", "give --data FILE, or leave out --format")
-    if plot is not None:
-        if not plot.parent.is_dir():
-            from ..errors import InputError
-            raise InputError(f"cannot write the plot {plot}: no folder {plot.parent}",
-                             "give a path in an existing folder")
-        try:
-            import matplotlib  # noqa: F401  (fail before the slow part)
-        except ImportError:
-            from ..errors import StateError
-            raise StateError("--plot needs matplotlib, which is not installed", "pip install 'kledger[eval]'")
-    from ..model_side import EvalOptions
-
-    opts = EvalOptions(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,
-                       gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size, history=plot is not None,
-                       plot=plot, plot_title=f"kledger eval {rev} ({mode})")
+    opts = dict(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,
+                gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size, history=plot is not None,
+                plot=plot, plot_title=f"kledger eval {rev} ({mode})")
     with open_ledger(write=True) as ledger, progress_bar() as progress:
-        res = ledger.evaluate(rev, opts, progress=progress)
+        res = ledger.evaluate(rev, progress=progress, **opts)
     if json_:
         emit_json("eval", res)
         return
@@ -72,7 +57,9 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
 def _print(res: dict, rev: str) -> None:
     from rich.table import Table
 
-    from ..model_side import GROUP_METRICS, KIND_TITLES, KINDS
+    from ..ledger import Ledger
+
+    KINDS, KIND_TITLES, GROUP_METRICS = Ledger.eval_metrics()
 
     d, base, edited = res["data"], res["base"], res["edited"]
     where = f"from {d['path']}" if d["source"] == "file" else f"in force at {rev}"
