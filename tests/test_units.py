@@ -239,3 +239,55 @@ def test_commit_record_ids_are_content_hashes():
     assert c.id != Commit(parents=(), ops=(Op(OP_ADD, "f"),), message="n", author="a", timestamp="t").id
     with pytest.raises(InputError):
         Fact.create("The tower is in", "Rome", "bridge")
+
+
+# ------------------------------------------------------------------------------ layering
+PKG = __import__("pathlib").Path(__file__).resolve().parents[1] / "kledger"
+
+
+def _imports(path) -> set[str]:
+    """Absolute names of the kledger modules `path` imports (relative imports resolved)."""
+    import ast
+
+    rel = path.relative_to(PKG.parent).with_suffix("").parts
+    package = rel[:-1] if rel[-1] != "__init__" else rel[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else ()
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("kledger")}
+
+
+def test_layers_point_one_way():
+    files = {p: _imports(p) for p in PKG.rglob("*.py")}
+    for path, imported in files.items():
+        name = ".".join(path.relative_to(PKG.parent).with_suffix("").parts)
+        if name.startswith("kledger.cli"):
+            assert not any(m.startswith(("kledger.edit", "kledger.model_side", "kledger.commits", "kledger.store",
+                                         "kledger.history", "kledger.decisions")) for m in imported), \
+                f"{name} reaches below the facade: {sorted(imported)}"
+        if name.startswith("kledger.edit"):
+            assert not any(m.startswith(("kledger.ledger", "kledger.history", "kledger.decisions", "kledger.commits",
+                                         "kledger.model_side", "kledger.cli", "kledger.transfer")) for m in imported), \
+                f"{name} knows about ledgers: {sorted(imported)}"
+        if name != "kledger.settings":
+            assert "os.environ" not in path.read_text(), f"{name} reads os.environ (use kledger.settings)"
+        if name in ("kledger.history", "kledger.decisions", "kledger.store", "kledger.records", "kledger.transfer"):
+            assert not any(m.startswith(("kledger.ledger", "kledger.cli", "kledger.commits")) for m in imported), \
+                f"{name} imports a layer above it"
+
+
+def test_modules_and_functions_stay_small():
+    import ast
+
+    for path in PKG.rglob("*.py"):
+        src = path.read_text()
+        assert len(src.splitlines()) <= 650, f"{path.name} has {len(src.splitlines())} lines"
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                assert n <= 75, f"{path.name}:{node.lineno} {node.name} has {n} lines"

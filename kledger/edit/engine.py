@@ -205,6 +205,31 @@ def _cache_for(model: Any, shared: list[tuple[torch.Tensor, torch.Tensor]], lay:
     return DynamicCache([(K[lay.rows, :, :P], V[lay.rows, :, :P]) for K, V in shared], config=model.config)
 
 
+def _seq_logprobs(logits: torch.Tensor, lay: "_Layout", n: int, C: int) -> torch.Tensor:
+    """[n, C] mean log-probability of the target tokens per sequence, from the first M rows of
+    `logits` (the target positions). A sum over a one-hot matrix, not index_add, whose CUDA
+    atomics would add in a different order from run to run."""
+    M = len(lay.t_ids)
+    dev = logits.device
+    tok_lp = torch.log_softmax(logits[:M], -1).gather(1, lay.t_ids[:, None])[:, 0]  # [M]
+    per_seq = torch.zeros(n * C, M, device=dev).index_put((lay.t_seq, torch.arange(M, device=dev)), tok_lp)
+    return (per_seq.sum(1) / lay.n_tok).view(n, C)
+
+
+def _descend(opt: torch.optim.Optimizer, delta: torch.Tensor, active: torch.Tensor, loss: torch.Tensor,
+             max_norm: torch.Tensor) -> None:
+    """One Adam step on the active facts' deltas [N, d]; the frozen ones stay where they are
+    (Adam's momentum would move them still); then each delta is clamped to `max_norm` [N, 1]."""
+    opt.zero_grad()
+    loss.backward()
+    frozen = delta.detach()[~active].clone()
+    opt.step()
+    with torch.no_grad():
+        delta[~active] = frozen
+        norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+
+
 def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                     progress: Progress | None = None, *, reuse_prefix: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
@@ -234,43 +259,28 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     with torch.enable_grad():
         for step in range(hp.steps + 1):
             report(progress, "values", step, hp.steps)
-            n, M = len(lay.facts), len(lay.t_ids)
+            n = len(lay.facts)
             with capture_residual(model, spec, L) as got, \
                     add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
                 logits = logits_at(model, spec, lay.ids, lay.mask, lay.out_rows, lay.out_cols, position_ids=lay.pos,
                                    past_key_values=_cache_for(model, shared, lay) if cut else None).float()
             if step == 0:  # δ = 0: the unedited model; context 0 is the bare prompt
                 h0 = got[L][lay.d_rows[:N * C:C], lay.d_cols[:N * C:C]].detach().clone()
-            lp = torch.log_softmax(logits[:M], -1)  # [M, V]
-            tok_lp = lp.gather(1, lay.t_ids[:, None])[:, 0]  # [M]
-            # [n*C] mean per sequence; a sum over a one-hot matrix, not index_add, whose CUDA atomics
-            # would add in a different order from run to run
-            per_seq = torch.zeros(n * C, M, device=dev).index_put((lay.t_seq, torch.arange(M, device=dev)), tok_lp)
-            seq_lp = per_seq.sum(1) / lay.n_tok
-            nll = -seq_lp.view(n, C).mean(1)  # [n]
-            prob[lay.facts] = seq_lp.detach().exp().view(n, C).mean(1)
-            kl_lp = torch.log_softmax(logits[M:], -1)  # [n, V]
+            seq_lp = _seq_logprobs(logits, lay, n, C)  # [n, C]
+            prob[lay.facts] = seq_lp.detach().exp().mean(1)
+            kl_lp = torch.log_softmax(logits[len(lay.t_ids):], -1)  # [n, V]
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             ref = kl_init[lay.facts]
             kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n] KL(unedited ‖ edited)
-            dl = delta[lay.facts]
-            wd = hp.weight_decay * dl.pow(2).sum(1) / h0[lay.facts].pow(2).sum(1)  # [n] (‖δ‖/‖h‖)²
-            loss_each = nll + hp.kl_weight * kl + wd
+            wd = hp.weight_decay * delta[lay.facts].pow(2).sum(1) / h0[lay.facts].pow(2).sum(1)  # [n] (‖δ‖/‖h‖)²
+            loss_each = -seq_lp.mean(1) + hp.kl_weight * kl + wd
             _check_finite(loss_each, "the value optimisation loss")
             active &= prob < hp.early_stop_prob
             if step == hp.steps or not active.any():
                 break
             steps_done += active.long()
-            opt.zero_grad()
-            loss_each[active[lay.facts]].sum().backward()
-            frozen = delta.detach()[~active].clone()
-            opt.step()
-            with torch.no_grad():
-                delta[~active] = frozen  # Adam's momentum would move them still
-                max_norm = hp.clamp * h0.norm(dim=1, keepdim=True)  # [N, 1]
-                norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+            _descend(opt, delta, active, loss_each[active[lay.facts]].sum(), hp.clamp * h0.norm(dim=1, keepdim=True))
             if int(active.sum()) < n:
                 lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad, dev, cut)
     z = (h0 + delta.detach()).to("cpu", copy=True)  # [N, d]
