@@ -25,7 +25,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import gc  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
@@ -33,6 +32,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -44,8 +44,11 @@ from kledger.edit import solve as solve_mod  # noqa: E402
 from kledger.edit.editor import Editor  # noqa: E402
 from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
-from kledger.records import Constraint, constraints_hash  # noqa: E402
-from kledger.records import Fact  # noqa: E402
+from kledger.records import (  # noqa: E402
+    Constraint,
+    Fact,  # noqa: E402
+    constraints_hash,
+)
 
 DATA = REPO.parent / "shared" / "data"
 CORPUS = DATA / "wikitext-2-test.raw"
@@ -238,7 +241,8 @@ def main() -> None:
     from kledger.edit.device import resolve_device
     from kledger.settings import Settings
 
-    R: dict = {"device": str(resolve_device(Settings.from_env().device)), "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    R: dict = {"device": str(resolve_device(Settings.from_env().device)), "threads": torch.get_num_threads(),
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                "torch": torch.__version__, "synthetic_constraints": True}
     work = Path(tempfile.mkdtemp(prefix="kledger-apply-bench-"))
     try:

@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from kledger.edit.hooks import boundary_token  # noqa: E402
 from kledger.edit.evaluate import Scorer  # noqa: E402
+from kledger.edit.hooks import boundary_token  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.model_side import load_at  # noqa: E402
 from kledger.records import Fact, normalize, template_of  # noqa: E402

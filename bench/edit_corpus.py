@@ -17,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from edit_eval import DATA, counterfact, metrics, requests  # noqa: E402
+
 from kledger.edit.engine import optimise_values, prepare, spread  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.solve import rel_fro  # noqa: E402
-from kledger.edit.stats import compute_c0, default_corpus  # noqa: E402
 from kledger.edit.spec import get_weight, set_weight  # noqa: E402
+from kledger.edit.stats import compute_c0, default_corpus  # noqa: E402
 from kledger.edit.weights import corpus_cache_root, load_model  # noqa: E402
 from kledger.settings import Settings  # noqa: E402
 
@@ -49,7 +50,8 @@ def main() -> None:
     W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     wiki = (DATA / "wikitext-2-test.raw").read_text()
     t = time.time()
-    sampled = default_corpus(lm, a.sampled_tokens, seed=0, cache_dir=corpus_cache_root(Settings.from_env()), progress=say)  # cached after the first run
+    # cached after the first run
+    sampled = default_corpus(lm, a.sampled_tokens, seed=0, cache_dir=corpus_cache_root(Settings.from_env()), progress=say)
     t_sample = time.time() - t
     c0s, times = {}, {}
     for name, text, n in [("wiki", wiki, a.wiki_tokens), ("wiki-small", wiki, a.sampled_tokens),

@@ -16,10 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edit_eval import DATA, counterfact, metrics, requests  # noqa: E402
+
 from kledger.edit.engine import optimise_values, prepare, spread  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
-from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.edit.spec import get_weight, set_weight  # noqa: E402
+from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
 from kledger.settings import Settings  # noqa: E402
 

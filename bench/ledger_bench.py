@@ -6,7 +6,8 @@ Facts are synthetic (distinct subjects over a few CounterFact-style templates) s
 exact. Every --conflict-every-th commit (default 50th) records contradictions as open
 (`--allow-conflicts`): a second object for an earlier subject (a hard conflict), and a capital and
 a "{} is the capital of" fact that disagree through a declared inverse pair (an inverse conflict),
-so `conflicts` and `check` do real work: 20 hard and 20 inverse open conflicts at the defaults. Each read command is timed end to end as a fresh `kledger` process (what a user waits for),
+so `conflicts` and `check` do real work: 20 hard and 20 inverse open conflicts at the defaults.
+Each read command is timed end to end as a fresh `kledger` process (what a user waits for),
 median of --repeat runs, next to the time of a process that only starts Python and imports the CLI;
 the ratio column is the command's time over the 1-second target. One run, ratios from that run.
 """

@@ -32,14 +32,14 @@ import torch  # noqa: E402
 
 from kledger.edit import solve as solve_mod  # noqa: E402
 from kledger.edit.engine import EditRequest, compute_constraints  # noqa: E402
+from kledger.edit.evaluate import Scorer, evaluate_model  # noqa: E402
 from kledger.edit.hooks import boundary_token  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.spec import get_weight, set_weight  # noqa: E402
 from kledger.edit.stats import SAMPLED_TOKENS, compute_c0, default_corpus  # noqa: E402
 from kledger.edit.weights import corpus_cache_root, load_model  # noqa: E402
-from kledger.settings import Settings  # noqa: E402
-from kledger.edit.evaluate import Scorer, evaluate_model  # noqa: E402
 from kledger.formats import read_facts  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"counterfact": "counterfact-train.json", "zsre": "zsre-train-1k.json"}

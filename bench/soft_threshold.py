@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from kledger.edit.engine import EditRequest, measure, prepare  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
-from kledger.settings import Settings  # noqa: E402
 from kledger.records import normalize, template_of  # noqa: E402
+from kledger.settings import Settings  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

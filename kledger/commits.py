@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Iterable
 
+from . import model_side
 from .conflicts import Conflict
 from .decisions import ProposedFacts, describe
 from .errors import ConflictError, StateError, UsageError
 from .history import apply_ops
-from . import model_side
 from .records import OP_ADD, OP_RETRACT, Commit, Op, constraints_hash, short
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -26,6 +26,7 @@ from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
 from .store import LEDGER_DIR, Store, find_ledger_dir
 
+
 class Ledger:
     """A ledger on disk. Open with `Ledger.open()` (read) or `Ledger.open(write=True)`."""
 

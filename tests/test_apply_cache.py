@@ -21,9 +21,9 @@ from conftest import REPO  # noqa: E402
 from conftest_edit import save_tiny_model_dir, tiny_model, word_corpus  # noqa: E402
 
 from kledger.edit import weights as weights_mod  # noqa: E402
+from kledger.edit.editor import MEMO_KEY, Editor  # noqa: E402
 from kledger.errors import FingerprintError  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
-from kledger.edit.editor import MEMO_KEY, Editor  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
 FACTS = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import DATA, REPO, snapshot
 
 EIFFEL = ("The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower")

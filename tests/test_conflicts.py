@@ -7,10 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO, snapshot, subprocess_kledger
 
 from kledger.conflicts import HARD, INVERSE, find_conflicts, settle
@@ -314,7 +312,7 @@ def test_resolve_stopped_merge_by_object_or_newest(k, stopped_merge, how, want):
 
 
 def test_resolve_stopped_cherry_pick_and_rerere(k, ledger_dir, monkeypatch):
-    c1 = commit(k, "The Eiffel Tower is located in", "Rome", "Eiffel Tower", "rome")
+    commit(k, "The Eiffel Tower is located in", "Rome", "Eiffel Tower", "rome")
     k("checkout", "-b", "other")
     k("rm", "Eiffel Tower")
     c_oslo = commit(k, "The Eiffel Tower is located in", "Oslo", "Eiffel Tower", "oslo")

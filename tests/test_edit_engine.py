@@ -12,14 +12,13 @@ pytest.importorskip("transformers")
 
 from conftest_edit import one_thread, tiny_lm, word_corpus  # noqa: E402,F401
 
-from kledger.errors import InputError  # noqa: E402
-from kledger.edit.engine import (EditRequest, compute_constraints, context_prefixes,  # noqa: E402
-                                 optimise_values, tokenize_request)
+from kledger.edit.engine import EditRequest, compute_constraints, context_prefixes, optimise_values, tokenize_request  # noqa: E402
 from kledger.edit.hooks import boundary_token  # noqa: E402
 from kledger.edit.hparams import HParams  # noqa: E402
 from kledger.edit.solve import rel_fro, solve_history, solve_layer  # noqa: E402
 from kledger.edit.spec import get_weight, set_weight  # noqa: E402
 from kledger.edit.stats import compute_c0, corpus_fingerprint  # noqa: E402
+from kledger.errors import InputError  # noqa: E402
 
 HP = HParams(layers=(1, 2), lam=5.0, steps=8, lr=0.5, n_prefixes=2, early_stop_prob=0.99)
 
@@ -56,7 +55,7 @@ def test_sequential_commits_equal_one_solve_and_retraction():
         prior = {la: [c[la] for c in stored] for la in HP.layers}
         new = compute_constraints(lm, FACTS[2 * t:2 * t + 2], HP, c0, W0, prior)
         assert set(new) == set(HP.layers)
-        for la, (K, V) in new.items():
+        for K, V in new.values():
             assert K.shape == (2, 48) and V.shape == (2, 32)
         stored.append(new)
     all_c = {la: [c[la] for c in stored] for la in HP.layers}
@@ -105,6 +104,7 @@ def test_reused_prefix_equals_whole_sequences(kind):
     comes before measured once, gives the values of feeding whole sequences every step, also after
     facts leave the batch (llama, qwen3: the first fact freezes at step 5)."""
     from conftest_edit import tiny_lm as make
+
     from kledger.edit.engine import _layout, _prefix_cache, prepare
     from kledger.edit.hooks import pad_id_of
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kledger.errors import InputError
 from kledger.edit.hparams import HParams, default_layers, defaults_for
+from kledger.errors import InputError
 
 
 def test_round_trip_and_fingerprint():

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 from kledger.edit.engine import EditRequest, compute_constraints  # noqa: E402
 from kledger.edit.hooks import boundary_token, encode  # noqa: E402
 from kledger.edit.hparams import defaults_for  # noqa: E402
-from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.edit.spec import get_weight  # noqa: E402
+from kledger.edit.stats import compute_c0  # noqa: E402
 from kledger.edit.weights import load_model  # noqa: E402
 from kledger.settings import Settings  # noqa: E402
 

@@ -9,8 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kledger.edit.solve import (MODES, null_space_projector, rel_fro, sequential_update,  # noqa: E402
-                                solve_history, solve_layer)
+from kledger.edit.solve import MODES, null_space_projector, rel_fro, sequential_update, solve_history, solve_layer  # noqa: E402
 
 D_IN, D_OUT = 24, 12
 LAM = 2.0

@@ -12,10 +12,10 @@ pytest.importorskip("transformers")
 
 from conftest_edit import V, one_thread, tiny_configs, tiny_model, tiny_tokenizer, word_corpus  # noqa: E402,F401
 
-from kledger.errors import FingerprintError, ModelError  # noqa: E402
 from kledger.edit import spec as S  # noqa: E402
 from kledger.edit.hooks import logits_at  # noqa: E402
 from kledger.edit.weights import load_model, model_fingerprint, save_delta, save_model  # noqa: E402
+from kledger.errors import FingerprintError, ModelError  # noqa: E402
 from kledger.settings import Settings  # noqa: E402
 
 KINDS = list(tiny_configs())

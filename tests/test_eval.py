@@ -18,8 +18,7 @@ pytest.importorskip("transformers")
 from conftest import snapshot  # noqa: E402
 from conftest_edit import VOCAB, one_thread, save_tiny_model_dir, tiny_lm, tiny_tokenizer  # noqa: E402,F401
 
-from kledger.edit.evaluate import (Scorer, evaluate_model, ngram_entropy, record_kind,  # noqa: E402
-                                   split_ids, summarize)
+from kledger.edit.evaluate import Scorer, evaluate_model, ngram_entropy, record_kind, split_ids, summarize  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 from kledger.settings import Settings  # noqa: E402

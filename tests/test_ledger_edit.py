@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import numpy as np  # noqa: E402
+
 pytest.importorskip("transformers")
 
 from conftest_edit import save_tiny_model_dir  # noqa: E402
@@ -92,7 +93,8 @@ def test_sequential_equals_one_shot(history):
         W = ed.W0[la].double()
         H = None
         for cid in ids:
-            new = [r for r in rows_at(lg, cid) if r.fact_id in set(lg.state(cid)) - set(lg.state(lg.graph()[cid][0] if lg.graph()[cid] else None))]
+            parent = lg.graph()[cid][0] if lg.graph()[cid] else None
+            new = [r for r in rows_at(lg, cid) if r.fact_id in set(lg.state(cid)) - set(lg.state(parent))]
             K, V = stacked(new, la)
             W, H = sequential_update(W, K, V, c0[la], lam, H)
         K_all, V_all = stacked(rows_at(lg, ids[-1]), la)

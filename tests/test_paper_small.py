@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 @pytest.mark.real
 def test_paper_pipeline_small(tmp_path):
     import paper
+
     from kledger.edit.weights import load_model
     from kledger.settings import Settings
 
@@ -27,7 +28,7 @@ def test_paper_pipeline_small(tmp_path):
     res = paper.run("counterfact", 4, 2, ["accumulated", "no-history"], c0_tokens=4000, ppl_tokens=256,
                     gen_tokens=8, lm=lm, corpus_text=text, log=lambda s: None)
     assert list(res["modes"]) == ["accumulated", "no-history"]
-    for mode, r in res["modes"].items():
+    for _mode, r in res["modes"].items():
         assert [p["edits"] for p in r["curve"]] == [2, 4]  # one point per batch
         for p in r["curve"]:
             for m in ("efficacy", "generalization", "specificity"):

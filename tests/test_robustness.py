@@ -10,7 +10,6 @@ import textwrap
 
 import duckdb
 import pytest
-
 from conftest import snapshot, subprocess_kledger
 
 EIFFEL = ["add", "The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower"]

@@ -22,8 +22,18 @@ import torch
 from ..errors import InputError, ModelError
 from ..settings import Progress, report
 from .device import device_of
-from .hooks import (add_to_residual, boundary_token, capture_down_inputs, capture_residual, encode,
-                    logits_at, pad_batch, pad_id_of, run_until, split_target)
+from .hooks import (
+    add_to_residual,
+    boundary_token,
+    capture_down_inputs,
+    capture_residual,
+    encode,
+    logits_at,
+    pad_batch,
+    pad_id_of,
+    run_until,
+    split_target,
+)
 from .hparams import HParams
 from .solve import Batch, solve_history
 from .spec import get_module, get_weight, set_weight
@@ -157,7 +167,7 @@ def _layout(toks: Sequence[_Tokens], facts: Sequence[int], pad_id: int, device: 
             for j, tid in enumerate(t.target):
                 t_rows.append(s), t_cols.append(len(t.ctx[c]) - 1 + j), t_ids.append(tid), t_seq.append(k * C + c)
     kl_rows = list(range(len(seqs), len(seqs) + len(facts)))
-    for k, i in enumerate(facts):
+    for i in facts:
         starts.append(toks[i].kl_subj), rows.append(N * C + i), d_fact.append(i)
         seqs.append(toks[i].kl)
     cuts = starts if cut else [0] * len(seqs)

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..settings import MODES
+
 F64 = torch.float64
 DEFAULT_RIDGE = 10.0  # AlphaEdit's L2 (its Llama-3 setting)
 DEFAULT_NULL_THRESHOLD = 2e-2  # AlphaEdit's null-space eigenvalue threshold (on a mean C0)

@@ -18,8 +18,8 @@ import torch
 from ..errors import InputError, ModelError
 from ..settings import Progress, report
 from .device import device_of
-from .solve import no_tf32
 from .hooks import boundary_token, capture_down_inputs, encode, pad_batch, pad_id_of, run_until
+from .solve import no_tf32
 from .spec import down_proj, to_canonical
 
 SAMPLED_TOKENS = 20_000  # size of the default, model-sampled corpus (sampling is the slow part)
