@@ -96,3 +96,18 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# (prompt, subject, new object) facts the tiny tokenizer covers, for ledger tests on tiny models
+FACTS = [
+    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
+    ("the Louvre is located in the city of", "Louvre", "Berlin"),
+    ("the Colosseum is located in the city of", "Colosseum", "London"),
+    ("Big Ben is located in the city of", "Big Ben", "Madrid"),
+    ("Danielle Darrieux speaks the language", "Danielle Darrieux", "English"),
+    ("Toko Yasuda plays the", "Toko Yasuda", "guitar"),
+    ("the capital of France is", "France", "Rome"),
+    ("the capital of Italy is", "Italy", "Paris"),
+    ("the capital of Germany is", "Germany", "Madrid"),
+    ("the capital of Spain is", "Spain", "Berlin"),
+]

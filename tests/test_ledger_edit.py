@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 
 pytest.importorskip("transformers")
 
-from conftest_edit import save_tiny_model_dir  # noqa: E402
+from conftest_edit import FACTS, save_tiny_model_dir  # noqa: E402
 
 from kledger.edit.solve import rel_fro, sequential_update, solve_layer  # noqa: E402
 from kledger.errors import FingerprintError  # noqa: E402
@@ -19,18 +19,6 @@ from kledger.ledger import Ledger  # noqa: E402
 from kledger.model_side import load_at  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
-FACTS = [
-    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
-    ("the Louvre is located in the city of", "Louvre", "Berlin"),
-    ("the Colosseum is located in the city of", "Colosseum", "London"),
-    ("Big Ben is located in the city of", "Big Ben", "Madrid"),
-    ("Danielle Darrieux speaks the language", "Danielle Darrieux", "English"),
-    ("Toko Yasuda plays the", "Toko Yasuda", "guitar"),
-    ("the capital of France is", "France", "Rome"),
-    ("the capital of Italy is", "Italy", "Paris"),
-    ("the capital of Germany is", "Germany", "Madrid"),
-    ("the capital of Spain is", "Spain", "Berlin"),
-]
 SETTINGS = {"hparams": {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 6, "n_prefixes": 2, "lam": 5.0}}
 
 

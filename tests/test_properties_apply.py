@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest_edit import save_tiny_model_dir  # noqa: E402
+from conftest_edit import FACTS, save_tiny_model_dir  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -21,16 +21,6 @@ from kledger.edit.solve import rel_fro, solve_layer  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
-FACTS = [
-    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
-    ("the Louvre is located in the city of", "Louvre", "Berlin"),
-    ("the Colosseum is located in the city of", "Colosseum", "London"),
-    ("Big Ben is located in the city of", "Big Ben", "Madrid"),
-    ("Danielle Darrieux speaks the language", "Danielle Darrieux", "English"),
-    ("Toko Yasuda plays the", "Toko Yasuda", "guitar"),
-    ("the capital of France is", "France", "Rome"),
-    ("the capital of Italy is", "Italy", "Paris"),
-]
 SETTINGS = {"hparams": {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 1, "lam": 5.0}}
 N_COMMITS = 4
 TOL = 1e-5  # float32 weights against the float64 one-shot solve
