@@ -46,13 +46,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
+    from .solve import KV
     from .weights import LoadedModel
 
 MEMO_KEY = "fingerprint_memo"  # store meta: what the model's files and a setup hashed to
 MEMO_FORMAT = 1
 MEMO_KEEP = 16  # setups (and model sources) remembered, newest last
 Batches = Sequence[Sequence[Constraint]]  # constraints by commit, oldest first
-KV = tuple["torch.Tensor", "torch.Tensor"]  # (K [n, d_in], V [n, d_out])
 
 
 class EditorStore(Protocol):

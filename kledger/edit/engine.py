@@ -35,10 +35,10 @@ from .hooks import (
     split_target,
 )
 from .hparams import HParams
-from .solve import Batch, solve_history
+from .solve import KV, solve_history
 from .spec import get_module, get_weight, set_weight
 
-LayerConstraints = Union[Batch, Sequence[Batch]]  # one (K, V) or the batches of commits in order
+LayerConstraints = Union[KV, Sequence[KV]]  # one (K, V) or the batches of commits in order
 
 # Short neutral contexts put before the prompt (MEMIT's prefix contexts, fixed for determinism).
 PREFIXES = (
@@ -320,7 +320,7 @@ def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int) -> tuple
     return K.cpu(), z.cpu()
 
 
-def _batches(c: LayerConstraints | None) -> list[Batch]:
+def _batches(c: LayerConstraints | None) -> list[KV]:
     if c is None:
         return []
     if isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], torch.Tensor):
@@ -346,7 +346,7 @@ def _require_layers(hp: HParams, c0: Mapping[int, Any], W0: Mapping[int, Any]) -
 def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
            c0: Mapping[int, torch.Tensor], W0: Mapping[int, torch.Tensor],
            prior: Mapping[int, LayerConstraints] | None = None,
-           progress: Progress | None = None) -> dict[int, Batch]:
+           progress: Progress | None = None) -> dict[int, KV]:
     """Spread target residuals z [N, d] over hp.layers, writing each layer as it goes; returns
     the new constraints. Same pre/postconditions as `compute_constraints`. The solves run in
     float64 on the model's device."""
@@ -354,7 +354,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     dev = device_of(lm.model)
     _require_layers(hp, c0, W0)
     L = hp.layers[-1]
-    new: dict[int, Batch] = {}
+    new: dict[int, KV] = {}
     for i, layer in enumerate(hp.layers):
         report(progress, "layers", i, len(hp.layers))
         K, z_cur = measure(lm, toks, layer, L)  # [N, d_in], [N, d]
@@ -375,7 +375,7 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
                         c0: Mapping[int, torch.Tensor], W0: Mapping[int, torch.Tensor],
                         prior: Mapping[int, LayerConstraints] | None = None,
                         progress: Progress | None = None,
-                        diagnostics: dict | None = None) -> dict[int, Batch]:
+                        diagnostics: dict | None = None) -> dict[int, KV]:
     """New constraints {layer: (K [N, d_in], V [N, d_out])} (float32, CPU) for `requests`.
 
     Precondition: lm's edited layers hold apply(prior) (W0 when prior is empty).

@@ -147,13 +147,13 @@ def split_target(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], l
 
 
 @dataclass(frozen=True)
-class Batch:
+class Padded:
     input_ids: torch.Tensor  # [B, T] right-padded
     attention_mask: torch.Tensor  # [B, T] 1 = token, 0 = padding
     lengths: list[int]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, *, left: bool = False) -> Batch:
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, *, left: bool = False) -> Padded:
     """Pad token lists into a batch: on the right (positions stay 0..len-1 for every sequence),
     or with `left` on the left (every sequence ends in the last column, as generation needs)."""
     T = max(len(s) for s in seqs)
@@ -163,7 +163,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, *, left: bool = Fa
         lo = T - len(s) if left else 0
         ids[i, lo:lo + len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, lo:lo + len(s)] = 1
-    return Batch(ids, mask, [len(s) for s in seqs])
+    return Padded(ids, mask, [len(s) for s in seqs])
 
 
 def pad_id_of(tokenizer: Any) -> int:

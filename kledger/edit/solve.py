@@ -30,7 +30,7 @@ F64 = torch.float64
 DEFAULT_RIDGE = 10.0  # AlphaEdit's L2 (its Llama-3 setting)
 DEFAULT_NULL_THRESHOLD = 2e-2  # AlphaEdit's null-space eigenvalue threshold (on a mean C0)
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (K [n, d_in], V [n, d_out])
+KV = tuple[torch.Tensor, torch.Tensor]  # (K [n, d_in], V [n, d_out])
 
 
 @contextlib.contextmanager
@@ -87,7 +87,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu") if t.device.type != "cpu" else t
 
 
-def _stack(batches: Sequence[Batch], d_in: int, d_out: int, device: torch.device | str | None = None) -> Batch:
+def _stack(batches: Sequence[KV], d_in: int, d_out: int, device: torch.device | str | None = None) -> KV:
     dev = _dev(device)
     if not batches:
         return torch.zeros(0, d_in, dtype=F64, device=dev), torch.zeros(0, d_out, dtype=F64, device=dev)
@@ -156,7 +156,7 @@ def alphaedit_update(W_prev: torch.Tensor, K_t: torch.Tensor, V_t: torch.Tensor,
     return W_prev + dWt.T
 
 
-def solve_history(W0: torch.Tensor, batches: Sequence[Batch], C0: torch.Tensor, lam: float,
+def solve_history(W0: torch.Tensor, batches: Sequence[KV], C0: torch.Tensor, lam: float,
                   mode: str = "accumulated", *, ridge: float = DEFAULT_RIDGE,
                   null_threshold: float = DEFAULT_NULL_THRESHOLD,
                   device: torch.device | str | None = None) -> torch.Tensor:
