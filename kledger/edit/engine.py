@@ -293,11 +293,16 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
             _descend(opt, delta, active, loss_each[active[lay.facts]].sum(), hp.clamp * h0.norm(dim=1, keepdim=True))
             if int(active.sum()) < n:
                 lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad, dev, cut)
-    z = (h0 + delta.detach()).to("cpu", copy=True)  # [N, d]
+    return _targets(h0, delta.detach(), prob, steps_done)
+
+
+def _targets(h0: torch.Tensor, delta: torch.Tensor, prob: torch.Tensor,
+             steps: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """z = h0 + δ [N, d] on the CPU, checked finite, and the optimisation's diagnostics."""
+    z = (h0 + delta).to("cpu", copy=True)
     _check_finite(z, "the target values")
-    info = {"target_prob": prob.tolist(), "steps": steps_done.tolist(),
-            "delta_norm_ratio": (delta.detach().norm(dim=1) / h0.norm(dim=1)).tolist()}
-    return z, info
+    return z, {"target_prob": prob.tolist(), "steps": steps.tolist(),
+               "delta_norm_ratio": (delta.norm(dim=1) / h0.norm(dim=1)).tolist()}
 
 
 # ---- keys and spreading ---------------------------------------------------------------------
