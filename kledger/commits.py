@@ -7,8 +7,10 @@
   pending operation when they bring contradictions;
 - `commit_decisions`: the commit that carries `resolve`'s decisions.
 
-Each takes the ledger first and runs inside its store transaction; measuring goes through
-`Ledger._measure` (the model side), looking for conflicts through `Ledger.decisions`.
+Each takes the ledger first and reads its parts (store, history, decisions, settings); each
+change to the ledger is one store transaction (joined by an outer one when there is one), so a
+failed command leaves the ledger as it was. Measuring goes through `kledger.model_side.measure`,
+looking for conflicts through `Decisions`; no function here calls back into the facade.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def require_head(lg: "Ledger", what: str) -> str:
 
 
 def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, author: str | None,
-                meta: dict | None = None, allow_conflicts: bool = False,
-                constraints: str | None = None, found: list[Conflict] | None = None) -> str:
+               meta: dict | None = None, allow_conflicts: bool = False,
+               constraints: str | None = None, found: list[Conflict] | None = None) -> str:
     """Write a commit on HEAD's branch (or detached HEAD) in the current transaction, after
     replaying remembered decisions; refuse unresolved conflicts (ConflictError) unless allowed.
     `found`: the conflicts left after the decisions were replayed on these ops, when the caller
@@ -102,11 +104,11 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
     ops, digest, rows, found = staged, None, [], None
     if compute if compute is not None else lg.has_model:
         ops, digest, rows, meta, found = _measure_staged(lg, head, staged, meta, progress, measure_without)
-    with lg.store.transaction(), lg.decisions.new_keys(rows):
+    with lg.store.transaction():
         if lg.store.staged() != staged or lg.history.head() != head:
             raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
         cid = new_commit(lg, [head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
-                               constraints=digest, meta=meta, found=found)
+                         constraints=digest, meta=meta, found=found)
         model_side.store_constraints(lg, cid, rows)
         lg.store.clear_staged()
         lg.env.fault_point("commit")
@@ -250,7 +252,7 @@ def _finish_or_stop(lg: "Ledger", kind: str, parents: list[str], body: dict, all
     try:
         with lg.store.transaction():
             return new_commit(lg, parents, ops, body["message"], body.get("author"), meta=body["meta"],
-                                    allow_conflicts=allow_conflicts)
+                              allow_conflicts=allow_conflicts)
     except ConflictError as exc:
         body = {**body, "parents": parents, "conflicts": [c.key for c in exc.conflicts]}
         with lg.store.transaction():
@@ -261,7 +263,7 @@ def _finish_or_stop(lg: "Ledger", kind: str, parents: list[str], body: dict, all
 
 
 def commit_decisions(lg: "Ledger", pf: ProposedFacts, ops: list[Op], decided: list[dict], entries: list[dict],
-                      blocking: list[Conflict], message: str | None, author: str | None) -> str | None:
+                     blocking: list[Conflict], message: str | None, author: str | None) -> str | None:
     """The commit that carries `resolve`'s decisions (None while conflicts still block it)."""
     if blocking:
         if pf.pending is not None:
@@ -271,7 +273,7 @@ def commit_decisions(lg: "Ledger", pf: ProposedFacts, ops: list[Op], decided: li
     if pf.pending is not None:
         p = pf.pending
         cid = new_commit(lg, pf.parents, ops, message or p["message"], author or p.get("author"),
-                               meta={**p["meta"], "resolved": entries})
+                         meta={**p["meta"], "resolved": entries})
         lg.store.set_pending(None)
         return cid
     message = message or "Resolve " + "; ".join(

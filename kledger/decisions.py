@@ -343,8 +343,8 @@ class Decisions:
                          f"name one: `kledger resolve KEY --keep {keep}` with KEY one of "
                          + ", ".join(c.key[:10] for c in with_value))
 
-    def choose(self, pf: ProposedFacts, c: Conflict, strategy: str, keep: str | None,
-               src: dict[str, dict]) -> list[str]:
+    @staticmethod
+    def choose(c: Conflict, strategy: str, keep: str | None, src: dict[str, dict]) -> list[str]:
         """The objects `strategy` keeps in conflict `c` (`src`: `sources` of its facts)."""
         if strategy == "keep":
             return [normalize(keep or "")]
@@ -368,7 +368,7 @@ class Decisions:
         src = self.sources(pf, [f for c in targets for f in c.fact_ids]) if strategy != "keep" else {}
         decided = []
         for c in targets:
-            values = self.choose(pf, c, strategy, keep, src)
+            values = self.choose(c, strategy, keep, src)
             kept, dropped = settle(c, keep=values)
             self.store.put_resolution(c.key, {**conflict_id(c), "keep": values, "strategy": strategy,
                                               "author": who, "at": at}, at)

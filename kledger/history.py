@@ -1,7 +1,7 @@
 """History: revisions, graph walks, the facts in force, op folding and the read verbs over them.
 
 `History` wraps a `Store` and caches the commit graph and the facts in force per commit until the
-ledger changes (`changed()`). It reads only: every write goes through the facade (kledger.ledger).
+ledger changes (`changed()`). It reads only: the writes are the facade's and kledger.commits'.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The Ledger facade: the library API behind every command, one short method per verb.
 
-The facade owns the transactions: every change to the ledger happens inside one store
-transaction, so a failed command leaves the ledger as it was. The work is done by the modules
-below it (docs/architecture.md): `history` (revisions, facts in force, the read verbs),
-`decisions` (conflicts and what is decided about them), `transfer` (text ledgers), `integrity`
-(fsck), and the model side (`kledger.edit`, torch, imported only when a verb needs the model).
+Every change to the ledger happens inside one store transaction (here or in kledger.commits), so
+a failed command leaves the ledger as it was. The work is done by the modules below it
+(docs/architecture.md): `history` (revisions, facts in force, the read verbs), `decisions`
+(conflicts and what is decided about them), `commits` (every path that writes a commit),
+`transfer` (text ledgers), `integrity` (fsck), and `model_side`, the glue to the model
+(`kledger.edit`: torch, imported only when a verb needs the model).
 It never prints; errors are typed (kledger.errors).
 """
 
@@ -46,6 +47,7 @@ class Ledger:
         """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
         "corpus" (a text file for C0)."""
         env = env or Settings.from_env()
+        checked = _checked_settings(settings or {})
         root = Path(path).expanduser().resolve()
         ldir = root / LEDGER_DIR
         if (ldir / "ledger.duckdb").exists():
@@ -56,7 +58,7 @@ class Ledger:
                 "created": env.now(), "created_by": f"kledger {__version__}"}
         if meta["model"] not in ("", "none"):
             meta["soft_threshold"] = str(SOFT_THRESHOLD)
-        meta.update(_checked_settings(settings or {}))
+        meta.update(checked)
         return cls(Store.create(ldir, meta, wait=env.lock_wait), env)
 
     @classmethod
@@ -217,11 +219,20 @@ class Ledger:
         return model_side.ask(self, prompt, rev, mode, top, max_new_tokens, progress)
 
     def evaluate(self, rev: str | None = "HEAD", opts=None, progress=None, **options) -> dict:
-        """Metrics at `rev` beside the base model (the `kledger eval` document); `opts` a
-        kledger.model_side.EvalOptions, or its fields as keyword `options`."""
+        """Metrics at `rev` beside the base model (the `kledger eval` document); `opts` from
+        `Ledger.eval_options`, or its fields as keyword `options`."""
         from . import model_side
 
         return model_side.evaluate(self, rev, opts or model_side.EvalOptions(**options), progress)
+
+    @staticmethod
+    def eval_options(**options):
+        """What `evaluate` measures (kledger.model_side.EvalOptions), checked before any ledger
+        is opened: mode, data, fmt, limit, text, ppl_tokens, gen_tokens, batch_size, history,
+        plot, plot_title."""
+        from .model_side import EvalOptions
+
+        return EvalOptions(**options).check()
 
     @staticmethod
     def eval_metrics() -> tuple[tuple[str, ...], dict[str, str], dict[str, tuple[str, ...]]]:
@@ -416,7 +427,8 @@ class Ledger:
         """A new ledger replaying a text ledger. On a ledger with a model, facts that no earlier
         commit measured are measured against apply(their commit's parent) as the history is
         replayed (sequential editing), so commit ids change with the constraints they now cover."""
-        plan = transfer.read(source)  # validated before the ledger is created
+        _checked_settings(settings or {})  # everything is checked before the ledger is created
+        plan = transfer.read(source)
         ledger = cls.init(path, model=model or plan.model, settings=settings, env=env)
         try:
             with ledger.store.transaction():
@@ -444,7 +456,10 @@ def _checked_settings(settings: dict) -> dict[str, str]:
         from .edit.hparams import HParams
 
         hp = settings["hparams"]
-        HParams.from_dict({k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in hp.items()})
+        try:
+            HParams.from_dict({k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in hp.items()})
+        except (TypeError, ValueError) as exc:  # a value of the wrong type, e.g. lam=abc
+            raise InputError(f"bad hyper-parameter value: {exc}", "give numbers where numbers go, e.g. --set lam=5000") from None
         meta["hparams"] = json.dumps(hp, sort_keys=True)
     if settings.get("corpus"):
         corpus = Path(settings["corpus"]).expanduser()

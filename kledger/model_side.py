@@ -1,9 +1,11 @@
-"""The ledger's glue to the model side (kledger.edit): which stored constraints are in force at a
-commit, and the library calls behind `commit`'s measuring, `apply`, `ask` and `eval`.
+"""The ledger's glue to the model side (kledger.edit): the ledger's Editor, and the library calls
+behind `commit`'s measuring, `apply`, `ask` and `eval`.
 
-Each function takes the Ledger first; the Ledger facade (`Ledger.apply`, `.ask`, `.evaluate`,
-`._measure`) calls them. The model side itself (kledger.edit.editor.Editor) is given constraints
-and returns weights or constraints; it knows nothing of commits. Importing this module needs
+Each function takes the Ledger first and reads its parts (store, history, model, settings; the
+Editor is kept on it); the facade (`Ledger.apply`, `.ask`, `.evaluate`, `.editor`) and
+kledger.commits call them. The constraints in force come from `History.constraints_at`. The
+model side itself (kledger.edit.editor.Editor) is given constraints and returns weights or
+constraints; it knows nothing of commits. Importing this module needs
 neither torch nor transformers; `apply` of a revision solved before needs neither either.
 """
 
@@ -159,6 +161,15 @@ class EvalOptions:
     history: bool = False
     plot: Path | None = None
     plot_title: str = ""
+
+    def __post_init__(self) -> None:
+        if self.plot is not None:
+            self.history = True  # the plot is of the history
+
+    def check(self) -> "EvalOptions":
+        """Refuse bad options before anything slow happens (no ledger needed)."""
+        _check_options(self)
+        return self
 
 
 def _records(ledger: "Ledger", cid: str, opts: EvalOptions, fixed: list[Fact] | None) -> list[Fact]:

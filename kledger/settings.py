@@ -2,8 +2,8 @@
 
 No other module reads `os.environ`: the CLI (or a library caller) makes one `Settings`, usually
 `Settings.from_env()`, and passes it down; `Ledger.open`/`Ledger.init` take one (default: from
-the environment at that moment). Values are validated where they are read, so a bad variable is
-a one-line usage error before anything runs.
+the environment at that moment). Values are validated when they are read (KLEDGER_DATE when a
+commit time is taken), so a bad variable is a one-line usage error.
 
 | variable | field | meaning |
 |---|---|---|
@@ -24,7 +24,7 @@ import getpass
 import os
 import re
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping
@@ -81,12 +81,14 @@ class Settings:
     model: str | None = None
     lock_wait: float = DEFAULT_LOCK_WAIT
     device: str = "auto"
-    model_cache: Path = Path.home() / ".cache" / "kledger" / "models"
-    hub_cache: Path = Path.home() / ".cache" / "huggingface" / "hub"
+    model_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "kledger" / "models")
+    hub_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "huggingface" / "hub")
     fault: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, *, device: str | None = None) -> "Settings":
+        """The settings from `env` (default: the process environment). `device` (the CLI's
+        --device) takes the place of $KLEDGER_DEVICE, which is then not read."""
         env = os.environ if env is None else env
         wait = env.get("KLEDGER_LOCK_WAIT")
         try:
@@ -97,8 +99,9 @@ class Settings:
         cache = env.get("KLEDGER_CACHE")
         return cls(ledger_dir=env.get("KLEDGER_DIR") or None, author=env.get("KLEDGER_AUTHOR") or None,
                    date=env.get("KLEDGER_DATE") or None, model=env.get("KLEDGER_MODEL") or None,
-                   lock_wait=lock_wait, device=check_device(env.get("KLEDGER_DEVICE")),
-                   model_cache=Path(cache) if cache else cls.model_cache, hub_cache=_hub_cache(env),
+                   lock_wait=lock_wait, device=check_device(device if device is not None else env.get("KLEDGER_DEVICE")),
+                   model_cache=Path(cache) if cache else Path.home() / ".cache" / "kledger" / "models",
+                   hub_cache=_hub_cache(env),
                    fault=env.get("KLEDGER_FAULT") or None)
 
     def with_(self, **changes) -> "Settings":

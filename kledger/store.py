@@ -587,7 +587,7 @@ class Store:
 
     def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, matrix: "np.ndarray") -> None:
         """Store C0 of one layer (as float64)."""
-        dtype, dim, blob = _encode(matrix, "<f8")
+        dtype, _, blob = _encode(matrix, "<f8")
         self.con.execute("DELETE FROM stats WHERE model_fp = ? AND corpus_fp = ? AND layer = ?",
                          [model_fp, corpus_fp, layer])
         self.con.execute("INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)",

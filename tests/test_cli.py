@@ -493,3 +493,30 @@ def test_help_order_names_every_command():
     registered = list(typer.main.get_command(main.app).commands)
     assert sorted(registered) == sorted(main.HELP_ORDER), "add the new command to main.HELP_ORDER"
     assert registered == list(main.HELP_ORDER)
+
+
+def test_option_errors_come_before_the_ledger_is_opened(k, tmp_path, monkeypatch):
+    """Usage errors are reported as such even outside a ledger or on an existing one (the checks
+    live in the library, and run before it opens or creates anything)."""
+    r = k("eval", "--format", "csv", "--json")  # no ledger here
+    assert r.code == 2 and r.json["error"]["kind"] == "usage" and "--format applies to --data only" in r.err
+    r = k("init", "--set", "lam=abc")
+    assert r.code == 2 and "bad hyper-parameter value" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / ".kledger").exists()
+    assert k("init").code == 0
+    for args, needle in ((("--set", "nope=1"), "unknown hyper-parameters"), (("--corpus", "/no/such/file"), "does not exist")):
+        r = k("init", *args)
+        assert r.code == 2 and needle in r.err
+
+
+def test_device_option_replaces_the_environment_variable(k, ledger_dir, monkeypatch):
+    monkeypatch.setenv("KLEDGER_DEVICE", "bogus")
+    assert k("--device", "cpu", "log").code == 0
+    r = k("log")
+    assert r.code == 2 and "unknown device 'bogus'" in r.err
+
+
+def test_eval_plot_implies_the_history():
+    from kledger.ledger import Ledger
+
+    assert Ledger.eval_options(plot="x.png", history=False).history is True

@@ -27,7 +27,7 @@ app = typer.Typer(name="kledger", add_completion=False, no_args_is_help=True,
 # ledger: the --ledger/-C value (None: the nearest .kledger upward); json: whether errors are
 # reported as JSON too (main.run sets it from argv first, so that even a usage error is); env:
 # the Settings the command runs with (the environment, with --device applied)
-_state: dict = {"ledger": None, "json": False, "env": None}
+_state: dict = {"ledger": None, "json": False, "device": None, "env": None}
 
 
 # ------------------------------------------------------------------ global options
@@ -46,8 +46,8 @@ def _main(ledger: str | None = typer.Option(None, "--ledger", "-C", envvar="KLED
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     _state["ledger"] = ledger
-    env = Settings.from_env()  # the environment, read once for the command
-    _state["env"] = env if device is None else env.with_(device=check_device(device))
+    _state["device"] = None if device is None else check_device(device)
+    _state["env"] = None  # read from the environment when a command first needs it (settings())
 
 
 # ------------------------------------------------------------------ what commands use
@@ -58,8 +58,8 @@ def ledger_dir() -> str | None:
 
 def settings() -> Settings:
     """The Settings every library call of this command gets."""
-    if _state["env"] is None:
-        _state["env"] = Settings.from_env()
+    if _state["env"] is None:  # the environment, read once for the command; --device replaces $KLEDGER_DEVICE
+        _state["env"] = Settings.from_env(device=_state.get("device"))
     return _state["env"]
 
 

@@ -1,6 +1,6 @@
 """eval: the edit metrics and the drift of general ability at a revision, beside the base model.
-
-Its body still calls kledger.evaluate itself; it is to become a single call of the ledger's facade."""
+Options are checked by `Ledger.eval_options` before the ledger is opened; then one facade call,
+`Ledger.evaluate`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .app import JSON_OPT, MODE_OPT, app, check_mode, open_ledger, want_json
+from .app import JSON_OPT, MODE_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
 
 _RATE_DIGITS = 3
@@ -42,12 +42,13 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
     """Efficacy, generalization, specificity (CounterFact), token accuracy (ZsRE), perplexity and
     fluency at REV, beside the base model."""
     want_json(json_)
-    check_mode(mode)
-    opts = dict(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,
-                gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size, history=plot is not None,
-                plot=plot, plot_title=f"kledger eval {rev} ({mode})")
+    from ..ledger import Ledger
+
+    opts = Ledger.eval_options(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,
+                               gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size,
+                               plot=plot, plot_title=f"kledger eval {rev} ({mode})")
     with open_ledger(write=True) as ledger, progress_bar() as progress:
-        res = ledger.evaluate(rev, progress=progress, **opts)
+        res = ledger.evaluate(rev, opts, progress=progress)
     if json_:
         emit_json("eval", res)
         return
