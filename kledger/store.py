@@ -521,26 +521,21 @@ class Store:
         if rows:
             self.con.executemany("INSERT INTO constraints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    _CONSTRAINT_COLS = "commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint"
-
-    def constraints(self, commit_ids: list[str]) -> list[Constraint]:
+    def constraints(self, commit_ids: Iterable[str]) -> list[Constraint]:
         """The constraints those commits measured, ordered by commit, fact and layer."""
-        if not commit_ids:
-            return []
-        return [_constraint(r) for r in self.con.execute(
-            f"SELECT {self._CONSTRAINT_COLS} FROM constraints "
-            "WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, fact_id, layer",
-            [commit_ids]).fetchall()]
+        return self._constraints_where("commit_id", commit_ids, "commit_id, fact_id, layer")
 
     def constraints_for_facts(self, fact_ids: Iterable[str]) -> list[Constraint]:
         """Every stored constraint of those facts, from any commit, ordered by fact and layer."""
-        fact_ids = list(fact_ids)
-        if not fact_ids:
+        return self._constraints_where("fact_id", fact_ids, "fact_id, layer, commit_id")
+
+    def _constraints_where(self, column: str, ids: Iterable[str], order: str) -> list[Constraint]:
+        ids = list(ids)
+        if not ids:
             return []
         return [_constraint(r) for r in self.con.execute(
-            f"SELECT {self._CONSTRAINT_COLS} FROM constraints "
-            "WHERE fact_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY fact_id, layer, commit_id",
-            [fact_ids]).fetchall()]
+            "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
+            f"WHERE {column} IN (SELECT unnest(?::VARCHAR[])) ORDER BY {order}", [ids]).fetchall()]
 
     def measured_facts(self, fact_ids: Iterable[str]) -> set[str]:
         """Those of `fact_ids` that some commit has measured constraints for."""
