@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import RevisionError, StateError, UsageError
-from .records import OP_ADD, Commit, Constraint, Fact, Op, looks_like_id, short
+from .errors import IntegrityError, RevisionError, StateError, UsageError
+from .records import OP_ADD, Commit, Constraint, Fact, Op, constraints_hash, looks_like_id, short
 from .store import Store
 
 _BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])")
@@ -218,30 +218,50 @@ class History:
         """The stored constraints of the facts in force at `cid`, grouped by the commit that put
         each fact in force, in first-parent order (oldest first): the batches `apply` solves. A
         fact's constraints are those of the commit that put it in force, or, for a fact brought by
-        a merge, cherry-pick or revert (commits that measure nothing), those of the commit that
-        measured it. A StateError when a fact in force has none. Needs neither model nor torch."""
+        a merge, cherry-pick or revert (commits that measure nothing), those of the newest commit
+        that measured it. Each commit they come from is checked against its constraints hash
+        first: an IntegrityError (pointing to fsck) instead of solving damaged constraints. A
+        StateError when a fact in force has none. Needs neither model nor torch."""
         if cid is None:
             return []
         state = self.state(cid)
-        rows = self.store.constraints_for_facts(list(state))
-        order = self.store.commit_order()
-        best: dict[str, str] = {}
+        source = self._measured_by(cid, state)
+        rows = self.verified_constraints(set(source.values()))
+        pos = {c: i for i, c in enumerate(reversed(self.first_parent_chain(cid)))}
+        by_commit: dict[int, list[Constraint]] = {}
         for r in rows:
-            cur = best.get(r.fact_id)
-            if cur is None or r.commit_id == state[r.fact_id] or (
-                    cur != state[r.fact_id] and order.get(r.commit_id, 0) > order.get(cur, 0)):
-                best[r.fact_id] = r.commit_id
-        missing = [f for f in state if f not in best]
+            if source.get(r.fact_id) == r.commit_id:
+                by_commit.setdefault(pos.get(state[r.fact_id], 0), []).append(r)
+        return [by_commit[i] for i in sorted(by_commit)]
+
+    def _measured_by(self, cid: str, state: dict[str, str]) -> dict[str, str]:
+        """fact in force at `cid` → the commit whose measured constraints it stands for."""
+        measured = self.store.measured_in(list(state))
+        missing = [f for f in state if f not in measured]
         if missing:
             raise StateError(f"{len(missing)} fact(s) in force at {short(cid)} have no stored constraints "
                              f"(e.g. {short(missing[0])}), from commits made without a model",
                              "run `kledger replay` to compute them")
-        pos = {c: i for i, c in enumerate(reversed(self.first_parent_chain(cid)))}
-        by_commit: dict[int, list[Constraint]] = {}
+        order = self.store.commit_order()
+        return {f: state[f] if state[f] in cs else max(cs, key=lambda c: order.get(c, 0))
+                for f, cs in measured.items()}
+
+    def verified_constraints(self, commit_ids: Iterable[str]) -> list[Constraint]:
+        """Every stored constraint of those commits, each commit's checked against the
+        constraints hash it records (IntegrityError on a mismatch)."""
+        commit_ids = sorted(commit_ids)
+        rows = self.store.constraints(commit_ids)
+        commits = self.store.commits(commit_ids, with_ops=False)
+        by_commit: dict[str, list[Constraint]] = {}
         for r in rows:
-            if best.get(r.fact_id) == r.commit_id:
-                by_commit.setdefault(pos.get(state[r.fact_id], 0), []).append(r)
-        return [by_commit[i] for i in sorted(by_commit)]
+            by_commit.setdefault(r.commit_id, []).append(r)
+        for c in commit_ids:
+            recorded = commits[c].constraints if c in commits else None
+            if recorded is None or constraints_hash(by_commit.get(c, ())) != recorded:
+                raise IntegrityError(f"the stored constraints of commit {short(c)} do not match its constraints hash "
+                                     "(the ledger was damaged or edited)",
+                                     "run `kledger fsck`, and restore the ledger from a backup or a text export")
+        return rows
 
     # ---------------------------------------------------------------- read verbs
     def log(self, rev: str | None = "HEAD", limit: int | None = None, subject: str | None = None,

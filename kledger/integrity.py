@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import KledgerError
 from .history import History
 from .records import commit_id, constraints_hash, fact_id, short
 from .store import Store
@@ -23,12 +24,7 @@ def fsck(store: Store, history: History) -> dict:
         if commit_id(c.payload()) != cid:
             problems.append(f"commit {short(cid)}: content does not match its id")
         problems += [f"commit {short(cid)}: parent {short(p)} is missing" for p in c.parents if p not in g]
-    measured: dict[str, list] = {}
-    for con in store.constraints(list(g)):
-        measured.setdefault(con.commit_id, []).append(con)
-    for cid, c in commits.items():
-        if (c.constraints or None) != constraints_hash(measured.get(cid, ())):
-            problems.append(f"commit {short(cid)}: stored constraints do not match its constraints hash")
+    problems += _constraint_problems(store, commits)
     for cid, fid in store.dangling_ops():
         problems.append(f"commit {short(cid)}: fact {short(fid)} is missing")
     for name, cid in store.refs().items():
@@ -38,3 +34,27 @@ def fsck(store: Store, history: History) -> dict:
     if not head.startswith("ref: ") and head not in g:
         problems.append(f"HEAD points at missing commit {short(head)}")
     return {"ok": not problems, "facts": n_facts, "commits": len(commits), "problems": problems}
+
+
+def _constraint_problems(store: Store, commits: dict) -> list[str]:
+    """Each commit's stored constraints against the constraints hash it records. All are read in
+    one query; when a row cannot even be decoded, commit by commit, to name the damaged ones."""
+    try:
+        measured: dict[str, list] = {}
+        for con in store.constraints(list(commits)):
+            measured.setdefault(con.commit_id, []).append(con)
+        hashes = {cid: constraints_hash(measured.get(cid, ())) for cid in commits}
+    except KledgerError:
+        hashes = {}
+        for cid in commits:
+            try:
+                hashes[cid] = constraints_hash(store.constraints([cid]))
+            except KledgerError as exc:
+                hashes[cid] = exc
+    out = []
+    for cid, c in commits.items():
+        if isinstance(hashes[cid], KledgerError):
+            out.append(f"commit {short(cid)}: stored constraints cannot be read ({hashes[cid].message})")
+        elif (c.constraints or None) != hashes[cid]:
+            out.append(f"commit {short(cid)}: stored constraints do not match its constraints hash")
+    return out

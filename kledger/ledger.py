@@ -23,6 +23,7 @@ from .conflicts import SOFT_THRESHOLD, Conflict
 from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
 from .errors import InputError, StateError, UsageError
 from .history import FactChange, History, apply_ops, check_branch_name  # noqa: F401  (re-exported)
+from .model_side import CACHE_SECRET
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
 from .store import LEDGER_DIR, Store, find_ledger_dir
@@ -57,7 +58,10 @@ class Ledger:
         meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or env.model or DEFAULT_MODEL,
                 "created": env.now(), "created_by": f"kledger {__version__}"}
         if meta["model"] not in ("", "none"):
+            import secrets
+
             meta["soft_threshold"] = str(SOFT_THRESHOLD)
+            meta[CACHE_SECRET] = secrets.token_hex(32)  # the key of the apply cache's MACs
         meta.update(checked)
         return cls(Store.create(ldir, meta, wait=env.lock_wait), env)
 

@@ -21,6 +21,8 @@ from .errors import InputError, StateError, UsageError
 from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
+CACHE_SECRET = "apply_cache_secret"  # ledger meta: the key of the apply cache's MACs
+
 if TYPE_CHECKING:  # pragma: no cover
     from .edit.editor import Editor
     from .ledger import Ledger
@@ -39,10 +41,23 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
         opts = {"model": ledger.model, "overrides": json.loads(ledger.store.meta("hparams") or "{}"),
                 "corpus": ledger.store.meta("corpus"), **options}
         ledger._editor = Editor(opts.pop("model"), store=ledger.store, cache_dir=ledger.path / "cache" / "apply",
-                                env=ledger.env, progress=progress, **opts)
+                                env=ledger.env, progress=progress, cache_secret=_cache_secret(ledger), **opts)
     elif progress is not None:
         ledger._editor.progress = progress
     return ledger._editor
+
+
+def _cache_secret(ledger: "Ledger") -> str | None:
+    """The ledger's key for the apply cache's MACs, made the first time a writer needs it (a
+    reader of a ledger without one gets None: no cache)."""
+    secret = ledger.store.meta(CACHE_SECRET)
+    if secret is None and not ledger.store.read_only:
+        import secrets
+
+        secret = secrets.token_hex(32)
+        with ledger.store.transaction():
+            ledger.store.set_meta(CACHE_SECRET, secret)
+    return secret
 
 
 def store_constraints(ledger: "Ledger", cid: str, rows: list[Constraint]) -> None:
@@ -55,14 +70,16 @@ def store_constraints(ledger: "Ledger", cid: str, rows: list[Constraint]) -> Non
     ledger.store.put_constraints(cid, rows)
 
 
-def load_at(ledger: "Ledger", cid: str | None, mode: str = "accumulated", progress: Progress | None = None) -> dict:
+def load_at(ledger: "Ledger", cid: str | None, mode: str = "accumulated", progress: Progress | None = None,
+            batches: list[list[Constraint]] | None = None) -> dict:
     """Write the weights at `cid` (solved with `mode`; None: the base weights) into the ledger's
-    in-memory model; returns the solve's info ({} for the base weights)."""
+    in-memory model; returns the solve's info ({} for the base weights). `batches`: the
+    constraints in force at `cid`, when the caller has them already."""
     ed = editor(ledger, progress)
     if cid is None:
         ed.load(None)
         return {}
-    weights, info = ed.solve(ledger.history.constraints_at(cid), mode)
+    weights, info = ed.solve(ledger.history.constraints_at(cid) if batches is None else batches, mode)
     ed.load(weights)
     return info
 
@@ -134,11 +151,12 @@ def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "ac
     from .edit.ask import answer
 
     cid = ledger.history.resolve(rev)
+    batches = ledger.history.constraints_at(cid)  # checked before anything runs
     ed = editor(ledger, progress)
     ed.load(None)
     bos = ed.hparams.bos
     base = answer(ed.lm, prompt, top, max_new_tokens, bos)
-    load_at(ledger, cid, mode)
+    load_at(ledger, cid, mode, batches=batches)
     edited = answer(ed.lm, prompt, top, max_new_tokens, bos)
     return {"prompt": prompt, "revision": cid, "mode": mode, "base": base, "edited": edited}
 
@@ -224,6 +242,7 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
     if not ledger.has_model:
         raise StateError("this ledger has no model (it was made with --model none)",
                          "evaluate a ledger made with `kledger init --model NAME`")
+    batches = ledger.history.constraints_at(cid)  # checked before anything runs
     ed = editor(ledger, progress)
     lm = ed.lm
     scorer = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, ed.hparams.bos),
@@ -236,7 +255,7 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
         return evaluate_model(scorer, records, ppl_ids=ppl_ids, gen_tokens=opts.gen_tokens)
 
     base = run(facts)
-    info = load_at(ledger, cid, opts.mode)
+    info = load_at(ledger, cid, opts.mode, batches=batches)
     edited = run(facts)
     res = _document(cid, opts, fixed, facts, [record_kind(f) for f in facts], base, edited, text_info, info)
     hist_s = 0.0

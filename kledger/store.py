@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import duckdb
 
-from .errors import LedgerLocked, LedgerNotFound, SchemaError
+from .errors import IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
 from .records import OP_ADD, Commit, Constraint, Fact, Op, normalize, relation_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -618,8 +618,13 @@ def _decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> "np.ndarray":
     import numpy as np
 
     if dtype not in _DTYPES:
-        raise SchemaError(f"stored vector of unknown dtype {dtype!r}", "run `kledger fsck`")
-    return np.frombuffer(blob, dtype=_DTYPES[dtype]).reshape(shape).copy()
+        raise IntegrityError(f"a stored vector has the unknown dtype {dtype!r}", "run `kledger fsck`")
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    a = np.frombuffer(blob[:len(blob) - len(blob) % itemsize], dtype=_DTYPES[dtype])
+    if a.size != int(np.prod(shape)) or len(blob) % itemsize:
+        raise IntegrityError(f"a stored vector has {a.size} values where its row says {list(shape)}",
+                             "run `kledger fsck`, and restore the ledger from a backup or a text export")
+    return a.reshape(shape).copy()
 
 
 def _constraint(r: tuple) -> Constraint:

@@ -2,8 +2,10 @@
 
 The key is the fingerprint id (base model, C0, hyper-parameters), the solver mode and the sorted
 digests of the constraints solved. Each entry is a safetensors file of [d_out, d_in] float32
-arrays by layer, with the key and a checksum of the tensors in its metadata; a damaged entry is
-deleted and solved again. numpy and safetensors only: a cached `kledger apply` needs no torch.
+arrays by layer, with the key and a MAC of the key and the tensors in its metadata. The MAC is
+keyed with the ledger's own secret (kept in its database), so an entry forged or edited outside
+kledger, checksum recomputed or not, fails the check; a failing entry is deleted and solved
+again. numpy and safetensors only: a cached `kledger apply` needs no torch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..records import canonical_json, sha256_hex
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-CACHE_FORMAT = "kledger-apply-cache/1"
+CACHE_FORMAT = "kledger-apply-cache/2"
 
 
 def cache_key(fp_id: str, mode: str, digests: Iterable[str]) -> str:
@@ -27,10 +29,13 @@ def cache_key(fp_id: str, mode: str, digests: Iterable[str]) -> str:
     return sha256_hex(canonical_json([fp_id, mode, sorted(digests)]))
 
 
-def _weights_digest(weights: Mapping[int, "np.ndarray"]) -> str:
+def _weights_mac(weights: Mapping[int, "np.ndarray"], key: str, secret: str) -> str:
+    """HMAC-SHA256, under the ledger's secret, of the format, the key and the tensors."""
+    import hmac
+
     import numpy as np
 
-    h = hashlib.sha256(CACHE_FORMAT.encode() + b"\0")
+    h = hmac.new(secret.encode(), f"{CACHE_FORMAT}\0{key}\0".encode(), hashlib.sha256)
     for la in sorted(weights):
         a = np.ascontiguousarray(weights[la], dtype=np.float32)
         h.update(f"{int(la)} {tuple(a.shape)}\0".encode())
@@ -38,12 +43,14 @@ def _weights_digest(weights: Mapping[int, "np.ndarray"]) -> str:
     return h.hexdigest()
 
 
-def read_cache(path: Path, key: str) -> dict[int, "np.ndarray"] | None:
+def read_cache(path: Path, key: str, secret: str | None) -> dict[int, "np.ndarray"] | None:
     """The weights cached under `key` ([d_out, d_in] float32 numpy arrays by layer), or None. A
-    file that is unreadable, of another format or key, or whose tensors fail the checksum stored
-    with them, is deleted (it is recomputed)."""
-    if not path.is_file():
+    file that is unreadable, of another format or key, or whose tensors fail the MAC stored with
+    them, is deleted (it is recomputed). No secret (a ledger that cannot store one): no cache."""
+    if secret is None or not path.is_file():
         return None
+    import hmac
+
     from safetensors import safe_open
 
     try:
@@ -51,7 +58,7 @@ def read_cache(path: Path, key: str) -> dict[int, "np.ndarray"] | None:
             meta = f.metadata() or {}
             weights = {int(name): f.get_tensor(name) for name in f.keys()}
         if (meta.get("format") == CACHE_FORMAT and meta.get("key") == key and weights
-                and meta.get("sha256") == _weights_digest(weights)):
+                and hmac.compare_digest(meta.get("mac", ""), _weights_mac(weights, key, secret))):
             return weights
     except Exception:  # noqa: BLE001 - any damage means: not a usable cache entry
         pass
@@ -59,13 +66,16 @@ def read_cache(path: Path, key: str) -> dict[int, "np.ndarray"] | None:
     return None
 
 
-def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"]) -> None:
-    """Write atomically, with the key and a checksum of the tensors in the file's metadata."""
+def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"], secret: str | None) -> None:
+    """Write atomically, with the key and the MAC of the tensors in the file's metadata (nothing
+    without a secret)."""
+    if secret is None:
+        return
     import numpy as np
     from safetensors.numpy import save_file
 
     arrays = {str(int(la)): np.ascontiguousarray(w, dtype=np.float32) for la, w in weights.items()}
-    meta = {"format": CACHE_FORMAT, "key": key, "sha256": _weights_digest({int(k): v for k, v in arrays.items()})}
+    meta = {"format": CACHE_FORMAT, "key": key, "mac": _weights_mac({int(k): v for k, v in arrays.items()}, key, secret)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(arrays, str(tmp), metadata=meta)

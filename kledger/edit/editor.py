@@ -83,12 +83,14 @@ class Editor:
 
     def __init__(self, model: str, *, store: EditorStore, cache_dir: str | os.PathLike,
                  overrides: Mapping[str, Any] | None = None, corpus: str | os.PathLike | None = None,
-                 env: Settings | None = None, progress: Progress | None = None):
+                 env: Settings | None = None, progress: Progress | None = None, cache_secret: str | None = None):
+        """`cache_secret`: the key of the apply cache's MACs (kledger.edit.cache); None: no cache."""
         if model in (None, "", "none"):
             raise StateError("no model to edit", "give a model name or directory")
         self.model_name = model
         self.store = store
         self.cache_dir = Path(cache_dir)
+        self.cache_secret = cache_secret
         self.overrides = dict(overrides or {})  # hyper-parameters over the model's defaults
         self.corpus_path = Path(corpus) if corpus else None
         self.env = env or Settings()
@@ -330,7 +332,7 @@ class Editor:
         if any(r.fingerprint != fp_id for r in rows):
             return None  # measured under another setup: `solve` explains the mismatch
         key = cache_key(fp_id, mode, (r.digest() for r in rows))
-        weights = read_cache(self.cache_dir / f"{key}.safetensors", key)
+        weights = read_cache(self.cache_dir / f"{key}.safetensors", key, self.cache_secret)
         if weights is None or sorted(weights) != sorted(hp.layers):
             return None
         return CachedApply(weights, self._info(rows, mode, hp, key, True), fp_id, model_type)
@@ -348,18 +350,18 @@ class Editor:
         key = cache_key(fp_id, mode, (r.digest() for r in rows))
         path = self.cache_dir / f"{key}.safetensors"
         info = self._info(rows, mode, hp, key, False)
-        hit = read_cache(path, key)
+        hit = read_cache(path, key, self.cache_secret)
         if hit is not None and sorted(hit) == sorted(hp.layers):
             return {la: torch.from_numpy(w.copy()) for la, w in hit.items()}, {**info, "cached": True}
         weights = self._solve_batches(batches, mode)
         self._store_cache(path, key, weights)
         return weights, info
 
-    @staticmethod
-    def _store_cache(path: Path, key: str, weights: Mapping[int, "torch.Tensor"]) -> None:
+    def _store_cache(self, path: Path, key: str, weights: Mapping[int, "torch.Tensor"]) -> None:
         import torch
 
-        write_cache(path, key, {la: w.detach().to("cpu", torch.float32).numpy() for la, w in weights.items()})
+        write_cache(path, key, {la: w.detach().to("cpu", torch.float32).numpy() for la, w in weights.items()},
+                    self.cache_secret)
 
     def _solve_batches(self, batches: Batches, mode: str) -> dict[int, "torch.Tensor"]:
         """The solve itself, uncached: each batch (commit) in order, per edited layer, in float64
