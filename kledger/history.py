@@ -150,8 +150,13 @@ class History:
     def first_parent_chain(self, cid: str | None) -> list[str]:
         """cid, its first parent, and so on to the root (newest first)."""
         chain: list[str] = []
+        seen: set[str] = set()
         g = self.graph()
         while cid is not None:
+            if cid in seen:  # impossible for content-addressed commits unless the store was edited
+                raise IntegrityError(f"commit {short(cid)} is its own ancestor (the ledger was damaged or edited)",
+                                     "run `kledger fsck`, and restore the ledger from a backup or a text export")
+            seen.add(cid)
             chain.append(cid)
             parents = g.get(cid, ())
             cid = parents[0] if parents else None

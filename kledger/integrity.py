@@ -3,37 +3,64 @@
 from __future__ import annotations
 
 from .errors import KledgerError
-from .history import History
-from .records import commit_id, constraints_hash, fact_id, short
+from .history import History, check_branch_name
+from .records import commit_id, constraints_hash, fact_id, normalize, relation_key, short
 from .store import Store
 
 
 def fsck(store: Store, history: History) -> dict:
-    """{"ok", "facts", "commits", "problems"}: facts and commits re-hashed against their ids,
-    stored constraints against their commit's constraints hash, parents, ops, branches and HEAD
-    against the commits and facts there are."""
-    problems: list[str] = []
-    n_facts = 0
-    for stored_id, fact in store.fact_rows():
-        n_facts += 1
-        if fact_id(fact.to_dict()) != stored_id:
-            problems.append(f"fact {short(stored_id)}: content does not match its id")
+    """{"ok", "facts", "commits", "problems"}. Every stored field is covered by a hash or
+    re-derived and compared: facts re-hashed against their ids and their matching keys
+    re-derived; commits re-hashed, their parents present, their order topological and acyclic;
+    stored constraints against their commit's constraints hash; C0 against its checksum; ops,
+    staged ops, branches and HEAD against the facts and commits there are."""
+    problems, n_facts = _fact_problems(store)
     g = history.graph()
     commits = store.commits(list(g))
+    order = store.commit_order()
     for cid, c in commits.items():
         if commit_id(c.payload()) != cid:
             problems.append(f"commit {short(cid)}: content does not match its id")
-        problems += [f"commit {short(cid)}: parent {short(p)} is missing" for p in c.parents if p not in g]
+        for p in c.parents:
+            if p not in g:
+                problems.append(f"commit {short(cid)}: parent {short(p)} is missing")
+            elif order[p] >= order[cid]:
+                problems.append(f"commit {short(cid)}: stored before its parent {short(p)} (order or cycle damaged)")
     problems += _constraint_problems(store, commits)
-    for cid, fid in store.dangling_ops():
-        problems.append(f"commit {short(cid)}: fact {short(fid)} is missing")
-    for name, cid in store.refs().items():
-        if cid not in g:
-            problems.append(f"branch {name}: points at missing commit {short(cid)}")
-    head = store.head()
-    if not head.startswith("ref: ") and head not in g:
-        problems.append(f"HEAD points at missing commit {short(head)}")
+    problems += store.stats_problems()
+    problems += [f"commit {short(cid)}: fact {short(fid)} is missing" for cid, fid in store.dangling_ops()]
+    problems += [f"staged fact {short(fid)} is missing" for fid in store.dangling_staged()]
+    problems += _ref_problems(store, g)
     return {"ok": not problems, "facts": n_facts, "commits": len(commits), "problems": problems}
+
+
+def _fact_problems(store: Store) -> tuple[list[str], int]:
+    problems, n = [], 0
+    for stored_id, fact, keys in store.fact_rows():
+        n += 1
+        if fact_id(fact.to_dict()) != stored_id:
+            problems.append(f"fact {short(stored_id)}: content does not match its id")
+        elif keys != (normalize(fact.subject), relation_key(fact.relation), normalize(fact.target)):
+            problems.append(f"fact {short(stored_id)}: its stored matching keys do not match its content")
+    return problems, n
+
+
+def _ref_problems(store: Store, g: dict) -> list[str]:
+    problems = [f"branch {name}: points at missing commit {short(cid)}"
+                for name, cid in store.refs().items() if cid not in g]
+    head = store.head()
+    if head.startswith("ref: "):
+        name = head[5:]
+        try:
+            check_branch_name(name)
+        except KledgerError:
+            problems.append(f"HEAD names {name!r}, which is not a valid branch name")
+        else:
+            if g and store.ref(name) is None:
+                problems.append(f"HEAD names branch {name!r}, which does not exist")
+    elif head not in g:
+        problems.append(f"HEAD points at missing commit {short(head)}")
+    return problems
 
 
 def _constraint_problems(store: Store, commits: dict) -> list[str]:

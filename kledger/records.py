@@ -184,6 +184,11 @@ def constraint_digest(fact_id: str, layer: int, fingerprint: str, key: bytes, va
     return h.hexdigest()
 
 
+def blob_digest(blob: bytes) -> str:
+    """SHA-256 of stored bytes (a C0 matrix's checksum)."""
+    return hashlib.sha256(blob).hexdigest()
+
+
 def _f32(vector: Any) -> bytes:
     import numpy as np
 

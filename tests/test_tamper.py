@@ -120,3 +120,58 @@ def test_a_forged_cache_entry_is_not_served(ledger):
     assert not again["cached"]  # solved again, not served from the forged file
     solved = read_cache(path, first["cache_key"], secret)
     assert all(torch.allclose(torch.from_numpy(solved[la]), torch.from_numpy(weights[la])) for la in weights)
+
+
+# ------------------------------------------------------------------------------ fsck's coverage
+@pytest.fixture
+def facts_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("KLEDGER_AUTHOR", "t")
+    lg = Ledger.init(tmp_path / "f", model="none")
+    for i in range(3):
+        lg.add([Fact.create(p, t, subject=s) for p, s, t in FACTS[2 * i:2 * i + 2]])
+        lg.commit(f"batch {i}")
+    yield lg
+    lg.close()
+
+
+def fsck_says(lg: Ledger, needle: str) -> None:
+    lg.history.changed()
+    problems = lg.fsck()["problems"]
+    assert any(needle in p for p in problems), problems
+
+
+def test_fsck_sees_changed_matching_keys(facts_only):
+    facts_only.store.con.execute("UPDATE facts SET subject_key = 'someone else' WHERE rowid = 1")
+    fsck_says(facts_only, "matching keys do not match")
+
+
+def test_fsck_sees_a_scaled_c0(ledger):
+    blob = ledger.store.con.execute("SELECT matrix FROM stats LIMIT 1").fetchone()[0]
+    import numpy as np
+
+    scaled = (np.frombuffer(blob, dtype="<f8") * 4).tobytes()
+    ledger.store.con.execute("UPDATE stats SET matrix = ? WHERE rowid = (SELECT min(rowid) FROM stats)", [scaled])
+    fsck_says(ledger, "does not match its checksum")
+    ledger._editor = None
+    with pytest.raises(IntegrityError):  # C0 is read to solve
+        ledger.apply(mode="alphaedit")
+
+
+def test_fsck_sees_order_cycles_dangling_staged_and_a_bad_head(facts_only):
+    con = facts_only.store.con
+    head = facts_only.head()
+    con.execute("UPDATE commits SET seq = 100 WHERE id = (SELECT id FROM commits ORDER BY seq LIMIT 1)")
+    fsck_says(facts_only, "stored before its parent")
+    con.execute("INSERT INTO staged VALUES (0, 'add', 'ffffffffffff')")
+    fsck_says(facts_only, "staged fact ffffffffff is missing")
+    con.execute("UPDATE meta SET value = 'ref: no such' WHERE key = 'HEAD'")
+    fsck_says(facts_only, "not a valid branch name")
+    con.execute("UPDATE meta SET value = 'ref: gone' WHERE key = 'HEAD'")
+    fsck_says(facts_only, "which does not exist")
+    # a parent cycle: walks refuse instead of never returning
+    con.execute("UPDATE meta SET value = 'ref: main' WHERE key = 'HEAD'")
+    root = facts_only.first_parent_chain(head)[-1]
+    con.execute("UPDATE commits SET parents = [?] WHERE id = ?", [head, root])
+    facts_only.history.changed()
+    with pytest.raises(IntegrityError, match="its own ancestor"):
+        facts_only.status()

@@ -12,12 +12,14 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import duckdb
 
-from .errors import IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
-from .records import OP_ADD, Commit, Constraint, Fact, Op, normalize, relation_key
+from ..errors import IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
+from ..records import OP_ADD, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
+from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
+from .sql import CANDIDATES, FACT_COLS, IN_FORCE, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -25,70 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SCHEMA_VERSION = 1
 LEDGER_DIR = ".kledger"
 DB_NAME = "ledger.duckdb"
-
-_SCHEMA = """
-CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
-CREATE TABLE facts (
-    id VARCHAR PRIMARY KEY, subject VARCHAR NOT NULL, prompt VARCHAR NOT NULL,
-    target VARCHAR NOT NULL, relation VARCHAR NOT NULL, target_true VARCHAR,
-    paraphrases VARCHAR[] NOT NULL, neighborhood VARCHAR[] NOT NULL, extra VARCHAR NOT NULL,
-    subject_key VARCHAR NOT NULL, relation_key VARCHAR NOT NULL, object_key VARCHAR NOT NULL);
-CREATE TABLE commits (
-    id VARCHAR PRIMARY KEY, seq BIGINT NOT NULL, parents VARCHAR[] NOT NULL,
-    message VARCHAR NOT NULL, author VARCHAR NOT NULL, timestamp VARCHAR NOT NULL,
-    constraints VARCHAR, meta VARCHAR NOT NULL);
-CREATE TABLE commit_ops (commit_id VARCHAR NOT NULL, pos INTEGER NOT NULL, op VARCHAR NOT NULL,
-    fact_id VARCHAR NOT NULL);
-CREATE TABLE refs (name VARCHAR PRIMARY KEY, commit_id VARCHAR NOT NULL);
-CREATE TABLE staged (pos INTEGER NOT NULL, op VARCHAR NOT NULL, fact_id VARCHAR NOT NULL);
--- Per-fact, per-layer (key, value) constraints computed by a commit (the edit engine). Vectors are
--- raw little-endian bytes of `dtype`; `fingerprint` names the row of `fingerprints` they depend on.
-CREATE TABLE constraints (commit_id VARCHAR NOT NULL, fact_id VARCHAR NOT NULL, layer INTEGER NOT NULL,
-    dtype VARCHAR NOT NULL, d_in INTEGER NOT NULL, d_out INTEGER NOT NULL,
-    key BLOB NOT NULL, value BLOB NOT NULL, fingerprint VARCHAR NOT NULL);
-CREATE TABLE fingerprints (id VARCHAR PRIMARY KEY, body VARCHAR NOT NULL);
--- Cached statistics (C0 per model, layer and corpus).
-CREATE TABLE stats (model_fp VARCHAR NOT NULL, corpus_fp VARCHAR NOT NULL, layer INTEGER NOT NULL,
-    n_tokens BIGINT NOT NULL, dtype VARCHAR NOT NULL, dim INTEGER NOT NULL, matrix BLOB NOT NULL);
--- Relation declarations: multi-valued relations and inverse pairs.
-CREATE TABLE relations (relation_key VARCHAR PRIMARY KEY, multi BOOLEAN NOT NULL DEFAULT FALSE,
-    inverse_of VARCHAR);
--- An operation stopped by conflicts (merge, cherry-pick): at most one row.
-CREATE TABLE pending (kind VARCHAR NOT NULL, body VARCHAR NOT NULL);
--- Recorded conflict decisions, replayed when the same conflict comes back (like git rerere).
-CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NULL, created VARCHAR NOT NULL);
-"""
-
-_FACT_COLS = ("id", "subject", "prompt", "target", "relation", "target_true", "paraphrases",
-              "neighborhood", "extra")
-
-
-# The facts in force at chain[0] given its first-parent chain (params: chain, chain, 'add'):
-# `in_force(id, commit_id)`. An op in a newer commit wins; within a commit, a later op wins.
-_IN_FORCE = """
-    chain AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth),
-    ranked AS (SELECT o.fact_id, o.op, o.commit_id,
-                      row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
-               FROM commit_ops o JOIN chain c ON o.commit_id = c.id),
-    in_force AS MATERIALIZED (SELECT fact_id AS id, commit_id FROM ranked WHERE rn = 1 AND op = ?)"""
-
-# Given `ids(id)`: `candidates(id)`, the facts that can be in a contradiction (kledger.conflicts):
-# hard (same matching subject and relation, another object) or inverse (a fact's implied value, in
-# the slot of a declared single-valued inverse, differs from a value stated there; both ends).
-_CANDIDATES = """
-    s AS MATERIALIZED (SELECT f.id, f.subject_key, f.relation_key, f.object_key FROM facts f
-                       SEMI JOIN ids i ON f.id = i.id),
-    g AS (SELECT subject_key, relation_key FROM s GROUP BY ALL HAVING count(DISTINCT object_key) > 1),
-    hard AS (SELECT s.id FROM s JOIN g USING (subject_key, relation_key)),
-    inv AS (SELECT relation_key AS r, inverse_of AS r2 FROM relations WHERE inverse_of IS NOT NULL
-            UNION SELECT inverse_of, relation_key FROM relations WHERE inverse_of IS NOT NULL),
-    imp AS (SELECT s.id, s.object_key AS sk, inv.r2 AS rk, s.subject_key AS ok FROM s
-            JOIN inv ON s.relation_key = inv.r
-            WHERE inv.r2 NOT IN (SELECT relation_key FROM relations WHERE multi)),
-    pairs AS (SELECT imp.id AS a, t.id AS b FROM imp JOIN s t ON t.subject_key = imp.sk AND t.relation_key = imp.rk
-              WHERE t.object_key <> imp.ok AND t.id <> imp.id),
-    candidates AS (SELECT id FROM hard UNION SELECT a FROM pairs UNION SELECT b FROM pairs)"""
-
+STATS_CHECKSUMS = "stats_checksums"  # meta: "1" where every stored C0 matrix has a recorded checksum
 
 def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
     """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one; the CLI
@@ -134,8 +73,8 @@ class Store:
         con = duckdb.connect(str(tmp))
         try:
             con.execute("BEGIN")
-            con.execute(_SCHEMA)
-            rows = {"schema_version": str(SCHEMA_VERSION), **meta}
+            con.execute(SCHEMA)
+            rows = {"schema_version": str(SCHEMA_VERSION), STATS_CHECKSUMS: "1", **meta}
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(rows.items()))
             con.execute("COMMIT")
             con.execute("CHECKPOINT")
@@ -168,10 +107,26 @@ class Store:
         store = cls(con, ledger_dir, read_only=not write)
         try:
             store._check_version(write)
+            if write:
+                store._checksum_legacy_stats()
         except Exception:
             con.close()
             raise
         return store
+
+    def _checksum_legacy_stats(self) -> None:
+        """Once, on a ledger made by a kledger that did not record C0 checksums: record them
+        (trust on first write, like a migration). Ledgers that record them say so in meta
+        `stats_checksums`; there a missing checksum is damage (fsck reports it)."""
+        if self.meta(STATS_CHECKSUMS) is not None:
+            return
+        rows = self.con.execute(
+            "SELECT model_fp, corpus_fp, layer, matrix FROM stats s WHERE NOT EXISTS (SELECT 1 FROM meta m WHERE "
+            "m.key = 'stats_sha256:' || s.model_fp || ':' || s.corpus_fp || ':' || s.layer)").fetchall()
+        with self.transaction():
+            for model_fp, corpus_fp, layer, blob in rows:
+                self.set_meta(stats_key(model_fp, corpus_fp, layer), blob_digest(blob))
+            self.set_meta(STATS_CHECKSUMS, "1")
 
     def _check_version(self, write: bool) -> None:
         try:
@@ -272,9 +227,9 @@ class Store:
         if not ids:
             return {}
         rows = self.con.execute(
-            f"SELECT {', '.join(_FACT_COLS)} FROM facts WHERE id IN (SELECT unnest(?::VARCHAR[]))",
+            f"SELECT {', '.join(FACT_COLS)} FROM facts WHERE id IN (SELECT unnest(?::VARCHAR[]))",
             [ids]).fetchall()
-        return {r[0]: _fact_from_row(r) for r in rows}
+        return {r[0]: fact_from_row(r) for r in rows}
 
     def conflict_candidates(self, ids: Iterable[str]) -> list[str]:
         """Those of `ids` that can take part in a contradiction (kledger.conflicts): hard, sharing a
@@ -286,7 +241,7 @@ class Store:
         if len(ids) < 2:
             return []
         return [r[0] for r in self.con.execute(
-            f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {_CANDIDATES} SELECT id FROM candidates",
+            f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {CANDIDATES} SELECT id FROM candidates",
             [ids]).fetchall()]
 
     def conflict_candidates_at(self, chain: list[str], added: Iterable[str] = (),
@@ -298,10 +253,10 @@ class Store:
         if not chain and not added:
             return 0, {}
         n, pairs = self.con.execute(
-            f"""WITH {_IN_FORCE},
+            f"""WITH {IN_FORCE},
                 ids AS MATERIALIZED (SELECT id FROM in_force WHERE id NOT IN (SELECT unnest(?::VARCHAR[]))
                                      UNION SELECT unnest(?::VARCHAR[])),
-                {_CANDIDATES}
+                {CANDIDATES}
             SELECT (SELECT count(*) FROM ids),
                    (SELECT list([c.id, f.commit_id]) FROM candidates c LEFT JOIN in_force f ON f.id = c.id)""",
             [chain, chain, OP_ADD, retracted, added]).fetchone()
@@ -394,7 +349,7 @@ class Store:
         op wins."""
         if not chain:
             return {}
-        rows = self.con.execute(f"WITH {_IN_FORCE} SELECT id, commit_id FROM in_force", [chain, chain, OP_ADD]).fetchall()
+        rows = self.con.execute(f"WITH {IN_FORCE} SELECT id, commit_id FROM in_force", [chain, chain, OP_ADD]).fetchall()
         return dict(rows)
 
     def diff(self, chain_a: list[str], chain_b: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
@@ -436,7 +391,7 @@ class Store:
         """How many facts are in force at chain[0], counted in DuckDB."""
         if not chain:
             return 0
-        return self.con.execute(f"WITH {_IN_FORCE} SELECT count(*) FROM in_force", [chain, chain, OP_ADD]).fetchone()[0]
+        return self.con.execute(f"WITH {IN_FORCE} SELECT count(*) FROM in_force", [chain, chain, OP_ADD]).fetchone()[0]
 
     # ----------------------------------------------------------------- staging
     def staged(self) -> list[Op]:
@@ -515,8 +470,8 @@ class Store:
         """Store a commit's constraints (key and value as little-endian float32 bytes)."""
         rows = []
         for c in constraints:
-            dtype, d_in, key = _encode(c.key)
-            _, d_out, value = _encode(c.value)
+            dtype, d_in, key = encode(c.key)
+            _, d_out, value = encode(c.value)
             rows.append((commit_id, c.fact_id, int(c.layer), dtype, d_in, d_out, key, value, c.fingerprint))
         if rows:
             self.con.executemany("INSERT INTO constraints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -533,7 +488,7 @@ class Store:
         ids = list(ids)
         if not ids:
             return []
-        return [_constraint(r) for r in self.con.execute(
+        return [constraint_from_row(r) for r in self.con.execute(
             "SELECT commit_id, fact_id, layer, dtype, d_in, d_out, key, value, fingerprint FROM constraints "
             f"WHERE {column} IN (SELECT unnest(?::VARCHAR[])) ORDER BY {order}", [ids]).fetchall()]
 
@@ -570,7 +525,7 @@ class Store:
             "SELECT fact_id, arg_max(dtype, commit_id), arg_max(d_in, commit_id), arg_max(key, commit_id) "
             "FROM c WHERE layer = (SELECT layer FROM low) GROUP BY fact_id ORDER BY fact_id",
             [fact_ids]).fetchall()
-        return {f: _decode(blob, dt, (n,)) for f, dt, n, blob in rows}
+        return {f: decode(blob, dt, (n,)) for f, dt, n, blob in rows}
 
     def stats(self, model_fp: str, corpus_fp: str) -> dict[int, tuple[int, "np.ndarray"]]:
         """C0 by layer for that base model and corpus: layer → (tokens it was measured over, the
@@ -578,60 +533,49 @@ class Store:
         rows = self.con.execute(
             "SELECT layer, n_tokens, dtype, dim, matrix FROM stats WHERE model_fp = ? AND corpus_fp = ? "
             "ORDER BY layer", [model_fp, corpus_fp]).fetchall()
-        return {la: (n, _decode(blob, dt, (d, d))) for la, n, dt, d, blob in rows}
+        for la, _n, _dt, _d, blob in rows:
+            recorded = self.meta(stats_key(model_fp, corpus_fp, la))
+            if recorded is not None and recorded != blob_digest(blob):
+                raise IntegrityError(f"the stored C0 of layer {la} does not match its checksum (the ledger was damaged or edited)",
+                                     "run `kledger fsck`, and restore the ledger from a backup or a text export")
+        return {la: (n, decode(blob, dt, (d, d))) for la, n, dt, d, blob in rows}
 
     def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, matrix: "np.ndarray") -> None:
         """Store C0 of one layer (as float64)."""
-        dtype, _, blob = _encode(matrix, "<f8")
+        dtype, _, blob = encode(matrix, "<f8")
         self.con.execute("DELETE FROM stats WHERE model_fp = ? AND corpus_fp = ? AND layer = ?",
                          [model_fp, corpus_fp, layer])
         self.con.execute("INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [model_fp, corpus_fp, layer, n_tokens, dtype, int(matrix.shape[0]), blob])
+        self.set_meta(stats_key(model_fp, corpus_fp, layer), blob_digest(blob))
 
     # ----------------------------------------------------------------- integrity
-    def fact_rows(self) -> Iterator[Fact]:
-        cur = self.con.execute(f"SELECT {', '.join(_FACT_COLS)} FROM facts")
+    def fact_rows(self) -> Iterator[tuple[str, Fact, tuple[str, str, str]]]:
+        """Every fact: (stored id, the fact, its stored matching keys (subject, relation, object))."""
+        cur = self.con.execute(f"SELECT {', '.join(FACT_COLS)}, subject_key, relation_key, object_key FROM facts")
         while batch := cur.fetchmany(5000):
             for r in batch:
-                yield r[0], _fact_from_row(r)
+                yield r[0], fact_from_row(r), (r[-3], r[-2], r[-1])
+
+    def dangling_staged(self) -> list[str]:
+        """Staged fact ids with no stored fact."""
+        return [r[0] for r in self.con.execute(
+            "SELECT fact_id FROM staged s WHERE NOT EXISTS (SELECT 1 FROM facts f WHERE f.id = s.fact_id) "
+            "LIMIT 20").fetchall()]
+
+    def stats_problems(self) -> list[str]:
+        """Stored C0 matrices whose bytes do not match the checksum recorded with them."""
+        out = []
+        for model_fp, corpus_fp, layer, blob in self.con.execute(
+                "SELECT model_fp, corpus_fp, layer, matrix FROM stats ORDER BY model_fp, corpus_fp, layer").fetchall():
+            recorded = self.meta(stats_key(model_fp, corpus_fp, layer))
+            if recorded is None:
+                out.append(f"C0 of layer {layer} (model {model_fp[:10]}) has no recorded checksum")
+            elif recorded != blob_digest(blob):
+                out.append(f"C0 of layer {layer} (model {model_fp[:10]}) does not match its checksum")
+        return out
 
     def dangling_ops(self) -> list[tuple[str, str]]:
         return self.con.execute(
             "SELECT commit_id, fact_id FROM commit_ops o WHERE NOT EXISTS "
             "(SELECT 1 FROM facts f WHERE f.id = o.fact_id) LIMIT 20").fetchall()
-
-
-_DTYPES = {"float32": "<f4", "float64": "<f8"}
-
-
-def _encode(array: Any, dtype: str = "<f4") -> tuple[str, int, bytes]:
-    """The one byte codec: (dtype name, element count, little-endian bytes) of a numpy array or
-    a CPU tensor."""
-    import numpy as np
-
-    a = np.ascontiguousarray(array, dtype=dtype)
-    return ("float32" if dtype == "<f4" else "float64"), int(a.size), a.tobytes()
-
-
-def _decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> "np.ndarray":
-    """A writable numpy array of `shape` from stored bytes (see `_encode`)."""
-    import numpy as np
-
-    if dtype not in _DTYPES:
-        raise IntegrityError(f"a stored vector has the unknown dtype {dtype!r}", "run `kledger fsck`")
-    itemsize = np.dtype(_DTYPES[dtype]).itemsize
-    a = np.frombuffer(blob[:len(blob) - len(blob) % itemsize], dtype=_DTYPES[dtype])
-    if a.size != int(np.prod(shape)) or len(blob) % itemsize:
-        raise IntegrityError(f"a stored vector has {a.size} values where its row says {list(shape)}",
-                             "run `kledger fsck`, and restore the ledger from a backup or a text export")
-    return a.reshape(shape).copy()
-
-
-def _constraint(r: tuple) -> Constraint:
-    cid, fid, layer, dtype, d_in, d_out, key, value, fp = r
-    return Constraint(fid, layer, _decode(key, dtype, (d_in,)), _decode(value, dtype, (d_out,)), fp, cid)
-
-
-def _fact_from_row(r) -> Fact:
-    return Fact(subject=r[1], prompt=r[2], target=r[3], relation=r[4], target_true=r[5],
-                paraphrases=tuple(r[6]), neighborhood=tuple(r[7]), extra=json.loads(r[8]) if r[8] != "{}" else {})
