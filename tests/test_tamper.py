@@ -175,3 +175,38 @@ def test_fsck_sees_order_cycles_dangling_staged_and_a_bad_head(facts_only):
     facts_only.history.changed()
     with pytest.raises(IntegrityError, match="its own ancestor"):
         facts_only.status()
+
+
+# ------------------------------------------------------------------------------ the base model
+def _edit_model(model_dir, change) -> None:
+    """Rewrite the model directory with `change(model)` applied (as a tamperer with write access
+    to the model's files would)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        change(model)
+    model.save_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("where", ["embeddings", "edited layer"])
+def test_a_changed_base_model_is_refused_and_nothing_is_written(tmp_path, where):
+    from kledger.errors import FingerprintError
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    with Ledger.init(tmp_path / "l", model=str(model_dir),
+                     settings={**SETTINGS, "corpus": str(model_dir / "corpus.txt")}) as lg:
+        lg.add([Fact.create(FACTS[0][0], FACTS[0][2], subject=FACTS[0][1])])
+        lg.commit("one", author="t")
+        lg.apply()
+        layer = lg.editor().hparams.layers[0]
+    if where == "embeddings":
+        _edit_model(model_dir, lambda m: m.get_input_embeddings().weight.mul_(1.5))
+    else:
+        _edit_model(model_dir, lambda m: m.model.layers[layer].mlp.down_proj.weight.add_(0.01))
+    before = snapshot(tmp_path / "l")
+    with Ledger.open(tmp_path / "l", write=True) as lg:
+        with pytest.raises(FingerprintError) as exc:
+            lg.apply(mode="no-history")  # (another mode: no cache entry to answer from)
+        assert ("outside the edited layers" if where == "embeddings" else "base model weights") in exc.value.message
+    assert snapshot(tmp_path / "l") == before  # no C0, memo or anything else stored by the refused apply

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .weights import LoadedModel
 
 MEMO_KEY = "fingerprint_memo"  # store meta: what the model's files and a setup hashed to
+WEIGHTS_KEY = "base_weights"  # store meta: base fingerprint → SHA-256 of every tensor of that model
 MEMO_FORMAT = 1
 MEMO_KEEP = 16  # setups (and model sources) remembered, newest last
 Batches = Sequence[Sequence[Constraint]]  # constraints by commit, oldest first
@@ -72,6 +73,16 @@ class EditorStore(Protocol):
     def fingerprint(self, fid: str) -> dict | None: ...
 
     def transaction(self) -> ContextManager[Any]: ...
+
+
+def _mismatch(diffs: list[str]) -> None:
+    """A FingerprintError naming what differs (nothing when `diffs` is empty)."""
+    if not diffs:
+        return
+    what = {"model": "model", "base_model": "base model weights", "c0": "C0 (corpus or token count)",
+            "hparams": "hyper-parameters", "setup": "setup"}
+    raise FingerprintError(f"stored constraints were measured with a different {', '.join(what[d] for d in diffs)}",
+                           "apply with the setup the ledger was made with, or `kledger replay` to measure them again")
 
 
 def flatten(batches: Batches) -> list[Constraint]:
@@ -104,6 +115,7 @@ class Editor:
         self._fp: tuple[str, dict] | None = None
         self._at_base = True  # whether the in-memory weights are the base weights
         self._source: str | None = None  # identity of the model files loaded (None: unknown)
+        self._verified: tuple[str, str, bool] | None = None  # (base fp, digest, new) to record
 
     # ------------------------------------------------------------------ model, hparams, C0
     @property
@@ -166,11 +178,37 @@ class Editor:
                               cache_dir=corpus_cache_root(self.env), progress=self.progress)
 
     def _base_fp(self) -> str:
-        """Hash of the BASE edited tensors and config, taken once, before any edit is written."""
+        """Hash of the BASE edited tensors and config, taken once, before any edit is written;
+        every other tensor is checked against what the store recorded for this base model."""
         if self._base_fp_value is None:
             self._ensure_base_weights()
-            self._base_fp_value = self.lm.fingerprint(self.hparams.layers)
+            base = self.lm.fingerprint(self.hparams.layers)
+            self._verify_weights(base)
+            self._base_fp_value = base
         return self._base_fp_value
+
+    def _verify_weights(self, base: str) -> None:
+        """Hash every tensor of the base model (`weights.weights_digest`) and compare it with the
+        digest the store recorded for this base fingerprint: a FingerprintError when a tensor
+        outside the edited layers changed (the edited ones are in `base`). Skipped when the
+        model's files are unchanged since they were verified (memoised by file identity). The
+        first time, the digest is recorded (in a writable store) with the fingerprint memo, once
+        the setup is known to match (`_remember`), so a refused command writes nothing."""
+        memo = self._memo()
+        if self._source is not None and (memo.get("verified") or {}).get(self._source) == base:
+            return
+        from .weights import weights_digest
+
+        full = weights_digest(self.lm.model)
+        try:
+            recorded = json.loads(self.store.meta(WEIGHTS_KEY) or "{}")
+        except ValueError:
+            recorded = {}
+        if recorded.get(base, full) != full:
+            raise FingerprintError("the model's weights differ from those this ledger recorded for it "
+                                   "(a tensor outside the edited layers changed)",
+                                   "load the model the ledger was made with (rebuild its cache), or make a new ledger")
+        self._verified = (base, full, base not in recorded)
 
     def c0(self) -> dict[int, "torch.Tensor"]:
         if self._c0 is not None:
@@ -213,21 +251,20 @@ class Editor:
 
     def check(self, constraints: Iterable[Constraint]) -> None:
         """A FingerprintError, saying what differs (model, base weights, C0, hyper-parameters),
-        if any of `constraints` was measured under another fingerprint than the current one."""
-        fp_id, _ = self.fingerprint()
-        bad = {r.fingerprint for r in constraints if r.fingerprint != fp_id}
+        if any of `constraints` was measured under another fingerprint than the current one. The
+        model, base weights, hyper-parameters and corpus are compared first, so that a refused
+        solve never computes (and stores) C0 for a setup that does not match."""
+        stored = {r.fingerprint for r in constraints}
+        for fp in sorted(stored):
+            body = self.store.fingerprint(fp) or {}
+            now = {"model": self.model_name, "base_model": self._base_fp(), "hparams": self.hparams.to_dict(),
+                   "c0": {**(body.get("c0") or {}), "corpus": self.corpus_identity()[0]}}
+            _mismatch([k for k in ("model", "base_model", "c0", "hparams") if body.get(k) != now[k]])
+        fp_id, now = self.fingerprint()
+        bad = stored - {fp_id}
         if bad:
-            self._explain_mismatch(bad.pop())
-
-    def _explain_mismatch(self, stored_fp: str) -> None:
-        body = self.store.fingerprint(stored_fp) or {}
-        _, now = self.fingerprint()
-        diffs = [k for k in ("model", "base_model", "c0", "hparams") if body.get(k) != now.get(k)]
-        what = {"model": "model", "base_model": "base model weights", "c0": "C0 (corpus or token count)",
-                "hparams": "hyper-parameters"}
-        raise FingerprintError(
-            f"stored constraints were measured with a different {', '.join(what[d] for d in diffs) or 'setup'}",
-            "apply with the setup the ledger was made with, or `kledger replay` to measure them again")
+            body = self.store.fingerprint(bad.pop()) or {}
+            _mismatch([k for k in ("model", "base_model", "c0", "hparams") if body.get(k) != now.get(k)] or ["setup"])
 
     # ------------------------------------------------------------------ the remembered fingerprint
     def _memo(self) -> dict:
@@ -255,24 +292,37 @@ class Editor:
 
     def _remember(self, fp_id: str) -> None:
         """Record, in a writable store, the loaded model's source identity and the fingerprint
-        id this setup hashes to, so that `cached` can find the cache key without the model."""
-        if self._source is None or self._lm is None or getattr(self.store, "read_only", True):
+        id this setup hashes to, so that `cached` can find the cache key without the model; and
+        the digest of every tensor of a base model seen for the first time (`_verify_weights`)."""
+        if self._lm is None or getattr(self.store, "read_only", True):
             return
-        key = self._setup_key(self._source, self.hparams)
+        if self._verified is not None and self._verified[2]:
+            base, full, _ = self._verified
+            recorded = json.loads(self.store.meta(WEIGHTS_KEY) or "{}")
+            self.store.set_meta(WEIGHTS_KEY, json.dumps({**recorded, base: full}, sort_keys=True))
+            self._verified = (base, full, False)
+        key = self._setup_key(self._source, self.hparams) if self._source is not None else None
         if key is None:
             return
-        memo = self._memo() or {"format": MEMO_FORMAT}
-        models, fps = dict(memo.get("models") or {}), dict(memo.get("fingerprints") or {})
         model = {"model_type": self._lm.model_type, "n_layers": self._lm.n_layers}
-        if models.get(self._source) == model and fps.get(key) == fp_id:
+        verified = {self._source: self._verified[0]} if self._verified is not None else {}
+        self._write_memo(models={self._source: model}, fingerprints={key: fp_id}, verified=verified)
+
+    def _write_memo(self, **updates: dict) -> None:
+        """Merge `updates` (section → {key: value}) into the memo, newest last, at most MEMO_KEEP
+        entries a section; nothing is written when nothing changes."""
+        memo = self._memo() or {"format": MEMO_FORMAT}
+        sections = {name: dict(memo.get(name) or {}) for name in ("models", "fingerprints", "verified")}
+        if all(sections[name].get(k) == v for name, new in updates.items() for k, v in new.items()):
             return
-        for d, k, v in ((models, self._source, model), (fps, key, fp_id)):
-            d.pop(k, None)
-            d[k] = v  # newest last
+        for name, new in updates.items():
+            d = sections[name]
+            for k, v in new.items():
+                d.pop(k, None)
+                d[k] = v
             while len(d) > MEMO_KEEP:
                 d.pop(next(iter(d)))
-        self.store.set_meta(MEMO_KEY, json.dumps({"format": MEMO_FORMAT, "models": models,
-                                                  "fingerprints": fps}))
+        self.store.set_meta(MEMO_KEY, json.dumps({"format": MEMO_FORMAT, **sections}))
 
     def _remembered(self) -> tuple[str, HParams, str] | None:
         """(fingerprint id, hparams, model type) for the model's files as they are now, from the

@@ -119,6 +119,19 @@ def model_fingerprint(model: Any, spec: ArchSpec, layers: Iterable[int]) -> str:
     return h.hexdigest()
 
 
+def weights_digest(model: Any) -> str:
+    """SHA-256 over every tensor of the model (names, shapes, dtypes and bytes): what a ledger
+    records of its base model beyond the edited layers (`model_fingerprint`)."""
+    import torch
+
+    h = hashlib.sha256(b"kledger-weights/1\0")
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}\0".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 # ---- locating and caching the default model -------------------------------------------------
 
 def default_cache_root(env: Settings | None = None) -> Path:
