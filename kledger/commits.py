@@ -93,7 +93,12 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
     the added facts are first measured against apply(HEAD) (sequential editing) and stored
     with the commit, in the same transaction; `compute=False` records facts only. With
     `measure_without`, they are measured against apply(HEAD) without those facts' constraints
-    (`resolve` re-measuring kept facts as if the losers had never been made)."""
+    (`resolve` re-measuring kept facts as if the losers had never been made).
+
+    On a store opened for reading, everything up to the write (measuring included) holds only
+    the shared lock, so other commands read meanwhile; the store is then reopened for writing
+    (`Store.upgrade`) and the commit refused if the staged facts, HEAD or a pending operation
+    changed in between."""
     require_no_pending(lg)
     staged = lg.store.staged()
     if not staged:
@@ -104,8 +109,11 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
     ops, digest, rows, found = staged, None, [], None
     if compute if compute is not None else lg.has_model:
         ops, digest, rows, meta, found = _measure_staged(lg, head, staged, meta, progress, measure_without)
+    if lg.store.read_only:
+        lg.store.upgrade()
+        lg.history.changed()
     with lg.store.transaction():
-        if lg.store.staged() != staged or lg.history.head() != head:
+        if lg.store.staged() != staged or lg.history.head() != head or lg.store.pending():
             raise StateError("the staged facts or HEAD changed while the commit was computed", "run it again")
         cid = new_commit(lg, [head] if head else [], ops, message, author, allow_conflicts=allow_conflicts,
                          constraints=digest, meta=meta, found=found)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .errors import InputError, StateError, UsageError
+from .errors import InputError, LedgerLocked, StateError, UsageError
 from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
@@ -48,16 +48,27 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
 
 
 def _cache_secret(ledger: "Ledger") -> str | None:
-    """The ledger's key for the apply cache's MACs, made the first time a writer needs it (a
-    reader of a ledger without one gets None: no cache)."""
+    """The ledger's key for the apply cache's MACs (made at `init`; for a ledger made before
+    that, the first time it is needed, kept by `persist`)."""
     secret = ledger.store.meta(CACHE_SECRET)
-    if secret is None and not ledger.store.read_only:
+    if secret is None:
         import secrets
 
         secret = secrets.token_hex(32)
         with ledger.store.transaction():
             ledger.store.set_meta(CACHE_SECRET, secret)
     return secret
+
+
+def persist(ledger: "Ledger") -> None:
+    """Write what a command that only reads deferred on its way (C0, the fingerprint memo, the
+    cache key: see `Store`), when the write lock comes; when it does not, only those caches are
+    lost (the next command computes them again)."""
+    if ledger.store.read_only and ledger.store.deferred:
+        try:
+            ledger.store.upgrade()
+        except LedgerLocked:
+            pass
 
 
 def store_constraints(ledger: "Ledger", cid: str, rows: list[Constraint]) -> None:
@@ -140,6 +151,7 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
 
             ed.load(weights)
             written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
+    persist(ledger)
     return {"revision": cid, **info, **written}
 
 
@@ -158,6 +170,7 @@ def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "ac
     base = answer(ed.lm, prompt, top, max_new_tokens, bos)
     load_at(ledger, cid, mode, batches=batches)
     edited = answer(ed.lm, prompt, top, max_new_tokens, bos)
+    persist(ledger)
     return {"prompt": prompt, "revision": cid, "mode": mode, "base": base, "edited": edited}
 
 
@@ -270,6 +283,7 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
                       "history": hist_s, "total": time.perf_counter() - started}
     if opts.plot is not None:
         res["plot"] = str(plot_history(res["history"], opts.plot, title=opts.plot_title))
+    persist(ledger)
     return res
 
 

@@ -4,6 +4,7 @@ read commands that must not import torch."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -97,3 +98,37 @@ def test_read_commands_do_not_import_torch(proj):
     r = subprocess.run([sys.executable, "-c", code], cwd=proj, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr
+
+
+def test_reads_answer_while_a_commit_measures(tmp_path, env):
+    """A commit on a model ledger holds only the shared lock while it measures (Store.upgrade
+    takes the write lock for the write alone), so log and status answer meanwhile."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from conftest_edit import FACTS, save_tiny_model_dir
+
+    from kledger.ledger import Ledger
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    slow = {"c0_tokens": 600, "c0_seq_len": 32, "steps": 300, "early_stop_prob": 1.0, "n_prefixes": 1}
+    Ledger.init(tmp_path / "p", model=str(model_dir), settings={"hparams": slow, "corpus": str(model_dir / "corpus.txt")}).close()
+    proj = tmp_path / "p"
+    prompt, subject, target = FACTS[0]
+    assert subprocess_kledger(["add", prompt, target, "--subject", subject], proj).returncode == 0
+    commit = subprocess.Popen([sys.executable, "-m", "kledger", "commit", "-m", "slow"], cwd=proj,
+                              env={**os.environ, "KLEDGER_AUTHOR": "t", "KLEDGER_LOCK_WAIT": "30", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reads_during = 0
+    try:
+        while commit.poll() is None:
+            r = subprocess_kledger(["status", "--json"], proj, {"KLEDGER_LOCK_WAIT": "0.5"})
+            if commit.poll() is None:  # answered while the commit was still running
+                assert r.returncode == 0, r.stderr
+                st = json.loads(r.stdout)
+                assert (len(st["staged"]), st["facts_in_force"]) in ((1, 0), (0, 1))  # before, or just after, the write
+                reads_during += len(st["staged"])  # reads while it measured
+    finally:
+        out, err = commit.communicate(timeout=300)
+    assert commit.returncode == 0, err
+    assert reads_during >= 1
+    assert json.loads(subprocess_kledger(["status", "--json"], proj).stdout)["facts_in_force"] == 1

@@ -47,7 +47,7 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
     opts = Ledger.eval_options(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,
                                gen_tokens=0 if no_fluency else gen_tokens, batch_size=batch_size,
                                plot=plot, plot_title=f"kledger eval {rev} ({mode})")
-    with open_ledger(write=True) as ledger, progress_bar() as progress:
+    with open_ledger() as ledger, progress_bar() as progress:
         res = ledger.evaluate(rev, opts, progress=progress)
     if json_:
         emit_json("eval", res)

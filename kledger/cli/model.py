@@ -20,7 +20,7 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
     """Solve the constraints in force at REV (float64) and write the edited model."""
     want_json(json_)
     check_mode(mode)
-    with open_ledger(write=True) as ledger, progress_bar() as progress:
+    with open_ledger() as ledger, progress_bar() as progress:
         # Solved before? Then answered from the cache without loading the model (nor torch).
         res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress)
     if json_:
@@ -44,7 +44,7 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
     """The model's answer and top next tokens at REV, beside the base model's."""
     want_json(json_)
     check_mode(mode)
-    with open_ledger(write=True) as ledger, progress_bar() as progress:
+    with open_ledger() as ledger, progress_bar() as progress:
         res = ledger.ask(prompt, rev, mode, top=top, max_new_tokens=max_new_tokens, progress=progress)
     if json_:
         emit_json("ask", res)

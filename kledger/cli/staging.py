@@ -170,7 +170,7 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
            json_: bool = JSON_OPT) -> None:
     """Record the staged facts as a new commit."""
     want_json(json_)
-    with open_ledger(write=True) as ledger, progress_bar() as progress:
+    with open_ledger() as ledger, progress_bar() as progress:
         cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)
         branch = ledger.current_branch()

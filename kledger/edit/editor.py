@@ -60,7 +60,7 @@ class EditorStore(Protocol):
     """What the Editor needs of a store (kledger.store.Store is one): meta for the fingerprint
     memo, C0 statistics, stored fingerprint bodies (to explain a mismatch), transactions."""
 
-    read_only: bool
+    read_only: bool  # a reading store keeps the writes in memory until the command writes (Store.upgrade)
 
     def meta(self, key: str, default: str | None = None) -> str | None: ...
 
@@ -294,7 +294,7 @@ class Editor:
         """Record, in a writable store, the loaded model's source identity and the fingerprint
         id this setup hashes to, so that `cached` can find the cache key without the model; and
         the digest of every tensor of a base model seen for the first time (`_verify_weights`)."""
-        if self._lm is None or getattr(self.store, "read_only", True):
+        if self._lm is None:
             return
         if self._verified is not None and self._verified[2]:
             base, full, _ = self._verified

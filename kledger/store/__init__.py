@@ -52,13 +52,40 @@ def _is_lock_error(exc: Exception) -> bool:
     return "lock" in text or "conflicting" in text
 
 
+def _connect(db: Path, ledger_dir: Path, write: bool, wait: float) -> duckdb.DuckDBPyConnection:
+    """A connection to `db`, waiting up to `wait` seconds while another process holds the lock."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return duckdb.connect(str(db), read_only=not write)
+        except duckdb.Error as exc:
+            if not _is_lock_error(exc):
+                raise SchemaError(f"cannot open the ledger database {db}: {str(exc).splitlines()[0]}",
+                                  "the file is damaged or not a kledger ledger; restore it from a backup "
+                                  "or re-create it with `kledger init --from`") from exc
+            if time.monotonic() >= deadline:
+                raise LedgerLocked(f"the ledger {ledger_dir} is in use by another process",
+                                   "wait for the other kledger command to finish, then retry") from exc
+            time.sleep(0.1)
+
+
 class Store:
-    """One open connection to a ledger database. Use as a context manager."""
+    """One open connection to a ledger database. Use as a context manager.
+
+    Opened for reading, the store takes the shared lock only: other processes read at the same
+    time. The caches a reader fills on the way (C0, the fingerprint memo: `set_meta`,
+    `put_stats`, `put_fingerprint`) are kept in memory, visible to this store's reads, and
+    written by `upgrade()`, which reopens the store for writing when a command has its result:
+    a long command (commit measuring, apply, eval) never locks readers out while it works."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool):
         self.con = con
         self.path = path
         self.read_only = read_only
+        self.wait = 5.0
+        self._deferred_meta: dict[str, str] = {}
+        self._deferred_stats: dict[tuple[str, str, int], tuple[int, "np.ndarray"]] = {}
+        self._deferred_fps: dict[str, dict] = {}
         self._in_tx = False
 
     # ----------------------------------------------------------------- opening and schema
@@ -90,21 +117,9 @@ class Store:
         db = ledger_dir / DB_NAME
         if not db.is_file():
             raise LedgerNotFound(f"no ledger database at {db}", "run `kledger init`")
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                con = duckdb.connect(str(db), read_only=not write)
-                break
-            except duckdb.Error as exc:
-                if not _is_lock_error(exc):
-                    raise SchemaError(f"cannot open the ledger database {db}: {str(exc).splitlines()[0]}",
-                                      "the file is damaged or not a kledger ledger; restore it from a backup "
-                                      "or re-create it with `kledger init --from`") from exc
-                if time.monotonic() >= deadline:
-                    raise LedgerLocked(f"the ledger {ledger_dir} is in use by another process",
-                                       "wait for the other kledger command to finish, then retry") from exc
-                time.sleep(0.1)
+        con = _connect(db, ledger_dir, write, wait)
         store = cls(con, ledger_dir, read_only=not write)
+        store.wait = wait
         try:
             store._check_version(write)
             if write:
@@ -113,6 +128,34 @@ class Store:
             con.close()
             raise
         return store
+
+    @property
+    def deferred(self) -> bool:
+        """Whether writes wait in memory for `upgrade()`."""
+        return bool(self._deferred_meta or self._deferred_stats or self._deferred_fps)
+
+    def upgrade(self) -> None:
+        """Reopen for writing (waiting for the lock like `open`: LedgerLocked when it does not
+        come) and write what was deferred while reading, in one transaction. A no-op for a
+        store opened for writing. Call it outside a transaction."""
+        if not self.read_only:
+            return
+        if self._in_tx:
+            raise RuntimeError("upgrade() inside a transaction")
+        self.con.close()
+        self.con = _connect(self.path / DB_NAME, self.path, True, self.wait)
+        self.read_only = False
+        self._check_version(True)
+        self._checksum_legacy_stats()
+        meta, stats, fps = self._deferred_meta, self._deferred_stats, self._deferred_fps
+        self._deferred_meta, self._deferred_stats, self._deferred_fps = {}, {}, {}
+        with self.transaction():
+            for key, value in meta.items():
+                self.set_meta(key, value)
+            for (model_fp, corpus_fp, layer), (n, matrix) in stats.items():
+                self.put_stats(model_fp, corpus_fp, layer, n, matrix)
+            for fid, body in fps.items():
+                self.put_fingerprint(fid, body)
 
     def _checksum_legacy_stats(self) -> None:
         """Once, on a ledger made by a kledger that did not record C0 checksums: record them
@@ -180,10 +223,15 @@ class Store:
 
     # ----------------------------------------------------------------- meta, HEAD, refs
     def meta(self, key: str, default: str | None = None) -> str | None:
+        if key in self._deferred_meta:
+            return self._deferred_meta[key]
         row = self.con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str) -> None:
+        if self.read_only:  # kept for upgrade()
+            self._deferred_meta[key] = value
+            return
         self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
 
     def head(self) -> str:
@@ -460,9 +508,14 @@ class Store:
 
     # ----------------------------------------------------------------- constraints and stats
     def put_fingerprint(self, fid: str, body: dict) -> None:
+        if self.read_only:  # kept for upgrade()
+            self._deferred_fps[fid] = body
+            return
         self.con.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)", [fid, json.dumps(body, sort_keys=True)])
 
     def fingerprint(self, fid: str) -> dict | None:
+        if fid in self._deferred_fps:
+            return self._deferred_fps[fid]
         row = self.con.execute("SELECT body FROM fingerprints WHERE id = ?", [fid]).fetchone()
         return json.loads(row[0]) if row else None
 
@@ -538,10 +591,15 @@ class Store:
             if recorded is not None and recorded != blob_digest(blob):
                 raise IntegrityError(f"the stored C0 of layer {la} does not match its checksum (the ledger was damaged or edited)",
                                      "run `kledger fsck`, and restore the ledger from a backup or a text export")
-        return {la: (n, decode(blob, dt, (d, d))) for la, n, dt, d, blob in rows}
+        out = {la: (n, decode(blob, dt, (d, d))) for la, n, dt, d, blob in rows}
+        out.update({la: got for (m, c, la), got in self._deferred_stats.items() if (m, c) == (model_fp, corpus_fp)})
+        return dict(sorted(out.items()))
 
     def put_stats(self, model_fp: str, corpus_fp: str, layer: int, n_tokens: int, matrix: "np.ndarray") -> None:
         """Store C0 of one layer (as float64)."""
+        if self.read_only:  # kept for upgrade()
+            self._deferred_stats[(model_fp, corpus_fp, int(layer))] = (n_tokens, matrix.copy())
+            return
         dtype, _, blob = encode(matrix, "<f8")
         self.con.execute("DELETE FROM stats WHERE model_fp = ? AND corpus_fp = ? AND layer = ?",
                          [model_fp, corpus_fp, layer])
