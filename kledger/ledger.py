@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import __version__, commits, integrity, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
@@ -25,7 +27,7 @@ from .errors import InputError, StateError, UsageError
 from .history import FactChange, History, apply_ops, check_branch_name  # noqa: F401  (re-exported)
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
-from .store import LEDGER_DIR, Store, find_ledger_dir
+from .store import DB_NAME, LEDGER_DIR, Store, find_ledger_dir
 
 
 class Ledger:
@@ -47,19 +49,10 @@ class Ledger:
         """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
         "corpus" (a text file for C0)."""
         env = env or Settings.from_env()
-        checked = _checked_settings(settings or {})
-        root = Path(path).expanduser().resolve()
-        ldir = root / LEDGER_DIR
-        if (ldir / "ledger.duckdb").exists():
-            raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
-        if root.exists() and not root.is_dir():
-            raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
-        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or env.model or DEFAULT_MODEL,
-                "created": env.now(), "created_by": f"kledger {__version__}"}
-        if meta["model"] not in ("", "none"):
-            meta["soft_threshold"] = str(SOFT_THRESHOLD)
-        meta.update(checked)
-        return cls(Store.create(ldir, meta, wait=env.lock_wait), env)
+        root, ldir, meta = _new_ledger_meta(path, model, settings, env)
+        with _new_ledger_dir(root, ldir) as tmp:
+            Store.create(tmp, meta, wait=env.lock_wait).close()
+        return cls(Store.open(ldir, write=True, wait=env.lock_wait), env)
 
     @classmethod
     def open(cls, ledger: str | os.PathLike | None = None, write: bool = False,
@@ -427,11 +420,12 @@ class Ledger:
         """A new ledger replaying a text ledger. On a ledger with a model, facts that no earlier
         commit measured are measured against apply(their commit's parent) as the history is
         replayed (sequential editing), so commit ids change with the constraints they now cover."""
+        env = env or Settings.from_env()
         _checked_settings(settings or {})  # everything is checked before the ledger is created
         plan = transfer.read(source)
-        ledger = cls.init(path, model=model or plan.model, settings=settings, env=env)
-        try:
-            with ledger.store.transaction():
+        root, ldir, meta = _new_ledger_meta(path, model or plan.model, settings, env)
+        with _new_ledger_dir(root, ldir) as tmp:  # built beside PATH/.kledger, moved there when complete
+            with cls(Store.create(tmp, meta, wait=env.lock_wait), env) as ledger, ledger.store.transaction():
                 remap: dict[str, str] = {}
                 for commit, ops in plan.commits:
                     ledger.store.put_facts([f for _, f in ops])
@@ -440,12 +434,79 @@ class Ledger:
                                                             skip_known=True)
                 final = {text_id: remap[cid] for text_id, cid in plan.ids.items()}
                 transfer.restore_refs(ledger.store, plan, final, ledger.has_model)
-        except BaseException:
-            ledger.close()
-            shutil.rmtree(ledger.path, ignore_errors=True)
+                env.fault_point("init-from")
+        return cls(Store.open(ldir, write=True, wait=env.lock_wait), env)
+
+
+def _new_ledger_meta(path: str | os.PathLike, model: str | None, settings: dict | None,
+                     env: Settings) -> tuple[Path, Path, dict[str, str]]:
+    """(PATH, PATH/.kledger, the new ledger's meta rows) for `init`, everything checked and
+    nothing created yet."""
+    checked = _checked_settings(settings or {})
+    root = Path(path).expanduser().resolve()
+    ldir = root / LEDGER_DIR
+    if (ldir / DB_NAME).exists():
+        raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
+    if ldir.exists() and not ldir.is_dir():
+        raise UsageError(f"{ldir} exists and is not a directory", "move that file away, or give another PATH")
+    if os.path.lexists(ldir / (DB_NAME + ".wal")):  # DuckDB would replay it into the new database
+        raise StateError(f"{ldir} holds a stray {DB_NAME}.wal from an earlier ledger",
+                         "move that file away (it is not a ledger without its database), then run init again")
+    meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or env.model or DEFAULT_MODEL,
+            "created": env.now(), "created_by": f"kledger {__version__}"}
+    if meta["model"] not in ("", "none"):
+        meta["soft_threshold"] = str(SOFT_THRESHOLD)
+    meta.update(checked)
+    return root, ldir, meta
+
+
+@contextmanager
+def _new_ledger_dir(root: Path, ldir: Path) -> Iterator[Path]:
+    """A temporary directory beside `ldir` (in `root`) to build a new ledger in, moved into `ldir`
+    when the block ends without an error. On an error, what this made is removed (the temporary
+    directory, and the folders of `root` that did not exist); nothing that was there is touched.
+    A process killed inside the block leaves only the temporary `.kledger.new-*` beside `ldir`."""
+    made = [d for d in (root, *root.parents) if not d.exists()]
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=LEDGER_DIR + ".new-", dir=root))
+        yield tmp
+        _move_into(tmp, ldir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # deepest first; only if still empty
+            with suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move what the directory `src` holds into `dst` without replacing anything there: a missing
+    (or empty) `dst` takes `src` by one rename; else entry by entry, into the folders both have,
+    the database last (it is what makes a ledger). A file `dst` has already is kept."""
+    try:
+        os.rename(src, dst)
+        return
+    except OSError:
+        if not dst.is_dir():
             raise
-        ledger._changed()
-        return ledger
+    for item in sorted(src.iterdir(), key=lambda p: p.name == DB_NAME):
+        target = dst / item.name
+        if item.name == DB_NAME:
+            try:
+                os.link(item, target)  # fails if a ledger appeared meanwhile: never replaces one
+            except FileExistsError:
+                raise StateError(f"a ledger already exists in {dst}", "use it, or remove that directory first") from None
+            item.unlink()
+        elif item.is_dir() and not item.is_symlink() and target.is_dir():
+            _move_into(item, target)
+        elif not os.path.lexists(target):
+            os.rename(item, target)
+    shutil.rmtree(src)
 
 
 def _checked_settings(settings: dict) -> dict[str, str]:
