@@ -197,12 +197,13 @@ class Ledger:
         return model_side.editor(self, progress, **options)
 
     def apply(self, rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
-              delta: Path | None = None, progress=None) -> dict:
+              delta: Path | None = None, progress=None, force: bool = False) -> dict:
         """Solve the constraints in force at `rev` and write the edited model (the `kledger apply`
-        document); see kledger.model_side.apply."""
+        document); see kledger.model_side.apply (`force`: replace a directory or file that kledger
+        did not write)."""
         from . import model_side
 
-        return model_side.apply(self, rev, mode, out_dir, delta, progress)
+        return model_side.apply(self, rev, mode, out_dir, delta, progress, force)
 
     def ask(self, prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
             max_new_tokens: int = 8, progress=None) -> dict:

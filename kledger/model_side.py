@@ -88,12 +88,24 @@ def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: It
 # ---------------------------------------------------------------------------- apply, ask
 
 def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
-          delta: Path | None = None, progress: Progress | None = None) -> dict:
+          delta: Path | None = None, progress: Progress | None = None, force: bool = False) -> dict:
     """Solve the constraints in force at `rev` (float64) and write the edited model: `delta`, only
     the edited tensors (safetensors + manifest); `out_dir`, a Hugging Face model directory. A
     revision solved before is answered from the apply cache without loading the model (nor
-    torch), unless `out_dir` needs the whole model. The `kledger apply` document."""
+    torch), unless `out_dir` needs the whole model. Both paths are checked before anything is
+    loaded or solved, and written whole or not at all; a directory or file that kledger did not
+    write is replaced only with `force` (kledger.edit.weights.check_out_dir, check_delta_path).
+    The `kledger apply` document."""
+    from .edit.weights import check_delta_path, check_out_dir
+
     check_mode(mode)
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir, force)
+    if delta is not None:
+        delta = check_delta_path(delta, force)
+        if out_dir is not None and out_dir in delta.parents:
+            raise UsageError(f"--delta {delta} is inside --out {out_dir}, which is replaced as a whole",
+                             "write the delta somewhere else")
     cid = ledger.history.resolve(rev)
     ed = editor(ledger, progress)
     batches = ledger.history.constraints_at(cid)
@@ -108,21 +120,22 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
         if delta is not None:
             from .edit.weights import write_delta
 
-            t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta(hit.fingerprint))
+            t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta(hit.fingerprint), force=force)
             written["delta"], written["manifest"] = str(t), str(m)
     else:
         weights, info = ed.solve(batches, mode)
+        fp_id, _ = ed.fingerprint()
         if delta is not None:
             from .edit.weights import save_delta
 
-            fp_id, _ = ed.fingerprint()
-            t, m = save_delta(delta, weights, ed.lm.spec, meta=meta(fp_id))
+            t, m = save_delta(delta, weights, ed.lm.spec, meta=meta(fp_id), force=force)
             written["delta"], written["manifest"] = str(t), str(m)
         if out_dir is not None:
             from .edit.weights import save_model
 
             ed.load(weights)
-            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
+            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir, meta=meta(fp_id), force=force,
+                                              before_rename=lambda: ledger.env.fault_point("apply-out")))
     return {"revision": cid, **info, **written}
 
 
