@@ -38,6 +38,9 @@ class Ledger:
         self.env = env or Settings.from_env()
         self.model: str = store.meta("model") or DEFAULT_MODEL  # fixed when the ledger is made
         self.has_model = self.model not in ("", "none")
+        # False for a ledger replayed with `init --from --no-measure`: its commits carry no
+        # constraints, so it can be checked but not edit the model (model_side.editor refuses)
+        self.measured = store.meta("measure") != "off"
         self.history = History(store)
         self.decisions = Decisions(store, self.history, self.has_model)
         self._editor = None
@@ -341,7 +344,9 @@ class Ledger:
     def check(self, rev: str | None = None, staged: bool = False) -> dict:
         """The CI gate: unresolved conflicts in the facts in force at REV (default HEAD), or, with
         `staged`, in what `kledger commit` would make of HEAD and the staged facts (remembered
-        decisions replayed, as the commit would). `ok` is True when there are none."""
+        decisions replayed, as the commit would). `ok` is True when there are none. `soft_checked`
+        is False when soft conflicts could not be looked for: no model, the threshold off, or no
+        keys (a ledger replayed with `init --from --no-measure`)."""
         d = self.decisions
         pf = d.proposed(rev, staged=staged, lazy=True)
         found = d.conflicts_of(pf)
@@ -352,7 +357,8 @@ class Ledger:
             pf.ops, _, replayed = d.replay(pf.base, pf.ops, incoming)
             found = d.conflicts_of(pf)
         return {"ok": not found, "target": target_of(pf), "facts": pf.n_facts,
-                "unresolved": len(found), "conflicts": d.report(pf, found), "replayed": replayed}
+                "unresolved": len(found), "conflicts": d.report(pf, found), "replayed": replayed,
+                "soft_checked": self.measured and self.soft_threshold() is not None}
 
     def resolve_conflicts(self, conflict: str | None = None, keep: str | None = None, strategy: str = "keep",
                           message: str | None = None, author: str | None = None) -> dict:
@@ -417,14 +423,19 @@ class Ledger:
 
     @classmethod
     def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None,
-                  settings: dict | None = None, progress=None, env: Settings | None = None) -> "Ledger":
+                  settings: dict | None = None, progress=None, env: Settings | None = None,
+                  measure: bool = True) -> "Ledger":
         """A new ledger replaying a text ledger. On a ledger with a model, facts that no earlier
         commit measured are measured against apply(their commit's parent) as the history is
-        replayed (sequential editing), so commit ids change with the constraints they now cover."""
+        replayed (sequential editing), so commit ids change with the constraints they now cover.
+        Without `measure`, the model is recorded but neither loaded nor measured (no torch): the
+        ledger can be checked (conflicts, log, fsck...) but not edit the model (`measured` False)."""
         env = env or Settings.from_env()
         _checked_settings(settings or {})  # everything is checked before the ledger is created
         plan = transfer.read(source)
         root, ldir, meta = _new_ledger_meta(path, model or plan.model, settings, env)
+        if not measure and meta["model"] not in ("", "none"):
+            meta["measure"] = "off"
         with _new_ledger_dir(root, ldir) as tmp:  # built beside PATH/.kledger, moved there when complete
             with cls(Store.create(tmp, meta, wait=env.lock_wait), env) as ledger, ledger.store.transaction():
                 remap: dict[str, str] = {}
@@ -432,7 +443,7 @@ class Ledger:
                     ledger.store.put_facts([f for _, f in ops])
                     parents = tuple(remap[p] for p in commit.parents)
                     remap[commit.id] = commits.put_measured(ledger, replace(commit, parents=parents), progress,
-                                                            skip_known=True)
+                                                            skip_known=True, measure=ledger.measured)
                 final = {text_id: remap[cid] for text_id, cid in plan.ids.items()}
                 transfer.restore_refs(ledger.store, plan, final, ledger.has_model)
                 env.fault_point("init-from")

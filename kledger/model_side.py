@@ -11,13 +11,14 @@ neither torch nor transformers; `apply` of a revision solved before needs neithe
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .errors import InputError, StateError, UsageError
+from .errors import InputError, StateError, UsageError, missing_model_module
 from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
@@ -36,6 +37,10 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
         if not ledger.has_model and "model" not in options:
             raise StateError("this ledger has no model (it was made with --model none)",
                              "make a ledger with `kledger init --model NAME` to edit a model")
+        if not ledger.measured and "model" not in options:
+            raise StateError("this ledger was replayed with `init --from --no-measure`: its commits carry no "
+                             "constraints, so it can be checked but cannot measure, apply, ask, eval or replay",
+                             "replay the text ledger again without --no-measure, with the model installed")
         opts = {"model": ledger.model, "overrides": json.loads(ledger.store.meta("hparams") or "{}"),
                 "corpus": ledger.store.meta("corpus"), **options}
         ledger._editor = Editor(opts.pop("model"), store=ledger.store, cache_dir=ledger.path / "cache" / "apply",
@@ -67,8 +72,26 @@ def load_at(ledger: "Ledger", cid: str | None, mode: str = "accumulated", progre
     return info
 
 
+def _needs_edit_extra(doing: str, replay_hint: bool = False) -> Callable:
+    """A missing torch or transformers (the `edit` extra) in the decorated call becomes a one-line
+    ModelError saying how to install it (kledger.errors.missing_model_module), not a traceback."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ImportError as exc:
+                err = missing_model_module(exc, doing, replay_hint)
+                if err is None:
+                    raise
+                raise err from None
+        return call
+    return wrap
+
+
 # ---------------------------------------------------------------------------- commit: measuring
 
+@_needs_edit_extra("measuring facts on the model", replay_hint=True)
 def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: Iterable[str] = (),
             progress: Progress | None = None, *, skip_known: bool = False) -> tuple[str | None, list[Constraint]]:
     """(constraints hash, constraints) of `facts` measured against apply(parent) (without the
@@ -87,6 +110,7 @@ def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: It
 
 # ---------------------------------------------------------------------------- apply, ask
 
+@_needs_edit_extra("apply")
 def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
           delta: Path | None = None, progress: Progress | None = None, force: bool = False) -> dict:
     """Solve the constraints in force at `rev` (float64) and write the edited model: `delta`, only
@@ -139,6 +163,7 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
     return {"revision": cid, **info, **written}
 
 
+@_needs_edit_extra("ask")
 def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
         max_new_tokens: int = 8, progress: Progress | None = None) -> dict:
     """The model's greedy answer and top next tokens at `rev` (its facts applied with `mode`),
@@ -221,6 +246,7 @@ def _check_options(opts: EvalOptions) -> None:
             raise StateError("--plot needs matplotlib, which is not installed", "pip install 'kledger[eval]'") from None
 
 
+@_needs_edit_extra("eval")
 def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | None = None,
              progress: Progress | None = None) -> dict:
     """Evaluate the model at `rev` beside the base model (the `kledger eval` document, without
