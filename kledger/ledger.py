@@ -50,7 +50,8 @@ class Ledger:
     def init(cls, path: str | os.PathLike = ".", model: str | None = None, settings: dict | None = None,
              env: Settings | None = None) -> "Ledger":
         """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
-        "corpus" (a text file for C0)."""
+        "corpus" (a text file for C0). It is built in a temporary folder beside PATH/.kledger and
+        moved there when complete (`_new_ledger_dir`): a failure leaves PATH as it was."""
         env = env or Settings.from_env()
         root, ldir, meta = _new_ledger_meta(path, model, settings, env)
         with _new_ledger_dir(root, ldir) as tmp:
