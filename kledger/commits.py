@@ -187,14 +187,17 @@ def _replay_todo(lg: "Ledger", base: str | None) -> tuple[list[str], str | None]
     return chain[start:], parent
 
 
-def put_measured(lg: "Ledger", commit: Commit, progress=None, skip_known: bool = False) -> str:
-    """Store `commit` with its added facts measured against apply(its first parent), in the
-    current transaction (its facts are stored already); the new commit id."""
-    added = lg.store.facts(o.fact_id for o in commit.ops if o.op == OP_ADD)
+def put_measured(lg: "Ledger", commit: Commit, progress=None, skip_known: bool = False, measure: bool = True) -> str:
+    """Store `commit` with its added facts measured against apply(its first parent) (unless not
+    `measure`: `init --from --no-measure`), in the current transaction (its facts are stored
+    already); the new commit id."""
     lg.history.changed()
-    parent = commit.parents[0] if commit.parents else None
-    digest, rows = model_side.measure(lg, parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD],
-                                      progress=progress, skip_known=skip_known)
+    digest, rows = None, []
+    if measure:
+        added = lg.store.facts(o.fact_id for o in commit.ops if o.op == OP_ADD)
+        parent = commit.parents[0] if commit.parents else None
+        digest, rows = model_side.measure(lg, parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD],
+                                          progress=progress, skip_known=skip_known)
     cid = lg.store.put_commit(replace(commit, constraints=digest))
     model_side.store_constraints(lg, cid, rows)
     return cid

@@ -84,3 +84,22 @@ class FingerprintError(KledgerError):
     """Stored constraints were measured on another base model, C0 or hyper-parameters."""
 
     kind = "fingerprint"
+
+
+# The modules of the `edit` extra (pip install 'kledger[edit]'): the model side needs them, checking
+# and the history never do.
+MODEL_MODULES = frozenset({"torch", "transformers", "safetensors", "numpy", "accelerate", "gguf", "tokenizers"})
+INSTALL_EDIT = "pip install 'kledger[edit]'"
+
+
+def missing_model_module(exc: ImportError, doing: str = "this", replay_hint: bool = False) -> ModelError | None:
+    """The one-line error for an ImportError of a module of the `edit` extra (None for any other
+    module): `doing` needs torch and transformers. `replay_hint`: also say how to replay a text
+    ledger without measuring."""
+    name = (exc.name or "").split(".")[0]
+    if name not in MODEL_MODULES:
+        return None
+    hint = f"install the model side with `{INSTALL_EDIT}`"
+    if replay_hint:
+        hint += "; to replay a text ledger only to check it, add --no-measure (`kledger init DIR --from TEXT --no-measure`)"
+    return ModelError(f"{doing} needs torch and transformers (the `edit` extra), and {name} is not installed", hint)

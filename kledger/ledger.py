@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import __version__, commits, integrity, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
@@ -26,7 +28,7 @@ from .history import FactChange, History, apply_ops, check_branch_name  # noqa: 
 from .model_side import CACHE_SECRET
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
-from .store import LEDGER_DIR, Store, find_ledger_dir
+from .store import DB_NAME, LEDGER_DIR, Store, find_ledger_dir
 
 
 class Ledger:
@@ -37,6 +39,9 @@ class Ledger:
         self.env = env or Settings.from_env()
         self.model: str = store.meta("model") or DEFAULT_MODEL  # fixed when the ledger is made
         self.has_model = self.model not in ("", "none")
+        # False for a ledger replayed with `init --from --no-measure`: its commits carry no
+        # constraints, so it can be checked but not edit the model (model_side.editor refuses)
+        self.measured = store.meta("measure") != "off"
         self.history = History(store)
         self.decisions = Decisions(store, self.history, self.has_model)
         self._editor = None
@@ -46,24 +51,13 @@ class Ledger:
     def init(cls, path: str | os.PathLike = ".", model: str | None = None, settings: dict | None = None,
              env: Settings | None = None) -> "Ledger":
         """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
-        "corpus" (a text file for C0)."""
+        "corpus" (a text file for C0). It is built in a temporary folder beside PATH/.kledger and
+        moved there when complete (`_new_ledger_dir`): a failure leaves PATH as it was."""
         env = env or Settings.from_env()
-        checked = _checked_settings(settings or {})
-        root = Path(path).expanduser().resolve()
-        ldir = root / LEDGER_DIR
-        if (ldir / "ledger.duckdb").exists():
-            raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
-        if root.exists() and not root.is_dir():
-            raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
-        meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or env.model or DEFAULT_MODEL,
-                "created": env.now(), "created_by": f"kledger {__version__}"}
-        if meta["model"] not in ("", "none"):
-            import secrets
-
-            meta["soft_threshold"] = str(SOFT_THRESHOLD)
-            meta[CACHE_SECRET] = secrets.token_hex(32)  # the key of the apply cache's MACs
-        meta.update(checked)
-        return cls(Store.create(ldir, meta, wait=env.lock_wait), env)
+        root, ldir, meta = _new_ledger_meta(path, model, settings, env)
+        with _new_ledger_dir(root, ldir) as tmp:
+            Store.create(tmp, meta, wait=env.lock_wait).close()
+        return cls(Store.open(ldir, write=True, wait=env.lock_wait), env)
 
     @classmethod
     def open(cls, ledger: str | os.PathLike | None = None, write: bool = False,
@@ -208,12 +202,13 @@ class Ledger:
         return model_side.editor(self, progress, **options)
 
     def apply(self, rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
-              delta: Path | None = None, progress=None) -> dict:
+              delta: Path | None = None, progress=None, force: bool = False) -> dict:
         """Solve the constraints in force at `rev` and write the edited model (the `kledger apply`
-        document); see kledger.model_side.apply."""
+        document); see kledger.model_side.apply (`force`: replace a directory or file that kledger
+        did not write)."""
         from . import model_side
 
-        return model_side.apply(self, rev, mode, out_dir, delta, progress)
+        return model_side.apply(self, rev, mode, out_dir, delta, progress, force)
 
     def ask(self, prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
             max_new_tokens: int = 8, progress=None) -> dict:
@@ -351,7 +346,9 @@ class Ledger:
     def check(self, rev: str | None = None, staged: bool = False) -> dict:
         """The CI gate: unresolved conflicts in the facts in force at REV (default HEAD), or, with
         `staged`, in what `kledger commit` would make of HEAD and the staged facts (remembered
-        decisions replayed, as the commit would). `ok` is True when there are none."""
+        decisions replayed, as the commit would). `ok` is True when there are none. `soft_checked`
+        is False when soft conflicts could not be looked for: no model, the threshold off, or no
+        keys (a ledger replayed with `init --from --no-measure`)."""
         d = self.decisions
         pf = d.proposed(rev, staged=staged, lazy=True)
         found = d.conflicts_of(pf)
@@ -362,7 +359,8 @@ class Ledger:
             pf.ops, _, replayed = d.replay(pf.base, pf.ops, incoming)
             found = d.conflicts_of(pf)
         return {"ok": not found, "target": target_of(pf), "facts": pf.n_facts,
-                "unresolved": len(found), "conflicts": d.report(pf, found), "replayed": replayed}
+                "unresolved": len(found), "conflicts": d.report(pf, found), "replayed": replayed,
+                "soft_checked": self.measured and self.soft_threshold() is not None}
 
     def resolve_conflicts(self, conflict: str | None = None, keep: str | None = None, strategy: str = "keep",
                           message: str | None = None, author: str | None = None) -> dict:
@@ -427,29 +425,105 @@ class Ledger:
 
     @classmethod
     def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None,
-                  settings: dict | None = None, progress=None, env: Settings | None = None) -> "Ledger":
+                  settings: dict | None = None, progress=None, env: Settings | None = None,
+                  measure: bool = True) -> "Ledger":
         """A new ledger replaying a text ledger. On a ledger with a model, facts that no earlier
         commit measured are measured against apply(their commit's parent) as the history is
-        replayed (sequential editing), so commit ids change with the constraints they now cover."""
+        replayed (sequential editing), so commit ids change with the constraints they now cover.
+        Without `measure`, the model is recorded but neither loaded nor measured (no torch): the
+        ledger can be checked (conflicts, log, fsck...) but not edit the model (`measured` False)."""
+        env = env or Settings.from_env()
         _checked_settings(settings or {})  # everything is checked before the ledger is created
         plan = transfer.read(source)
-        ledger = cls.init(path, model=model or plan.model, settings=settings, env=env)
-        try:
-            with ledger.store.transaction():
+        root, ldir, meta = _new_ledger_meta(path, model or plan.model, settings, env)
+        if not measure and meta["model"] not in ("", "none"):
+            meta["measure"] = "off"
+        with _new_ledger_dir(root, ldir) as tmp:  # built beside PATH/.kledger, moved there when complete
+            with cls(Store.create(tmp, meta, wait=env.lock_wait), env) as ledger, ledger.store.transaction():
                 remap: dict[str, str] = {}
                 for commit, ops in plan.commits:
                     ledger.store.put_facts([f for _, f in ops])
                     parents = tuple(remap[p] for p in commit.parents)
                     remap[commit.id] = commits.put_measured(ledger, replace(commit, parents=parents), progress,
-                                                            skip_known=True)
+                                                            skip_known=True, measure=ledger.measured)
                 final = {text_id: remap[cid] for text_id, cid in plan.ids.items()}
                 transfer.restore_refs(ledger.store, plan, final, ledger.has_model)
-        except BaseException:
-            ledger.close()
-            shutil.rmtree(ledger.path, ignore_errors=True)
+                env.fault_point("init-from")
+        return cls(Store.open(ldir, write=True, wait=env.lock_wait), env)
+
+
+def _new_ledger_meta(path: str | os.PathLike, model: str | None, settings: dict | None,
+                     env: Settings) -> tuple[Path, Path, dict[str, str]]:
+    """(PATH, PATH/.kledger, the new ledger's meta rows) for `init`, everything checked and
+    nothing created yet."""
+    checked = _checked_settings(settings or {})
+    root = Path(path).expanduser().resolve()
+    ldir = root / LEDGER_DIR
+    if (ldir / DB_NAME).exists():
+        raise StateError(f"a ledger already exists in {ldir}", "use it, or remove that directory first")
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is not a directory", "give a directory to create the ledger in")
+    if ldir.exists() and not ldir.is_dir():
+        raise UsageError(f"{ldir} exists and is not a directory", "move that file away, or give another PATH")
+    if os.path.lexists(ldir / (DB_NAME + ".wal")):  # DuckDB would replay it into the new database
+        raise StateError(f"{ldir} holds a stray {DB_NAME}.wal from an earlier ledger",
+                         "move that file away (it is not a ledger without its database), then run init again")
+    meta = {"HEAD": f"ref: {DEFAULT_BRANCH}", "model": model or env.model or DEFAULT_MODEL,
+            "created": env.now(), "created_by": f"kledger {__version__}"}
+    if meta["model"] not in ("", "none"):
+        import secrets
+
+        meta["soft_threshold"] = str(SOFT_THRESHOLD)
+        meta[CACHE_SECRET] = secrets.token_hex(32)  # the key of the apply cache's MACs
+    meta.update(checked)
+    return root, ldir, meta
+
+
+@contextmanager
+def _new_ledger_dir(root: Path, ldir: Path) -> Iterator[Path]:
+    """A temporary directory beside `ldir` (in `root`) to build a new ledger in, moved into `ldir`
+    when the block ends without an error. On an error, what this made is removed (the temporary
+    directory, and the folders of `root` that did not exist); nothing that was there is touched.
+    A process killed inside the block leaves only the temporary `.kledger.new-*` beside `ldir`."""
+    made = [d for d in (root, *root.parents) if not d.exists()]
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=LEDGER_DIR + ".new-", dir=root))
+        yield tmp
+        _move_into(tmp, ldir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # deepest first; only if still empty
+            with suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move what the directory `src` holds into `dst` without replacing anything there: a missing
+    (or empty) `dst` takes `src` by one rename; else entry by entry, into the folders both have,
+    the database last (it is what makes a ledger). A file `dst` has already is kept."""
+    try:
+        os.rename(src, dst)
+        return
+    except OSError:
+        if not dst.is_dir():
             raise
-        ledger._changed()
-        return ledger
+    for item in sorted(src.iterdir(), key=lambda p: p.name == DB_NAME):
+        target = dst / item.name
+        if item.name == DB_NAME:
+            try:
+                os.link(item, target)  # fails if a ledger appeared meanwhile: never replaces one
+            except FileExistsError:
+                raise StateError(f"a ledger already exists in {dst}", "use it, or remove that directory first") from None
+            item.unlink()
+        elif item.is_dir() and not item.is_symlink() and target.is_dir():
+            _move_into(item, target)
+        elif not os.path.lexists(target):
+            os.rename(item, target)
+    shutil.rmtree(src)
 
 
 def _checked_settings(settings: dict) -> dict[str, str]:

@@ -11,13 +11,14 @@ neither torch nor transformers; `apply` of a revision solved before needs neithe
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .errors import InputError, LedgerLocked, StateError, UsageError
+from .errors import InputError, LedgerLocked, StateError, UsageError, missing_model_module
 from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
@@ -38,6 +39,10 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
         if not ledger.has_model and "model" not in options:
             raise StateError("this ledger has no model (it was made with --model none)",
                              "make a ledger with `kledger init --model NAME` to edit a model")
+        if not ledger.measured and "model" not in options:
+            raise StateError("this ledger was replayed with `init --from --no-measure`: its commits carry no "
+                             "constraints, so it can be checked but cannot measure, apply, ask, eval or replay",
+                             "replay the text ledger again without --no-measure, with the model installed")
         opts = {"model": ledger.model, "overrides": json.loads(ledger.store.meta("hparams") or "{}"),
                 "corpus": ledger.store.meta("corpus"), **options}
         ledger._editor = Editor(opts.pop("model"), store=ledger.store, cache_dir=ledger.path / "cache" / "apply",
@@ -95,8 +100,26 @@ def load_at(ledger: "Ledger", cid: str | None, mode: str = "accumulated", progre
     return info
 
 
+def _needs_edit_extra(doing: str, replay_hint: bool = False) -> Callable:
+    """A missing torch or transformers (the `edit` extra) in the decorated call becomes a one-line
+    ModelError saying how to install it (kledger.errors.missing_model_module), not a traceback."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ImportError as exc:
+                err = missing_model_module(exc, doing, replay_hint)
+                if err is None:
+                    raise
+                raise err from None
+        return call
+    return wrap
+
+
 # ---------------------------------------------------------------------------- commit: measuring
 
+@_needs_edit_extra("measuring facts on the model", replay_hint=True)
 def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: Iterable[str] = (),
             progress: Progress | None = None, *, skip_known: bool = False) -> tuple[str | None, list[Constraint]]:
     """(constraints hash, constraints) of `facts` measured against apply(parent) (without the
@@ -115,13 +138,26 @@ def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: It
 
 # ---------------------------------------------------------------------------- apply, ask
 
+@_needs_edit_extra("apply")
 def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
-          delta: Path | None = None, progress: Progress | None = None) -> dict:
+          delta: Path | None = None, progress: Progress | None = None, force: bool = False) -> dict:
     """Solve the constraints in force at `rev` (float64) and write the edited model: `delta`, only
     the edited tensors (safetensors + manifest); `out_dir`, a Hugging Face model directory. A
     revision solved before is answered from the apply cache without loading the model (nor
-    torch), unless `out_dir` needs the whole model. The `kledger apply` document."""
+    torch), unless `out_dir` needs the whole model. Both paths are checked before anything is
+    loaded or solved, and written whole or not at all; a directory or file that kledger did not
+    write is replaced only with `force` (kledger.edit.weights.check_out_dir, check_delta_path).
+    The `kledger apply` document."""
+    from .edit.weights import check_delta_path, check_out_dir
+
     check_mode(mode)
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir, force)
+    if delta is not None:
+        delta = check_delta_path(delta, force)
+        if out_dir is not None and out_dir in delta.parents:
+            raise UsageError(f"--delta {delta} is inside --out {out_dir}, which is replaced as a whole",
+                             "write the delta somewhere else")
     cid = ledger.history.resolve(rev)
     ed = editor(ledger, progress)
     batches = ledger.history.constraints_at(cid)
@@ -136,25 +172,27 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
         if delta is not None:
             from .edit.weights import write_delta
 
-            t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta(hit.fingerprint))
+            t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta(hit.fingerprint), force=force)
             written["delta"], written["manifest"] = str(t), str(m)
     else:
         weights, info = ed.solve(batches, mode)
+        fp_id, _ = ed.fingerprint()
         if delta is not None:
             from .edit.weights import save_delta
 
-            fp_id, _ = ed.fingerprint()
-            t, m = save_delta(delta, weights, ed.lm.spec, meta=meta(fp_id))
+            t, m = save_delta(delta, weights, ed.lm.spec, meta=meta(fp_id), force=force)
             written["delta"], written["manifest"] = str(t), str(m)
         if out_dir is not None:
             from .edit.weights import save_model
 
             ed.load(weights)
-            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir))
+            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir, meta=meta(fp_id), force=force,
+                                              before_rename=lambda: ledger.env.fault_point("apply-out")))
     persist(ledger)
     return {"revision": cid, **info, **written}
 
 
+@_needs_edit_extra("ask")
 def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
         max_new_tokens: int = 8, progress: Progress | None = None) -> dict:
     """The model's greedy answer and top next tokens at `rev` (its facts applied with `mode`),
@@ -163,8 +201,8 @@ def ask(ledger: "Ledger", prompt: str, rev: str | None = "HEAD", mode: str = "ac
     from .edit.ask import answer
 
     cid = ledger.history.resolve(rev)
+    ed = editor(ledger, progress)  # (refuses a ledger that cannot edit the model; loads nothing yet)
     batches = ledger.history.constraints_at(cid)  # checked before anything runs
-    ed = editor(ledger, progress)
     ed.load(None)
     bos = ed.hparams.bos
     base = answer(ed.lm, prompt, top, max_new_tokens, bos)
@@ -239,6 +277,7 @@ def _check_options(opts: EvalOptions) -> None:
             raise StateError("--plot needs matplotlib, which is not installed", "pip install 'kledger[eval]'") from None
 
 
+@_needs_edit_extra("eval")
 def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | None = None,
              progress: Progress | None = None) -> dict:
     """Evaluate the model at `rev` beside the base model (the `kledger eval` document, without
@@ -255,8 +294,8 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
     if not ledger.has_model:
         raise StateError("this ledger has no model (it was made with --model none)",
                          "evaluate a ledger made with `kledger init --model NAME`")
+    ed = editor(ledger, progress)  # (refuses a ledger that cannot edit the model; loads nothing yet)
     batches = ledger.history.constraints_at(cid)  # checked before anything runs
-    ed = editor(ledger, progress)
     lm = ed.lm
     scorer = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, ed.hparams.bos),
                     batch_size=opts.batch_size, spec=lm.spec, progress=progress)

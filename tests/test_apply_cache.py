@@ -273,3 +273,138 @@ def test_read_only_ledger_remembers_nothing(proj):
         lg.close()
     with Ledger.open(proj / "proj") as lg:
         assert lg.store.meta(MEMO_KEY) == "{}"
+
+
+# ------------------------------------------------------------------ --out and --delta lose nothing
+def tree(root):
+    """Every path under `root` → its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def users_model_dir(d):
+    """A directory of the user's own: a sharded checkpoint, its index, an old .bin and notes."""
+    d.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin"):
+        (d / name).write_bytes(b"weights of mine")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    (d / "notes.txt").write_text("mine")
+    return d
+
+
+def load_out(d):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_out_refuses_a_directory_it_did_not_write_before_solving(k, proj, monkeypatch):
+    out = users_model_dir(proj / "out")
+    before = tree(out)
+    refuse_model(monkeypatch)  # the path is checked before the model is loaded or anything solved
+    r = k("-C", proj / "proj", "apply", "--out", out, "--json")
+    assert r.code == 2 and r.json["error"]["kind"] == "input"
+    msg = r.json["error"]["message"]
+    assert str(out) in msg and "--force" in msg and "\n" not in r.err.strip()
+    assert tree(out) == before
+    # a file where the directory would go, and a missing parent: refused the same way, nothing made
+    (proj / "file").write_text("mine")
+    for bad in (proj / "file", proj / "no" / "such" / "dir"):
+        r = k("-C", proj / "proj", "apply", "--out", bad, "--json")
+        assert r.code == 2 and r.json["error"]["kind"] == "input", bad
+    assert (proj / "file").read_text() == "mine" and not (proj / "no").exists()
+
+
+def test_out_force_replaces_the_directory_as_a_whole(k, proj):
+    out = users_model_dir(proj / "out")
+    res = apply(k, proj, "--out", out, "--force")
+    assert res["model"] == str(out)
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"model-00001-of-00002.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                        "notes.txt"}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "kledger-apply.json"} <= names
+    assert load_out(out) is not None
+    assert sorted(p.name for p in proj.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_out_replaces_its_own_output_and_writes_it_whole(k, proj):
+    out = proj / "out"
+    first = apply(k, proj, "--out", out, "HEAD~1")
+    manifest = json.loads((out / "kledger-apply.json").read_text())
+    assert manifest["format"] == "kledger-model/1" and manifest["meta"]["revision"] == first["revision"]
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"kledger-apply.json"}
+    second = apply(k, proj, "--out", out)  # a previous kledger output: replaced without --force
+    assert json.loads((out / "kledger-apply.json").read_text())["meta"]["revision"] == second["revision"]
+    (out / "notes.txt").write_text("mine")  # ... unless something was added to it since
+    r = k("-C", proj / "proj", "apply", "--out", out, "--json")
+    assert r.code == 2 and "notes.txt" in r.json["error"]["message"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_out_failing_mid_write_leaves_the_directory_as_it_was(k, proj, monkeypatch):
+    out = proj / "out"
+    apply(k, proj, "--out", out, "HEAD~1")
+    before = tree(out)
+
+    def disk_full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(load_out(out)), "save_pretrained", disk_full)
+    r = k("-C", proj / "proj", "apply", "--out", out, "--json")
+    assert r.code == 1 and "No space left" in r.json["error"]["message"]
+    assert tree(out) == before
+    assert sorted(p.name for p in proj.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_out_killed_mid_write_leaves_no_partial_model(k, proj, existing):
+    out = proj / "out"
+    if existing:
+        apply(k, proj, "--out", out, "HEAD~1")
+    before = tree(out) if existing else None
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KLEDGER_FAULT": "apply-out"}
+    r = subprocess.run([sys.executable, "-m", "kledger", "-C", str(proj / "proj"), "apply", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 137, r.stderr
+    if existing:
+        assert tree(out) == before  # still the complete previous output
+    else:
+        assert not out.exists()  # never a directory that loads as if complete
+    assert apply(k, proj, "--out", out)["model"] == str(out)  # a leftover temporary blocks nothing
+    assert load_out(out) is not None
+
+
+def test_delta_refuses_a_file_it_did_not_write_before_solving(k, proj, monkeypatch):
+    target = proj / "edit.safetensors"
+    target.write_bytes(b"mine")
+    refuse_model(monkeypatch)
+    r = k("-C", proj / "proj", "apply", "--delta", target, "--json")
+    assert r.code == 2 and r.json["error"]["kind"] == "input" and "--force" in r.json["error"]["message"]
+    assert target.read_bytes() == b"mine" and not (proj / "edit.safetensors.json").exists()
+    other = proj / "other.safetensors"
+    (proj / "other.safetensors.json").write_text("{}")  # the manifest's place holds a file of the user's
+    assert k("-C", proj / "proj", "apply", "--delta", other, "--json").code == 2
+    assert (proj / "other.safetensors.json").read_text() == "{}" and not other.exists()
+    for bad in (proj / "no" / "d.safetensors", proj):  # a missing parent; a directory
+        assert k("-C", proj / "proj", "apply", "--delta", bad, "--json").code == 2
+
+
+def test_delta_replaces_its_own_file_or_with_force(k, proj):
+    target = proj / "edit.safetensors"
+    first = apply(k, proj, "--delta", target, "HEAD~1")
+    second = apply(k, proj, "--delta", target)  # kledger's own delta: replaced
+    assert json.loads((proj / "edit.safetensors.json").read_text())["meta"]["revision"] == second["revision"]
+    assert first["revision"] != second["revision"]
+    mine = proj / "mine.safetensors"
+    mine.write_bytes(b"mine")
+    apply(k, proj, "--delta", mine, "--force")
+    assert json.loads((proj / "mine.safetensors.json").read_text())["file"] == "mine.safetensors"
+    assert sorted(p.name for p in proj.iterdir() if p.name.startswith(".")) == []
+
+
+def test_out_replaces_by_two_renames_where_there_is_no_atomic_exchange(k, proj, monkeypatch):
+    out = users_model_dir(proj / "out")
+    monkeypatch.setattr(weights_mod, "_exchange", lambda a, b: False)
+    res = apply(k, proj, "--out", out, "--force")
+    assert not (out / "notes.txt").exists() and (out / "kledger-apply.json").is_file()
+    assert json.loads((out / "kledger-apply.json").read_text())["meta"]["revision"] == res["revision"]
+    assert sorted(p.name for p in proj.iterdir() if p.name.startswith(".")) == []

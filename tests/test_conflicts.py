@@ -472,7 +472,8 @@ def test_check_exit_codes_and_json(k, ledger_dir):
     r = k("check", "--json")
     assert r.code == 0 and r.json == {"version": 1, "command": "check", "ok": True,
                                       "target": {"kind": "head", "commit": c1, "theirs": None, "staged": 0},
-                                      "facts": 1, "unresolved": 0, "conflicts": [], "replayed": []}
+                                      "facts": 1, "unresolved": 0, "conflicts": [], "replayed": [],
+                                      "soft_checked": False}  # a facts-only ledger has no keys
     assert "ok: no unresolved conflict" in k("check").err
     k("add", "The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower")
     assert k("check").code == 0  # HEAD is fine
@@ -574,6 +575,119 @@ def test_workflow_command_fails_then_passes(tmp_path):
     r, report, summary = ci(2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert report["ok"] is True and not summary.exists()
+
+
+MODEL_LIBS = ("torch", "transformers", "safetensors", "numpy", "accelerate", "gguf", "tokenizers")
+
+
+def _without_torch(tmp_path, env):
+    """`env` with a Python in which the model extra (torch, transformers, numpy...) cannot be
+    imported, as in a CI job that installs kledger without it: a sitecustomize on PYTHONPATH puts a
+    blocker first on sys.meta_path."""
+    site = tmp_path / "no-model-extra"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {MODEL_LIBS!r}\n"
+        "class Blocker:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Blocker())\n")
+    env = {**env, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+    env.pop("KLEDGER_MODEL", None)  # the model the text ledger names
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+    return env
+
+
+def _model_text_ledger(tmp_path, env, conflicted):
+    """A text ledger that names the default model, as the examples in ledgers/ do: ledgers/eiffel,
+    or the conflicted project's history exported and relabelled."""
+    import shutil
+
+    text = tmp_path / "repo" / "ledgers" / "main"
+    if conflicted:
+        proj = _conflicted_project(tmp_path, env)
+        subprocess.run(["kledger", "export", text], cwd=proj, env=env, check=True, capture_output=True)
+        refs = json.loads((text / "refs.json").read_text())
+        (text / "refs.json").write_text(json.dumps({**refs, "model": "smollm2-135m"}))
+    else:
+        shutil.copytree(REPO / "ledgers" / "eiffel", text)
+    assert json.loads((text / "refs.json").read_text())["model"] == "smollm2-135m"
+    return tmp_path / "repo"
+
+
+@pytest.mark.parametrize("conflicted", [False, True])
+def test_workflow_checks_a_model_ledger_without_torch(tmp_path, conflicted):
+    env = _env(tmp_path)
+    repo = _model_text_ledger(tmp_path, env, conflicted)
+    bare = _without_torch(tmp_path, env)
+    run, wf_env = _workflow_check_step()
+    runner = tmp_path / "runner"
+    runner.mkdir()
+    ci_env = {**bare, **{k: str(v) for k, v in wf_env.items()}, "RUNNER_TEMP": str(runner),
+              "GITHUB_STEP_SUMMARY": str(runner / "summary.md")}
+    r = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", run], cwd=repo, env=ci_env,
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    report = json.loads((runner / "kledger-check.json").read_text())
+    if conflicted:
+        assert r.returncode == 3 and report["ok"] is False, r.stderr
+        assert "louvre" in (runner / "summary.md").read_text()
+    else:
+        assert r.returncode == 0 and report["ok"] is True and report["facts"] == 1, r.stderr
+    cfg = subprocess.run(["kledger", "--ledger", runner / "ledger", "config", "--json"], env=bare,
+                         capture_output=True, text=True)
+    assert json.loads(cfg.stdout)["model"] == "smollm2-135m"  # recorded, never loaded
+
+
+def test_pre_commit_hook_checks_a_model_text_ledger_without_torch(tmp_path):
+    env = _env(tmp_path)
+    repo = _model_text_ledger(tmp_path, env, conflicted=True)
+    bare = _without_torch(tmp_path, env)
+    r = subprocess.run([str(REPO / "docs" / "ci" / "pre-commit")], cwd=repo,
+                       env={**bare, "KLEDGER_TEXT": "ledgers/main"}, capture_output=True, text=True)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_measuring_without_torch_is_a_one_line_error(tmp_path):
+    env = _env(tmp_path)
+    repo = _model_text_ledger(tmp_path, env, conflicted=False)
+    bare = _without_torch(tmp_path, env)
+    r = subprocess.run(["kledger", "init", "copy", "--from", "ledgers/main"], cwd=repo, env=bare,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "torch" in line and "kledger[edit]" in line and "--no-measure" in line
+    assert not (repo / "copy").exists()
+
+
+def test_a_no_measure_ledger_checks_but_refuses_to_edit(k, tmp_path, monkeypatch):
+    import shutil
+
+    text = tmp_path / "text"
+    shutil.copytree(REPO / "ledgers" / "eiffel", text)
+    assert k("init", "copy", "--from", text).code == 0  # KLEDGER_MODEL=none: the same history, facts only
+    monkeypatch.delenv("KLEDGER_MODEL")  # the model the text ledger names
+    r = k("init", "led", "--from", text, "--no-measure", "--json")
+    assert r.code == 0 and r.json["model"] == "smollm2-135m" and r.json["commits"] == 1
+    ids = [c["id"] for c in k("--ledger", "copy", "log", "--json").json["commits"]]
+    assert [c["id"] for c in k("--ledger", "led", "log", "--json").json["commits"]] == ids  # nothing measured
+    r = k("--ledger", "led", "check")
+    assert r.code == 0 and "soft conflicts were not looked for" in r.err and k("--ledger", "led", "fsck").code == 0
+    assert k("--ledger", "led", "check", "--json").json["soft_checked"] is False  # no keys: said, not hidden
+    assert k("--ledger", "copy", "check", "--json").json["soft_checked"] is False  # no model
+    assert k("--ledger", "led", "conflicts", "--json").json["conflicts"] == []
+    for args in (["apply"], ["ask", "The Eiffel Tower is located in the city of"], ["replay"]):
+        r = k("--ledger", "led", *args, "--json")
+        assert r.code == 1 and "--no-measure" in r.json["error"]["message"], args
+    k("--ledger", "led", "add", "The Louvre is located in", "Oslo", "--subject", "Louvre")
+    before = k("--ledger", "led", "log", "--json").json
+    r = k("--ledger", "led", "commit", "-m", "x", "--json")
+    assert r.code == 1 and "--no-measure" in r.json["error"]["message"]
+    assert k("--ledger", "led", "log", "--json").json == before
+    assert k("init", "plain", "--no-measure").code == 2  # it applies to --from only
 
 
 def test_stopped_merge_finishes_when_its_conflicts_are_declared_away(k, ledger_dir):

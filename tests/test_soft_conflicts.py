@@ -82,7 +82,7 @@ def test_soft_conflict_refused_recorded_checked_resolved_remembered(model_dir, t
     # recorded as open, then the CI gate fails
     c2 = lg.commit("berlin", author="t", allow_conflicts=True)
     rep = lg.check()
-    assert not rep["ok"] and rep["unresolved"] == 1
+    assert not rep["ok"] and rep["unresolved"] == 1 and rep["soft_checked"] is True
     conf = rep["conflicts"][0]
     assert conf["kind"] == "soft" and sorted(conf["objects"]) == ["berlin", "rome"]
     assert {f["target"] for f in conf["facts"]} == {"Rome", "Berlin"}  # the Louvre is not in it

@@ -81,10 +81,14 @@ def check(rev: str | None = typer.Argument(None, help="Revision to check (defaul
     want_json(json_)
     with open_ledger() as ledger:
         rep = ledger.check(rev, staged=staged)
+        unmeasured = ledger.has_model and not ledger.measured
     if json_:
         emit_json("check", rep)
     else:
         _print_conflicts(rep["conflicts"])
+        if unmeasured:
+            say("note: soft conflicts were not looked for: this ledger was replayed with --no-measure, so its "
+                "facts have no keys")
     if not rep["ok"]:
         raise ConflictError(f"{rep['unresolved']} unresolved conflict(s) in {_where(rep['target'])}",
                             "see them with `kledger conflicts`, decide with `kledger resolve`")

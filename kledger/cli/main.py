@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from ..errors import EXIT_USAGE, KledgerError
+from ..errors import EXIT_USAGE, KledgerError, missing_model_module
 
 # main.app and main._state are also what the tests use
 from .app import _state, app
@@ -47,6 +47,11 @@ def run(argv: list[str] | None = None) -> None:
         _fail("aborted", 1, "aborted")
     except BrokenPipeError:
         sys.exit(0)
+    except ImportError as exc:  # torch & co. missing where no library call said so itself
+        err = missing_model_module(exc)
+        if err is None:
+            raise
+        _fail(err.one_line(), err.exit_code, err.kind)
     except Exception as exc:
         # click's usage errors (typer may vendor its own click, so match by shape, not class)
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):

@@ -15,6 +15,8 @@ from .output import emit_json, escape, out, progress_bar, say, short
 def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write into the model."),
           out_dir: Path | None = typer.Option(None, "--out", "-o", help="Write a Hugging Face model directory."),
           delta: Path | None = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
+          force: bool = typer.Option(False, "--force", help="Replace a --out directory or --delta file that kledger "
+                                     "did not write (a directory as a whole)."),
           mode: str = MODE_OPT,
           json_: bool = JSON_OPT) -> None:
     """Solve the constraints in force at REV (float64) and write the edited model."""
@@ -22,7 +24,7 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
     check_mode(mode)
     with open_ledger() as ledger, progress_bar() as progress:
         # Solved before? Then answered from the cache without loading the model (nor torch).
-        res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress)
+        res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress, force=force)
     if json_:
         emit_json("apply", res)
     else:

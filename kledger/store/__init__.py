@@ -96,18 +96,24 @@ class Store:
         tmp = ledger_dir / (DB_NAME + ".tmp")
         for p in (tmp, Path(str(tmp) + ".wal")):
             p.unlink(missing_ok=True)
-        # Build the schema in a temporary file, then rename: a crash never leaves a half-made ledger.
-        con = duckdb.connect(str(tmp))
+        # Build the schema in a temporary file, then rename: a crash never leaves a half-made ledger,
+        # and a failure leaves no temporary file either.
         try:
-            con.execute("BEGIN")
-            con.execute(SCHEMA)
-            rows = {"schema_version": str(SCHEMA_VERSION), STATS_CHECKSUMS: "1", **meta}
-            con.executemany("INSERT INTO meta VALUES (?, ?)", list(rows.items()))
-            con.execute("COMMIT")
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        os.replace(tmp, db)
+            con = duckdb.connect(str(tmp))
+            try:
+                con.execute("BEGIN")
+                con.execute(SCHEMA)
+                rows = {"schema_version": str(SCHEMA_VERSION), STATS_CHECKSUMS: "1", **meta}
+                con.executemany("INSERT INTO meta VALUES (?, ?)", list(rows.items()))
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            os.replace(tmp, db)
+        except BaseException:
+            for p in (tmp, Path(str(tmp) + ".wal")):
+                p.unlink(missing_ok=True)
+            raise
         return cls.open(ledger_dir, write=True, wait=wait)
 
     @classmethod
