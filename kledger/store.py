@@ -108,6 +108,18 @@ def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | Non
                          "run `kledger init` first, or pass --ledger DIR")
 
 
+def _connect(db: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection to `db`, with DuckDB's progress bar off: its Python client prints the bar on
+    stdout for any query over 2 s (in sessions it takes for interactive), which breaks `--json`."""
+    con = duckdb.connect(str(db), read_only=read_only)
+    try:
+        con.execute("SET enable_progress_bar = false")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflicting" in text
@@ -131,7 +143,7 @@ class Store:
         for p in (tmp, Path(str(tmp) + ".wal")):
             p.unlink(missing_ok=True)
         # Build the schema in a temporary file, then rename: a crash never leaves a half-made ledger.
-        con = duckdb.connect(str(tmp))
+        con = _connect(tmp)
         try:
             con.execute("BEGIN")
             con.execute(_SCHEMA)
@@ -154,7 +166,7 @@ class Store:
         deadline = time.monotonic() + wait
         while True:
             try:
-                con = duckdb.connect(str(db), read_only=not write)
+                con = _connect(db, read_only=not write)
                 break
             except duckdb.Error as exc:
                 if not _is_lock_error(exc):
