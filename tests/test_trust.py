@@ -4,17 +4,20 @@ is never broken by DuckDB's progress bar."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, snapshot
 
+from kledger.errors import InputError
 from kledger.ledger import Ledger
+from kledger.records import Fact
 from kledger.settings import Settings
-from kledger.store import Store
 
 ENV = Settings(author="Ada <ada@example.org>", date="2026-01-01T00:00:00+00:00", model="none", lock_wait=0.3)
 
@@ -59,5 +62,166 @@ def test_progress_bar_is_off_on_every_connection(tmp_path):
     assert r.stdout.split() == ["DEFAULT", "True", "SEEN", "[False,", "False,", "False,", "False]"], r.stdout
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__])
+# ------------------------------------------------------------------------------ helpers
+EIFFEL = ("add", "The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower")
+GOOD_FACT = {"subject": "Eiffel Tower", "prompt": "The Eiffel Tower is located in", "target": "Rome"}
+
+
+def good_commit(**fields) -> dict:
+    rec = {"id": "c1", "parents": [], "message": "m", "author": "a", "timestamp": "2026-01-01T00:00:00+00:00",
+           "meta": {}, "ops": [{"op": "add", "fact": dict(GOOD_FACT)}]}
+    rec.update(fields)
+    return rec
+
+
+def text_ledger(d: Path, lines: list[str] | None = None, refs: str | None = None, **fields) -> Path:
+    """A text ledger in `d`: one good commit (with `fields` replaced), or the raw `lines`."""
+    d.mkdir(parents=True, exist_ok=True)
+    if lines is None:
+        lines = [json.dumps(good_commit(**fields))]  # a lone surrogate as a \\u escape
+    (d / "commits.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    (d / "refs.json").write_text(refs if refs is not None else json.dumps({"head": "ref: main", "branches": {"main": "c1"}}),
+                                 encoding="utf-8")
+    return d
+
+
+@pytest.fixture
+def committed(k, tmp_path):
+    """A facts-only ledger in tmp_path with one commit and one staged fact."""
+    assert k("init").code == 0
+    assert k(*EIFFEL).code == 0
+    assert k("commit", "-m", "one").code == 0
+    assert k("add", "The Louvre is located in", "London", "--subject", "Louvre").code == 0
+    return tmp_path / ".kledger"
+
+
+def refused_init_from(k, src: Path, tmp_path: Path, *words: str) -> None:
+    """`init --from src` fails with exit 2 on one line and leaves no ledger behind."""
+    target = tmp_path / "copy"
+    one_line_error(k("init", target, "--from", src), 2, *words)
+    assert not (target / ".kledger").exists()
+
+
+def refused_add_file(k, ledger: Path, path: Path, *words: str) -> None:
+    before = snapshot(ledger)
+    one_line_error(k("add", "--file", path), 2, *words)
+    assert snapshot(ledger) == before
+
+
+# ------------------------------------------------------------------------------ A: surrogates, bytes
+def test_lone_surrogates_on_the_command_line(k, committed):
+    """Undecodable bytes in an argument reach Python as lone surrogates: refused as not UTF-8."""
+    before = snapshot(committed)
+    for args in (("add", "The \udcff Tower is in", "Rome", "--subject", "\udcff"),
+                 ("commit", "-m", "msg \udcff"), ("rm", "\udcff"), ("log", "\udcff"), ("blame", "\udcff"),
+                 ("branch", "b\udcff")):
+        one_line_error(k(*args), 2, "UTF-8")
+    assert snapshot(committed) == before
+
+
+def test_lone_surrogates_in_files(k, committed, tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text('[{"prompt": "The \\ud800 is in", "subject": "\\ud800", "target": "Rome"}]')
+    refused_add_file(k, committed, p, "s.json", "record 1", "UTF-8")
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"prompt": "A is in", "subject": "A", "target": "Rome", "extra": {"x": "\\udfff"}}')
+    refused_add_file(k, committed, p, "line 1", "extra", "UTF-8")
+    p = tmp_path / "b.csv"
+    p.write_bytes(b"prompt,target,subject\nThe \xff is in,Rome,\xff\n")
+    refused_add_file(k, committed, p, "not UTF-8")
+    src = text_ledger(tmp_path / "t1", message="m \ud800")
+    refused_init_from(k, src, tmp_path, "commits.jsonl:1", "message", "UTF-8")
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "commits.jsonl").write_bytes(b'{"id": "\xff"}\n')
+    (tmp_path / "t2" / "refs.json").write_text("{}")
+    refused_init_from(k, tmp_path / "t2", tmp_path, "UTF-8")
+    src = text_ledger(tmp_path / "t3", refs='{"head": "ref: main", "branches": {"main": "c1"}, "model": "\\udc80"}')
+    refused_init_from(k, src, tmp_path, "refs.json")
+
+
+def test_surrogates_are_refused_by_the_library_too(tmp_path):
+    with pytest.raises(InputError, match="UTF-8"):
+        Fact.create("The \udcff Tower is in", "Rome", "\udcff")
+    with pytest.raises(InputError, match="UTF-8"):
+        Fact.create("The Tower is in", "Rome", "Tower", paraphrases=["\ud800"])
+    lg = Ledger.init(tmp_path, model="none", env=ENV)
+    lg.add([Fact.create("The Tower is in", "Rome", "Tower")])
+    with pytest.raises(InputError, match="UTF-8"):
+        lg.commit("m \ud800")
+    with pytest.raises(InputError, match="UTF-8"):
+        lg.commit("m", author="\ud800")
+    assert lg.head() is None and len(lg.store.staged()) == 1
+    lg.close()
+
+
+# ------------------------------------------------------------------------------ A: deep nesting, huge numbers
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json(k, committed, tmp_path):
+    for name, text in (("deep.json", DEEP), ("deep.jsonl", DEEP),
+                       ("deep2.json", json.dumps([{**GOOD_FACT, "x": 1}]).replace("1", DEEP))):
+        (tmp_path / name).write_text(text)
+        refused_add_file(k, committed, tmp_path / name, name, "nested")
+    # deep enough to parse, too deep to be an extra field kept with the fact
+    nested = {**GOOD_FACT, "extra": {"x": json.loads("[" * 500 + "]" * 500)}}
+    (tmp_path / "d.jsonl").write_text(json.dumps(nested))
+    refused_add_file(k, committed, tmp_path / "d.jsonl", "extra", "nested")
+    refused_init_from(k, text_ledger(tmp_path / "t1", lines=[DEEP]), tmp_path, "commits.jsonl", "nested")
+    refused_init_from(k, text_ledger(tmp_path / "t2", refs=DEEP), tmp_path, "refs.json", "nested")
+    refused_init_from(k, text_ledger(tmp_path / "t3", meta={"x": json.loads("[" * 500 + "]" * 500)}),
+                      tmp_path, "commits.jsonl:1", "meta", "nested")
+    deep_decision = {"conflict": "ab", "keep": [], "x": json.loads("[" * 500 + "]" * 500)}
+    refs = json.dumps({"head": "ref: main", "branches": {"main": "c1"}, "decisions": [deep_decision]})
+    refused_init_from(k, text_ledger(tmp_path / "t4", refs=refs), tmp_path, "refs.json", "nested")
+
+
+HUGE = "9" * 5000
+
+
+def test_integers_over_the_int_str_limit(k, committed, tmp_path):
+    for name, text in (("big.json", '[{"prompt": "A is", "subject": "A", "target": "B", "n": %s}]' % HUGE),
+                       ("big.jsonl", '{"prompt": "A is", "subject": "A", "target": "B", "n": %s}' % HUGE),
+                       ("big2.json", '{"prompt": "A is", "subject": "A", "target": "B", "n": %s}\n{}' % HUGE)):
+        (tmp_path / name).write_text(text)
+        refused_add_file(k, committed, tmp_path / name, name, "digits")
+    line = json.dumps(good_commit(meta={"n": 1})).replace('"n": 1', f'"n": {HUGE}')
+    refused_init_from(k, text_ledger(tmp_path / "t1", lines=[line]), tmp_path, "commits.jsonl:1", "digits")
+    refs = '{"head": "ref: main", "branches": {"main": "c1"}, "soft_threshold": %s}' % HUGE
+    refused_init_from(k, text_ledger(tmp_path / "t2", refs=refs), tmp_path, "refs.json", "digits")
+
+
+# ------------------------------------------------------------------------------ A/B: mistyped text-ledger fields
+MISTYPED = {
+    "extra a string": (dict(ops=[{"op": "add", "fact": {**GOOD_FACT, "extra": "abc"}}]), "'extra' must be an object"),
+    "author null": (dict(author=None), "'author' must be a string"),
+    "numeric timestamp": (dict(timestamp=1767225600), "'timestamp' must be a string"),
+    "list message": (dict(message=["a", "b"]), "'message' must be a string"),
+    "meta a string": (dict(meta="x"), "'meta' must be an object"),
+    "parents a string": (dict(parents="c0"), "'parents' must be a list"),
+    "unknown parent": (dict(parents=["nope"]), "parent 'nope'"),
+    "ops an object": (dict(ops={"op": "add"}), "'ops' must be a list"),
+    "op not an object": (dict(ops=["add"]), "op 1"),
+    "fact a string": (dict(ops=[{"op": "add", "fact": "x"}]), "'fact' must be an object"),
+    "relation a number": (dict(ops=[{"op": "add", "fact": {**GOOD_FACT, "relation": 5}}]), "'relation' must be a string"),
+    "target_true a number": (dict(ops=[{"op": "add", "fact": {**GOOD_FACT, "target_true": 5}}]), "'target_true'"),
+    "paraphrases a number": (dict(ops=[{"op": "add", "fact": {**GOOD_FACT, "paraphrases": 5}}]), "'paraphrases'"),
+    "paraphrase not a string": (dict(ops=[{"op": "add", "fact": {**GOOD_FACT, "neighborhood": ["a", 3]}}]),
+                                "'neighborhood'"),
+    "id a list": (dict(id=["c1"]), "'id' must be a string"),
+    "missing author": (dict(author=KeyError), "'author'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTYPED))
+def test_mistyped_text_ledger_fields_are_refused_before_anything_is_made(k, tmp_path, case):
+    fields, words = MISTYPED[case]
+    rec = good_commit(**fields)
+    rec = {key: v for key, v in rec.items() if v is not KeyError}
+    src = text_ledger(tmp_path / "t", lines=[json.dumps(rec)])
+    refused_init_from(k, src, tmp_path, "commits.jsonl:1", words)
+
+
+def test_a_line_that_is_not_an_object(k, tmp_path):
+    refused_init_from(k, text_ledger(tmp_path / "t", lines=["[1, 2]"]), tmp_path, "commits.jsonl:1", "object")
+

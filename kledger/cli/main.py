@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from ..errors import EXIT_USAGE, KledgerError
+from ..errors import EXIT_USAGE, KledgerError, UsageError
 
 # main.app and main._state are also what the tests use
 from .app import _state, app
@@ -38,6 +38,7 @@ def run(argv: list[str] | None = None) -> None:
     _state["json"] = "--json" in argv  # so that even a usage error is reported as JSON
     cmd = typer.main.get_command(app)
     try:
+        _check_utf8(argv)
         cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
@@ -57,6 +58,17 @@ def run(argv: list[str] | None = None) -> None:
             msg += f" (see `{ctx.command_path} --help`)"
         _fail(msg, exc.exit_code or EXIT_USAGE, "usage")
     sys.exit(0)
+
+
+def _check_utf8(argv: list[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates: refused here, for every command,
+    rather than where the text is first hashed or handed to DuckDB."""
+    for n, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"command-line argument {n} ({arg!r}) is not valid UTF-8 text",
+                             "set a UTF-8 locale, or put the text in a UTF-8 file and use --file") from None
 
 
 def _fail(message: str, code: int, kind: str) -> None:
