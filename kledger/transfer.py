@@ -114,26 +114,46 @@ def _op(o: Any, i: int) -> tuple[str, Fact]:
 
 def write(store: Store, out_dir: str | Path, model: str) -> dict:
     """Write the history as text: `commits.jsonl` and `refs.json` (see the module doc)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _export_dir(Path(out_dir), store.path)
     order = store.commit_order()
     ids = sorted(order, key=order.get)
     commits = store.commits(ids)
     facts = store.facts(o.fact_id for c in commits.values() for o in c.ops)
-    with open(out / "commits.jsonl", "w", encoding="utf-8") as fh:
-        for cid in ids:
-            c = commits[cid]
-            rec = {"id": cid, "parents": list(c.parents), "message": c.message, "author": c.author,
-                   "timestamp": c.timestamp, "meta": c.meta,
-                   "ops": [{"op": o.op, "fact": facts[o.fact_id].to_dict()} for o in c.ops]}
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    lines = []
+    for cid in ids:
+        c = commits[cid]
+        rec = {"id": cid, "parents": list(c.parents), "message": c.message, "author": c.author,
+               "timestamp": c.timestamp, "meta": c.meta,
+               "ops": [{"op": o.op, "fact": facts[o.fact_id].to_dict()} for o in c.ops]}
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
     refs = {"model": model, "head": store.head(), "branches": store.refs(), "relations": store.relations(),
             "decisions": [{"conflict": k, "created": c, **b} for k, b, c in store.resolutions()]}
     thr = store.meta("soft_threshold")
     if thr is not None:
         refs["soft_threshold"] = thr
-    (out / "refs.json").write_text(json.dumps(refs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name, text in (("commits.jsonl", "".join(lines)), ("refs.json", json.dumps(refs, indent=2, ensure_ascii=False) + "\n")):
+        try:
+            (out / name).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot write {out / name}: {exc.strerror}",
+                             "check that the directory is writable and has room") from None
     return {"commits": len(ids), "facts": len(facts), "path": str(out)}
+
+
+def _export_dir(out: Path, ledger_dir: Path) -> Path:
+    """`out`, made if need be, after refusing a target that is not a directory (a file,
+    /dev/null) or lies inside the ledger's own directory."""
+    hint = "give a new directory, or one to overwrite commits.jsonl and refs.json in, e.g. ledgers/NAME"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"cannot export to {out}: it exists and is not a directory", hint)
+    if out.resolve().is_relative_to(ledger_dir.resolve()):
+        raise InputError(f"cannot export into the ledger's own directory {ledger_dir}",
+                         "give a directory outside it, e.g. ledgers/NAME")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {out}: {exc.strerror}", hint) from None
+    return out
 
 
 def restore_refs(store: Store, plan: TextLedger, final: dict[str, str], has_model: bool) -> None:

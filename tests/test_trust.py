@@ -191,6 +191,17 @@ def test_integers_over_the_int_str_limit(k, committed, tmp_path):
     refused_init_from(k, text_ledger(tmp_path / "t2", refs=refs), tmp_path, "refs.json", "digits")
 
 
+# ------------------------------------------------------------------------------ A: export targets
+def test_export_to_a_file_or_dev_null_is_refused(k, committed, tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    before = snapshot(committed)
+    one_line_error(k("export", tmp_path / "afile"), 2, "afile", "not a directory")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    one_line_error(k("export", "/dev/null"), 2, "/dev/null", "not a directory")
+    one_line_error(k("export", tmp_path / "afile" / "sub"), 2, "afile")
+    assert snapshot(committed) == before
+
+
 # ------------------------------------------------------------------------------ A/B: mistyped text-ledger fields
 MISTYPED = {
     "extra a string": (dict(ops=[{"op": "add", "fact": {**GOOD_FACT, "extra": "abc"}}]), "'extra' must be an object"),
@@ -225,3 +236,42 @@ def test_mistyped_text_ledger_fields_are_refused_before_anything_is_made(k, tmp_
 def test_a_line_that_is_not_an_object(k, tmp_path):
     refused_init_from(k, text_ledger(tmp_path / "t", lines=["[1, 2]"]), tmp_path, "commits.jsonl:1", "object")
 
+
+
+# ------------------------------------------------------------------------------ B: wrongly accepted
+def test_export_into_the_ledger_itself_is_refused(k, committed):
+    before = snapshot(committed)
+    for target in (committed, committed / "text", committed.parent / ".kledger" / "." / "x"):
+        one_line_error(k("export", target), 2, "ledger's own directory")
+    assert snapshot(committed) == before
+    assert sorted(p.name for p in committed.iterdir()) == ["ledger.duckdb"]
+
+
+def test_a_lone_string_of_prompts_is_one_prompt(k, tmp_path):
+    """`paraphrases` and `neighborhood` given as a string are one prompt (as the data formats'
+    single-prompt fields are), not split into characters."""
+    f = Fact.create("The Eiffel Tower is in", "Rome", "Eiffel Tower", paraphrases="Where is the Eiffel Tower?",
+                    neighborhood="The Louvre is in")
+    assert f.paraphrases == ("Where is the Eiffel Tower?",) and f.neighborhood == ("The Louvre is in",)
+    src = text_ledger(tmp_path / "t", ops=[{"op": "add", "fact": {**GOOD_FACT, "paraphrases": "It is in"}}])
+    assert k("init", tmp_path / "copy", "--from", src).code == 0
+    shown = k("-C", tmp_path / "copy", "show", "--json").json
+    assert shown["ops"][0]["paraphrases"] == ["It is in"]
+
+
+LINE_BREAKS = "\u2028\u2029\u0085\x0b\x0c\x1c\x1d\x1e\r"
+
+
+def test_line_separators_inside_facts_survive_export_and_init_from(k, committed, tmp_path):
+    """JSON strings may hold characters `str.splitlines` splits at; a text ledger's lines end at
+    "\\n" only, so such a fact survives `export` → `init --from`."""
+    prompt = f"The{LINE_BREAKS}Tower is located in"
+    assert k("add", prompt, "Rome", "--subject", f"The{LINE_BREAKS}Tower").code == 0
+    assert k("commit", "-m", f"odd{LINE_BREAKS}message").code == 0
+    assert k("export", tmp_path / "text").code == 0
+    r = k("init", tmp_path / "copy", "--from", tmp_path / "text", "--json")
+    assert r.code == 0, r.err
+    assert k("-C", tmp_path / "copy", "log", "--json").json["commits"] == k("log", "--json").json["commits"]
+    (tmp_path / "f.jsonl").write_text(json.dumps({**GOOD_FACT, "prompt": f"The Eiffel Tower{LINE_BREAKS}is in"},
+                                                 ensure_ascii=False) + "\n", encoding="utf-8")
+    assert k("add", "--file", tmp_path / "f.jsonl").code == 0
