@@ -247,6 +247,20 @@ def test_export_into_the_ledger_itself_is_refused(k, committed):
     assert sorted(p.name for p in committed.iterdir()) == ["ledger.duckdb"]
 
 
+def test_branch_names_are_capped(k, committed):
+    before = snapshot(committed)
+    one_line_error(k("branch", "a" * 5000), 2, "255")
+    one_line_error(k("checkout", "-b", "b" * 256), 2, "255")
+    assert snapshot(committed) == before
+    assert k("branch", "c" * 255).code == 0
+
+
+def test_text_ledger_head_must_name_a_valid_branch(k, tmp_path):
+    for head in ("ref: bad..name", "ref: ", "ref: HEAD", "ref: " + "x" * 300):
+        refs = json.dumps({"head": head, "branches": {"main": "c1"}})
+        refused_init_from(k, text_ledger(tmp_path / "t", refs=refs), tmp_path, "refs.json", "branch name")
+
+
 def test_a_lone_string_of_prompts_is_one_prompt(k, tmp_path):
     """`paraphrases` and `neighborhood` given as a string are one prompt (as the data formats'
     single-prompt fields are), not split into characters."""
