@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import InputError
+from .errors import RESTORE_HINT, InputError, IntegrityError
 
 SUBJECT_SLOT = "{}"
 OP_ADD = "add"
@@ -222,6 +222,19 @@ class Fact:
     @property
     def object_key(self) -> str:
         return normalize(self.target)
+
+
+class ById(dict):
+    """Records by id, as the store returns them. The ids a command asks for come from the ledger
+    itself, so a missing one means the ledger is damaged: an IntegrityError that says so."""
+
+    def __init__(self, what: str, rows: Any = ()):
+        super().__init__(rows)
+        self.what = what
+
+    def __missing__(self, key: Any) -> Any:
+        raise IntegrityError(f"the ledger is damaged: {self.what} {str(key)[:10]} is missing",
+                             "run `kledger fsck` to see what else is wrong, then " + RESTORE_HINT)
 
 
 def relation_key(relation: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import duckdb
 
-from .errors import LedgerLocked, LedgerNotFound, SchemaError
-from .records import OP_ADD, Commit, Constraint, Fact, Op, normalize, relation_key
+from .errors import RESTORE_HINT, LedgerLocked, LedgerNotFound, SchemaError
+from .records import OP_ADD, ById, Commit, Constraint, Fact, Op, normalize, relation_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -59,6 +60,11 @@ CREATE TABLE pending (kind VARCHAR NOT NULL, body VARCHAR NOT NULL);
 CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NULL, created VARCHAR NOT NULL);
 """
 
+_MIGRATIONS: dict[int, str] = {}  # from each older schema version, the SQL that brings it up one; none yet
+# (table, column) of every column in the schema, checked when a ledger is opened
+_COLUMNS = [(t, c) for t, body in re.findall(r"CREATE TABLE (\w+) \((.*?)\);", _SCHEMA, re.S)
+            for c in re.findall(r"(?:^|,)\s*(\w+) (?:VARCHAR|INTEGER|BIGINT|BLOB|BOOLEAN)", body)]
+
 _FACT_COLS = ("id", "subject", "prompt", "target", "relation", "target_true", "paraphrases",
               "neighborhood", "extra")
 
@@ -90,33 +96,11 @@ _CANDIDATES = """
     candidates AS (SELECT id FROM hard UNION SELECT a FROM pairs UNION SELECT b FROM pairs)"""
 
 
-def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
-    """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one; the CLI
-    passes --ledger or $KLEDGER_DIR), else the nearest one from `start` (default: the current
-    directory) upward, like git."""
-    if explicit is not None:
-        p = Path(explicit).expanduser().resolve()
-        for cand in (p, p / LEDGER_DIR):
-            if (cand / DB_NAME).is_file():
-                return cand
-        raise LedgerNotFound(f"no kledger ledger at {p}", "run `kledger init` there, or check --ledger")
-    here = (start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / LEDGER_DIR / DB_NAME).is_file():
-            return d / LEDGER_DIR
-    raise LedgerNotFound(f"not inside a kledger ledger (searched {here} and its parents)",
-                         "run `kledger init` first, or pass --ledger DIR")
-
-
 def _connect(db: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A connection to `db`, with DuckDB's progress bar off: its Python client prints the bar on
     stdout for any query over 2 s (in sessions it takes for interactive), which breaks `--json`."""
     con = duckdb.connect(str(db), read_only=read_only)
-    try:
-        con.execute("SET enable_progress_bar = false")
-    except BaseException:
-        con.close()
-        raise
+    con.execute("SET enable_progress_bar = false")
     return con
 
 
@@ -191,7 +175,10 @@ class Store:
         except duckdb.Error as exc:
             raise SchemaError(f"{self.path} is not a kledger ledger (no meta table)",
                               "point --ledger at a directory made by `kledger init`") from exc
-        version = int(row[0]) if row else 0
+        version = int(row[0]) if row and row[0].strip().isdigit() else None
+        if version is None or version < SCHEMA_VERSION and version not in _MIGRATIONS:
+            raise SchemaError(f"the ledger is damaged: its schema version {row[0] if row else None!r} is not one "
+                              "kledger ever wrote", RESTORE_HINT)
         if version > SCHEMA_VERSION:
             raise SchemaError(f"this ledger has schema version {version}, newer than this kledger "
                               f"understands ({SCHEMA_VERSION})", "upgrade kledger to open it")
@@ -200,14 +187,22 @@ class Store:
                 raise SchemaError(f"this ledger has the old schema version {version}",
                                   "run a command that writes, such as `kledger reset`, once to migrate it")
             self._migrate(version)
+        self._check_tables()
 
     def _migrate(self, version: int) -> None:  # pragma: no cover - no older schema exists yet
-        migrations: dict[int, str] = {}
         with self.transaction():
             while version < SCHEMA_VERSION:
-                self.con.execute(migrations[version])
+                self.con.execute(_MIGRATIONS[version])
                 version += 1
             self.set_meta("schema_version", str(version))
+
+    def _check_tables(self) -> None:
+        """Every column of the schema is there: a missing table or column would fail a later query."""
+        have = set(self.con.execute("SELECT table_name, column_name FROM duckdb_columns() "
+                                    "WHERE database_name = current_database()").fetchall())
+        for table, column in (tc for tc in _COLUMNS if tc not in have):
+            what = f"column {table}.{column}" if any(t == table for t, _ in have) else f"table {table!r}"
+            raise SchemaError(f"the ledger is damaged: {what} is missing", RESTORE_HINT)
 
     def close(self) -> None:
         self.con.close()
@@ -286,7 +281,7 @@ class Store:
         rows = self.con.execute(
             f"SELECT {', '.join(_FACT_COLS)} FROM facts WHERE id IN (SELECT unnest(?::VARCHAR[]))",
             [ids]).fetchall()
-        return {r[0]: _fact_from_row(r) for r in rows}
+        return ById("fact", ((r[0], _fact_from_row(r)) for r in rows))
 
     def conflict_candidates(self, ids: Iterable[str]) -> list[str]:
         """Those of `ids` that can take part in a contradiction (kledger.conflicts): hard, sharing a
@@ -369,17 +364,17 @@ class Store:
                     "SELECT commit_id, op, fact_id FROM commit_ops WHERE commit_id IN "
                     "(SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, pos", [ids]).fetchall():
                 ops.setdefault(cid, []).append(Op(op, fid))
-        return {r[0]: Commit(parents=tuple(r[1]), ops=tuple(ops.get(r[0], ())), message=r[2],
-                             author=r[3], timestamp=r[4], constraints=r[5], meta=json.loads(r[6]))
-                for r in rows}
+        return ById("commit", ((r[0], Commit(parents=tuple(r[1]), ops=tuple(ops.get(r[0], ())), message=r[2],
+                                                author=r[3], timestamp=r[4], constraints=r[5], meta=json.loads(r[6])))
+                                for r in rows))
 
     def graph(self) -> dict[str, tuple[str, ...]]:
         """commit id → parent ids, for every commit. Cheap: one small row per commit."""
-        return {cid: tuple(p) for cid, p in self.con.execute("SELECT id, parents FROM commits").fetchall()}
+        return ById("commit", ((cid, tuple(p)) for cid, p in self.con.execute("SELECT id, parents FROM commits").fetchall()))
 
     def commit_order(self) -> dict[str, int]:
         """commit id → insertion sequence (a topological order: parents are stored first)."""
-        return dict(self.con.execute("SELECT id, seq FROM commits").fetchall())
+        return ById("commit", self.con.execute("SELECT id, seq FROM commits").fetchall())
 
     def ids_with_prefix(self, prefix: str, limit: int = 3) -> list[str]:
         return [r[0] for r in self.con.execute(

@@ -289,3 +289,52 @@ def test_line_separators_inside_facts_survive_export_and_init_from(k, committed,
     (tmp_path / "f.jsonl").write_text(json.dumps({**GOOD_FACT, "prompt": f"The Eiffel Tower{LINE_BREAKS}is in"},
                                                  ensure_ascii=False) + "\n", encoding="utf-8")
     assert k("add", "--file", tmp_path / "f.jsonl").code == 0
+
+
+# ------------------------------------------------------------------------------ A: damaged stores
+def damage(ledger: Path, *sql: str) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(ledger / "ledger.duckdb"))
+    for q in sql:
+        con.execute(q)
+    con.close()
+
+
+READS = (("status",), ("log",), ("show",), ("diff", "HEAD", "HEAD"), ("blame", "Eiffel Tower"), ("status", "--json"),
+         ("log", "--all"), ("export", "out"))
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM facts", "DELETE FROM commits", "DELETE FROM commit_ops",
+                                 "UPDATE refs SET commit_id = 'f00d' || commit_id"])
+def test_missing_rows_are_integrity_errors(k, committed, sql):
+    """A row the ledger refers to is gone: each read is one line pointing to fsck (exit 1), or
+    works around the gap; never a KeyError."""
+    damage(committed, sql)
+    for args in READS:
+        r = k(*args)
+        if r.code != 0:
+            one_line_error(r, 1, "damaged", "kledger fsck")
+    assert k("fsck").code == 1
+
+
+@pytest.mark.parametrize("table", ["commits", "facts", "refs", "staged", "commit_ops", "resolutions"])
+def test_a_missing_table_is_a_schema_error(k, committed, table):
+    damage(committed, f"DROP TABLE {table}")
+    for args in (("status",), ("log",), ("fsck",), ("add", "A is in", "B", "--subject", "A")):
+        one_line_error(k(*args), 1, "damaged", repr(table), "backup")
+
+
+def test_a_missing_column_is_a_schema_error(k, committed):
+    damage(committed, "ALTER TABLE commits DROP COLUMN author")
+    one_line_error(k("log"), 1, "damaged", "commits.author")
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM meta WHERE key = 'schema_version'",
+                                 "UPDATE meta SET value = 'abc' WHERE key = 'schema_version'",
+                                 "UPDATE meta SET value = '0' WHERE key = 'schema_version'",
+                                 "UPDATE meta SET value = '-3' WHERE key = 'schema_version'"])
+def test_a_bad_schema_version_is_a_schema_error(k, committed, sql):
+    damage(committed, sql)
+    for args in (("status",), ("reset",), ("fsck",)):
+        one_line_error(k(*args), 1, "schema version", "backup")
