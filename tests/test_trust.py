@@ -338,3 +338,16 @@ def test_a_bad_schema_version_is_a_schema_error(k, committed, sql):
     damage(committed, sql)
     for args in (("status",), ("reset",), ("fsck",)):
         one_line_error(k(*args), 1, "schema version", "backup")
+
+
+# ------------------------------------------------------------------------------ A: the last line of defence
+def test_an_unexpected_exception_is_still_one_line(k, committed, monkeypatch):
+    def boom(self, *a, **kw):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(Ledger, "status", boom)
+    one_line_error(k("status"), 1, "RuntimeError", "boom second line", "bug")
+    r = k("status", "--json")
+    assert r.code == 1 and json.loads(r.out)["error"]["kind"] == "internal"
+    monkeypatch.setattr(Ledger, "log", lambda *a, **kw: json.loads("[" * 100_000))
+    one_line_error(k("log"), 1, "RecursionError")

@@ -51,13 +51,21 @@ def run(argv: list[str] | None = None) -> None:
     except Exception as exc:
         # click's usage errors (typer may vendor its own click, so match by shape, not class)
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
-            raise
+            _internal(exc)
         msg = exc.format_message()
         ctx = getattr(exc, "ctx", None)
         if ctx is not None:
             msg += f" (see `{ctx.command_path} --help`)"
         _fail(msg, exc.exit_code or EXIT_USAGE, "usage")
     sys.exit(0)
+
+
+def _internal(exc: BaseException) -> None:
+    """The last line of defence: an exception no check foresaw is still one line and exit 1. The
+    command's transaction has rolled back, so the ledger is as it was."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    _fail(f"internal error: {type(exc).__name__}: {text[:500]} (this is a bug in kledger: please report it, "
+          "with the command that caused it)", 1, "internal")
 
 
 def _check_utf8(argv: list[str]) -> None:
