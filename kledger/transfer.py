@@ -88,6 +88,8 @@ def _commit(rec: Any, ids: dict[str, str], n: int) -> tuple[str, Commit, list[tu
                              "parents come before their children in commits.jsonl")
     message, author, timestamp = (check_text(_field(rec, key, str, "a string"), repr(key))
                                   for key in ("message", "author", "timestamp"))
+    if not message.strip():
+        raise InputError("'message' is empty", "every commit has a message: write one")
     meta = check_json(_field(rec, "meta", dict, "an object", {}), "'meta'")
     ops = [_op(o, i) for i, o in enumerate(_field(rec, "ops", list, "a list of ops"), 1)]
     commit = Commit(parents=tuple(ids[p] for p in parents), ops=tuple(Op(op, f.id) for op, f in ops),

@@ -180,6 +180,21 @@ def fuzz_file(data, tmp_path: Path, fmt: str) -> tuple[Path, str | None]:
     return path, data.draw(st.sampled_from([None, fmt]), "fmt")
 
 
+def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the CLI run in-process."""
+    from kledger.cli import main
+
+    main._state.update({"ledger": None, "json": False})
+    capsys.readouterr()
+    try:
+        main.run(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def clean_error(exc: KledgerError) -> None:
     assert "\n" not in exc.one_line() and exc.exit_code in (1, 2, 3)
 
@@ -205,22 +220,13 @@ def test_read_facts_never_raises_anything_else(tmp_path, fmt, data):
 @settings(FUZZ, max_examples=12)
 @given(data=st.data())
 def test_add_file_fails_cleanly_and_changes_nothing(tmp_path, env, capsys, fmt, data):
-    from kledger.cli import main
-
     ldir = tmp_path / ".kledger"
     if not ldir.exists():
         Ledger.init(tmp_path, model="none", env=ENV).close()
     path, read_fmt = fuzz_file(data, tmp_path, fmt)
     before = snapshot(ldir)
     args = ["-C", str(ldir), "add", "--file", str(path)] + (["--format", read_fmt] if read_fmt else [])
-    main._state.update({"ledger": None, "json": False})
-    capsys.readouterr()
-    try:
-        main.run(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, args)
     assert "Traceback" not in out + err
     if code == 0:
         TALLY["add --file: accepted"] += 1
@@ -255,7 +261,7 @@ def text_ledger(data) -> tuple[list, dict]:
 
 @settings(FUZZ, max_examples=60)
 @given(data=st.data())
-def test_init_from_fails_cleanly_and_leaves_nothing(tmp_path, data):
+def test_init_from_fails_cleanly_and_leaves_nothing(tmp_path, env, capsys, data):
     src = tmp_path / f"src{TALLY['init --from: tried']}"
     target = tmp_path / f"copy{TALLY['init --from: tried']}"
     TALLY["init --from: tried"] += 1
@@ -280,7 +286,10 @@ def test_init_from_fails_cleanly_and_leaves_nothing(tmp_path, data):
         return
     with lg:
         assert lg.fsck()["ok"], lg.fsck()
-        assert lg.log(all_refs=True) is not None and lg.status() is not None
+    for args in (["log", "--oneline", "--all"], ["log", "--all"], ["show"], ["status"], ["blame", SUBJECT],
+                 ["branch"], ["export", str(tmp_path / f"out{TALLY['init --from: tried']}")]):
+        code, out, err = run_cli(capsys, ["-C", str(target), *args])
+        assert code in (0, 2) and "Traceback" not in out + err and len(err.strip().splitlines()) <= 1, (args, code, err)
     TALLY["init --from: accepted"] += 1
 
 
