@@ -208,6 +208,7 @@ MISTYPED = {
     "author null": (dict(author=None), "'author' must be a string"),
     "numeric timestamp": (dict(timestamp=1767225600), "'timestamp' must be a string"),
     "list message": (dict(message=["a", "b"]), "'message' must be a string"),
+    "empty message": (dict(message=" \u2028 "), "'message' is empty"),
     "meta a string": (dict(meta="x"), "'meta' must be an object"),
     "parents a string": (dict(parents="c0"), "'parents' must be a list"),
     "unknown parent": (dict(parents=["nope"]), "parent 'nope'"),
@@ -351,3 +352,10 @@ def test_an_unexpected_exception_is_still_one_line(k, committed, monkeypatch):
     assert r.code == 1 and json.loads(r.out)["error"]["kind"] == "internal"
     monkeypatch.setattr(Ledger, "log", lambda *a, **kw: json.loads("[" * 100_000))
     one_line_error(k("log"), 1, "RecursionError")
+
+
+def test_init_set_values_python_cannot_read(k, tmp_path):
+    for value in ("9" * 5000, "[" * 100_000, "9" * 4000, "1e999", "[" * 300 + "]" * 300):
+        r = k("init", tmp_path / "l", "--set", f"lam={value}")
+        one_line_error(r, 2, "lam")
+        assert not (tmp_path / "l" / ".kledger").exists()
