@@ -113,6 +113,8 @@ class History:
         base, suffix = (m.group(1), m.group(2)) if m else (rev, "")
         cid = self._resolve_base(base or "HEAD", rev)
         for part in re.findall(r"[~^]\d*", suffix):
+            if len(part) > 10:  # more steps than any history has (and maybe too many digits to read)
+                raise RevisionError(f"revision {rev[:40]!r}… steps back too far", "use a smaller ~N or ^N (see `kledger log`)")
             cid = self._step(cid, part[0], int(part[1:]) if len(part) > 1 else 1, rev)
         return cid
 

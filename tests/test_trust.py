@@ -359,3 +359,8 @@ def test_init_set_values_python_cannot_read(k, tmp_path):
         r = k("init", tmp_path / "l", "--set", f"lam={value}")
         one_line_error(r, 2, "lam")
         assert not (tmp_path / "l" / ".kledger").exists()
+
+
+def test_a_revision_step_too_large_to_read(k, committed):
+    for rev in ("HEAD~" + "9" * 5000, "HEAD^" + "9" * 5000, "HEAD~" + "9" * 30):
+        one_line_error(k("show", rev), 2, "HEAD")
