@@ -23,7 +23,7 @@ from .conflicts import Conflict
 from .decisions import ProposedFacts, describe
 from .errors import ConflictError, StateError, UsageError
 from .history import apply_ops
-from .records import OP_ADD, OP_RETRACT, Commit, Op, constraints_hash, short
+from .records import OP_ADD, OP_RETRACT, Commit, Op, check_text, constraints_hash, short
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
@@ -46,6 +46,13 @@ def require_head(lg: "Ledger", what: str) -> str:
     return head
 
 
+def _check_message(message: str, author: str | None) -> None:
+    if not isinstance(message, str) or not message.strip():
+        raise UsageError("empty commit message", "give -m MESSAGE")
+    check_text(message, "the commit message")
+    check_text(author, "the author (--author or $KLEDGER_AUTHOR)", optional=True)
+
+
 def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, author: str | None,
                meta: dict | None = None, allow_conflicts: bool = False,
                constraints: str | None = None, found: list[Conflict] | None = None) -> str:
@@ -53,8 +60,7 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
     replaying remembered decisions; refuse unresolved conflicts (ConflictError) unless allowed.
     `found`: the conflicts left after the decisions were replayed on these ops, when the caller
     has just looked (so they are not looked for again)."""
-    if not message or not message.strip():
-        raise UsageError("empty commit message", "give -m MESSAGE")
+    _check_message(message, author)
     if found is None:
         base = lg.history.state(parents[0]) if parents else {}
         added = [o.fact_id for o in ops if o.op == OP_ADD]
@@ -69,8 +75,9 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
             conflicts=found)
     if found:
         meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
-    commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(),
-                    author=(author or lg.env.default_author()).strip(), timestamp=lg.env.now(),
+    author = check_text(author or lg.env.default_author(), "the author (--author or $KLEDGER_AUTHOR)")
+    commit = Commit(parents=tuple(parents), ops=tuple(ops), message=message.strip(), author=author.strip(),
+                    timestamp=lg.env.now(),
                     meta=meta or {}, constraints=constraints)
     cid = lg.store.put_commit(commit)
     move_head(lg, cid)
@@ -103,8 +110,7 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
     staged = lg.store.staged()
     if not staged:
         raise StateError("nothing staged to commit", "stage facts with `kledger add` first")
-    if not message or not message.strip():
-        raise UsageError("empty commit message", "give -m MESSAGE")
+    _check_message(message, author)
     head = lg.history.head()
     ops, digest, rows, found = staged, None, [], None
     if compute if compute is not None else lg.has_model:

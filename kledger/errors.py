@@ -9,6 +9,9 @@ EXIT_ERROR = 1  # the operation failed: ledger state, lock, integrity, model
 EXIT_USAGE = 2  # the command line or its input is wrong: bad file, unknown revision, bad value
 EXIT_CONFLICT = 3  # unresolved conflicts are present (commit/merge/cherry-pick refused, check failed)
 
+# The fix for a damaged ledger that `kledger fsck` cannot mend.
+RESTORE_HINT = "restore the ledger from a backup, or re-create it from an exported text ledger with `kledger init --from`"
+
 
 class KledgerError(Exception):
     """Base class. `message` says what is wrong; `hint` says how to fix it."""

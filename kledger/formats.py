@@ -54,21 +54,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import InputError
-from .records import SUBJECT_SLOT, Fact, template_of
+from .records import SUBJECT_SLOT, Fact, json_kind, parse_json, template_of
 
 FORMATS = ("counterfact", "easyedit", "zsre", "known", "jsonl", "csv")
 LIST_SEP = " || "
 CSV_COLUMNS = ("prompt", "target", "subject", "relation", "target_true", "paraphrases", "neighborhood")
 _CSV_REQUIRED = CSV_COLUMNS[:3]
 _LINES_EXT = (".jsonl", ".ndjson")
-
-
-def _kind(value: Any) -> str:
-    """A JSON value's type, in JSON words."""
-    if isinstance(value, bool):
-        return "true/false"
-    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 class _Rec:
@@ -87,7 +79,7 @@ class _Rec:
         return value
 
     def _type_error(self, key: str, expected: str, got: Any) -> InputError:
-        return InputError(f"field {self.prefix + key!r} must be {expected}, got {_kind(got)}",
+        return InputError(f"field {self.prefix + key!r} must be {expected}, got {json_kind(got)}",
                           f"make {self.prefix + key!r} {expected}")
 
     def text(self, key: str, required: bool = False) -> str | None:
@@ -246,7 +238,7 @@ def _parse(record: Any, layout: str | None, previous: str | None) -> tuple[str, 
     """(layout, Fact.create arguments) of one JSON record. A record with no layout's marker key
     is taken to be in the previous record's layout, so that it reports its missing field."""
     if not isinstance(record, dict):
-        raise InputError(f"expected a JSON object, got {_kind(record)}", "each record must be a {...} object")
+        raise InputError(f"expected a JSON object, got {json_kind(record)}", "each record must be a {...} object")
     name = layout or _detect(record) or previous
     if name is None:
         keys = ", ".join(sorted(record)[:8]) or "none"
@@ -270,19 +262,21 @@ def _syntax_error(path: Path, e: json.JSONDecodeError, line: int, col: int, may_
 
 def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one complete value, then more: JSON lines in a .json file
             yield from _jsonl_records(path, text)
             return
         raise _syntax_error(path, e, e.lineno, e.colno, True) from None
+    except InputError as e:  # nested too deeply, or a number too long
+        raise InputError(f"{path}: {e.message}", e.hint) from None
     if isinstance(data, dict) and not _detect(data):
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of records, got {_kind(data)}",
+        raise InputError(f"{path}: expected a JSON list of records, got {json_kind(data)}",
                          "put the records in a top-level [...] list")
     for i, record in enumerate(data):
         yield f"record {i + 1} (index {i})", record
@@ -294,9 +288,11 @@ def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except json.JSONDecodeError as e:
                 raise _syntax_error(path, e, n, e.colno, n == last) from None
+            except InputError as e:
+                raise InputError(f"{path}: line {n}: {e.message}", e.hint) from None
             yield f"line {n}", record
 
 

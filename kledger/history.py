@@ -18,7 +18,14 @@ _BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])")
 _REV_SUFFIX = re.compile(r"^(.*?)((?:[~^]\d*)+)$")
 
 
+MAX_BRANCH_NAME = 255
+
+
 def check_branch_name(name: str) -> str:
+    if not isinstance(name, str) or len(name) > MAX_BRANCH_NAME:
+        shown = f"{name[:40]!r}… ({len(name):,} characters)" if isinstance(name, str) else repr(name)
+        raise UsageError(f"{shown} is not a valid branch name: longer than {MAX_BRANCH_NAME} characters",
+                         f"use a name of at most {MAX_BRANCH_NAME} characters")
     if not _BRANCH_RE.fullmatch(name) or name == "HEAD" or looks_like_id(name) and len(name) >= 40:
         raise UsageError(f"{name!r} is not a valid branch name",
                          "use letters, digits, '.', '_', '-' and '/', not starting with '-'")
@@ -106,6 +113,8 @@ class History:
         base, suffix = (m.group(1), m.group(2)) if m else (rev, "")
         cid = self._resolve_base(base or "HEAD", rev)
         for part in re.findall(r"[~^]\d*", suffix):
+            if len(part) > 10:  # more steps than any history has (and maybe too many digits to read)
+                raise RevisionError(f"revision {rev[:40]!r}… steps back too far", "use a smaller ~N or ^N (see `kledger log`)")
             cid = self._step(cid, part[0], int(part[1:]) if len(part) > 1 else 1, rev)
         return cid
 

@@ -23,12 +23,12 @@ from typing import Iterable, Iterator
 from . import __version__, commits, integrity, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
 from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
-from .errors import InputError, StateError, UsageError
+from .errors import InputError, LedgerNotFound, StateError, UsageError
 from .history import FactChange, History, apply_ops, check_branch_name  # noqa: F401  (re-exported)
 from .model_side import CACHE_SECRET
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
-from .store import DB_NAME, LEDGER_DIR, Store, find_ledger_dir
+from .store import DB_NAME, LEDGER_DIR, Store
 
 
 class Ledger:
@@ -524,6 +524,24 @@ def _move_into(src: Path, dst: Path) -> None:
         elif not os.path.lexists(target):
             os.rename(item, target)
     shutil.rmtree(src)
+
+
+def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
+    """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one; the CLI
+    passes --ledger or $KLEDGER_DIR), else the nearest one from `start` (default: the current
+    directory) upward, like git."""
+    if explicit is not None:
+        p = Path(explicit).expanduser().resolve()
+        for cand in (p, p / LEDGER_DIR):
+            if (cand / DB_NAME).is_file():
+                return cand
+        raise LedgerNotFound(f"no kledger ledger at {p}", "run `kledger init` there, or check --ledger")
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / LEDGER_DIR / DB_NAME).is_file():
+            return d / LEDGER_DIR
+    raise LedgerNotFound(f"not inside a kledger ledger (searched {here} and its parents)",
+                         "run `kledger init` first, or pass --ledger DIR")
 
 
 def _checked_settings(settings: dict) -> dict[str, str]:

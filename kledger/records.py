@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import InputError
+from .errors import RESTORE_HINT, InputError, IntegrityError
 
 SUBJECT_SLOT = "{}"
 OP_ADD = "add"
@@ -26,8 +26,102 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def parse_json(text: str) -> Any:
+    """`json.loads`, with the two inputs Python's reader fails on without a JSONDecodeError made
+    InputErrors: nesting deeper than the interpreter's recursion allows, and an integer of over
+    4,300 digits (Python's int-str limit). A JSONDecodeError passes through, for the caller to place."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise InputError("the JSON is nested too deeply to read",
+                         "records are objects a few levels deep: check that this is the file you meant") from None
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise InputError("the JSON holds an integer of over 4,300 digits, too long for Python to read",
+                         "write a number that long as a string") from None
+
+
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# How deeply a JSON value kept with a record (a fact's `extra`, a commit's `meta`) may nest. Deeper
+# values are refused: Python's JSON reader and writer recurse, and would fail later, on reading.
+MAX_DEPTH = 64
+
+
+def json_kind(value: Any) -> str:
+    """A JSON value's type, in JSON words."""
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_text(value: Any, what: str, optional: bool = False) -> Any:
+    """`value`, when it is a string that UTF-8 can encode (or None, when `optional`); else an
+    InputError naming `what`. Undecodable bytes reach Python as lone surrogates, which no id
+    could be hashed over."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a string, got {json_kind(value)}", f"make {what} a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} is not valid UTF-8 text: character {exc.start + 1} is a lone surrogate "
+                         f"(U+{ord(value[exc.start]):04X}), as undecodable bytes become",
+                         "save the input as UTF-8, or set a UTF-8 locale") from None
+    return value
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether a JSON value nests lists and objects more than `limit` levels deep (no recursion)."""
+    level, depth = [value], 0
+    while level:
+        level = [v for x in level if isinstance(x, (dict, list, tuple))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+        depth += bool(level)
+        if depth > limit:
+            return True
+    return False
+
+
+def check_json(value: Any, what: str) -> Any:
+    """`value`, when it can be kept with a record: JSON types only, UTF-8 text, numbers JSON can
+    write, nested at most MAX_DEPTH levels; else an InputError naming `what`."""
+    if too_deep(value):
+        raise InputError(f"{what} is nested more than {MAX_DEPTH} levels deep",
+                         "keep extra data to a few levels of objects and lists")
+    try:
+        canonical_json(value).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} holds text that is not valid UTF-8 (a lone surrogate)",
+                         "save the input as UTF-8") from None
+    except (TypeError, ValueError) as exc:  # a non-JSON type; an integer of over 4,300 digits
+        raise InputError(f"{what} cannot be kept as JSON: {exc}",
+                         "keep extra values to strings, numbers, lists and objects") from None
+    return value
+
+
+def _prompts(value: Any, what: str) -> tuple[str, ...]:
+    """Evaluation prompts: a list of strings, or a lone string as one prompt; blanks dropped."""
+    if isinstance(value, str):
+        value = [value]
+    if value is None:
+        value = []
+    if isinstance(value, (dict, bytes)) or not isinstance(value, Iterable):
+        raise InputError(f"{what} must be a list of strings, got {json_kind(value)}",
+                         f"give {what} as a list of prompts, e.g. [\"The Eiffel Tower is in\"]")
+    out = []
+    for i, p in enumerate(value, 1):
+        if not isinstance(p, str):
+            raise InputError(f"{what} item {i} must be a string, got {json_kind(p)}",
+                             f"give {what} as a list of prompts")
+        if check_text(p, f"{what} item {i}").strip():
+            out.append(p.strip())
+    return tuple(out)
 
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation + "“”‘’«»–—"})
@@ -71,9 +165,10 @@ class Fact:
 
     @classmethod
     def create(cls, prompt: str, target: str, subject: str, relation: str | None = None,
-               target_true: str | None = None, paraphrases: Iterable[str] = (),
-               neighborhood: Iterable[str] = (), extra: dict | None = None) -> "Fact":
-        """Validate and normalise user input; raises InputError with a fix on bad input."""
+               target_true: str | None = None, paraphrases: Iterable[str] | str = (),
+               neighborhood: Iterable[str] | str = (), extra: dict | None = None) -> "Fact":
+        """Validate and normalise user input; raises InputError with a fix on bad input.
+        `paraphrases` and `neighborhood` are lists of prompts; a lone string is one prompt."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("empty prompt", "give the text the model should complete")
         if not isinstance(subject, str) or not subject.strip():
@@ -81,21 +176,25 @@ class Fact:
                              "give --subject, the entity the fact is about, as spelled in the prompt")
         if not isinstance(target, str) or not target.strip():
             raise InputError(f"empty target for prompt {prompt!r}", "give the new object, e.g. 'Rome'")
-        prompt = prompt.strip()
-        subject = subject.strip()
-        target = target.strip()
+        prompt = check_text(prompt, "'prompt'").strip()
+        subject = check_text(subject, "'subject'").strip()
+        target = check_text(target, "'target'").strip()
         if subject not in prompt:
             raise InputError(f"subject {subject!r} does not occur in prompt {prompt!r}",
                              "give the subject exactly as it is spelled in the prompt")
         if "{}" in prompt:
             raise InputError(f"prompt {prompt!r} still contains '{{}}'",
                              "fill the subject into the prompt, or use a template-aware format")
-        rel = (relation or "").strip() or template_of(prompt, subject)
-        tt = target_true.strip() if isinstance(target_true, str) and target_true.strip() else None
+        rel = (check_text(relation, "'relation'", optional=True) or "").strip() or template_of(prompt, subject)
+        tt = check_text(target_true, "'target_true'", optional=True)
+        tt = tt.strip() if tt and tt.strip() else None
+        if extra is not None and not isinstance(extra, dict):
+            raise InputError(f"'extra' must be an object, got {json_kind(extra)}",
+                             "give extra fields as a JSON object, e.g. {\"case_id\": 7}")
         return cls(subject=subject, prompt=prompt, target=target, relation=rel, target_true=tt,
-                   paraphrases=tuple(p.strip() for p in paraphrases if isinstance(p, str) and p.strip()),
-                   neighborhood=tuple(p.strip() for p in neighborhood if isinstance(p, str) and p.strip()),
-                   extra=dict(extra or {}))
+                   paraphrases=_prompts(paraphrases, "'paraphrases'"),
+                   neighborhood=_prompts(neighborhood, "'neighborhood'"),
+                   extra=check_json(dict(extra or {}), "'extra'"))
 
     def to_dict(self) -> dict:
         return {"subject": self.subject, "prompt": self.prompt, "target": self.target,
@@ -123,6 +222,19 @@ class Fact:
     @property
     def object_key(self) -> str:
         return normalize(self.target)
+
+
+class ById(dict):
+    """Records by id, as the store returns them. The ids a command asks for come from the ledger
+    itself, so a missing one means the ledger is damaged: an IntegrityError that says so."""
+
+    def __init__(self, what: str, rows: Any = ()):
+        super().__init__(rows)
+        self.what = what
+
+    def __missing__(self, key: Any) -> Any:
+        raise IntegrityError(f"the ledger is damaged: {self.what} {str(key)[:10]} is missing",
+                             "run `kledger fsck` to see what else is wrong, then " + RESTORE_HINT)
 
 
 def relation_key(relation: str) -> str:

@@ -160,6 +160,22 @@ def test_bad_requests():
         compute_constraints(lm, [], HP, {}, {}, {})
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_prompt_longer_than_the_context_is_refused_before_optimising(kind, monkeypatch):
+    """The tiny models read 128 positions; a longer rewrite sequence (prefix + prompt + target)
+    is an InputError naming the limit, raised while tokenising, before any value optimisation."""
+    from kledger.edit import engine
+
+    lm = tiny_lm(kind)
+    monkeypatch.setattr(engine, "optimise_values", lambda *a, **kw: pytest.fail("optimised a too-long prompt"))
+    long_prompt = "the " * 140 + "Eiffel Tower is located in the city of"
+    with pytest.raises(InputError, match="128"):
+        compute_constraints(lm, [FACTS[0], EditRequest(long_prompt, "Eiffel Tower", "Rome")], HP, {}, {}, {})
+    fits = "the " * 100 + "Eiffel Tower is in"  # 104 tokens + boundary + the longest prefix + target
+    toks = engine.prepare(lm, [EditRequest(fits, "Eiffel Tower", "Rome")], HP.with_(n_prefixes=0))
+    assert len(toks[0].ctx[0]) + len(toks[0].target) - 1 <= 128
+
+
 def test_subject_index_and_prefixes():
     lm = tiny_lm("llama")
     tok = lm.tokenizer

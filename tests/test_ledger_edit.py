@@ -208,3 +208,23 @@ def test_replay_measures_afresh_like_a_fresh_history(model_dir, tmp_path):
     assert not np.allclose(stale[(c_fact, la)].value, replayed[(c_fact, la)].value, atol=1e-4)
     a.close()
     fresh.close()
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_measuring(model_dir, tmp_path, monkeypatch):
+    """A commit whose prompt does not fit the model's context (128 positions here) fails with an
+    InputError at once: before C0, the prior solve or any value optimisation; nothing is committed."""
+    from conftest import snapshot
+
+    from kledger.edit import editor, engine
+    from kledger.errors import InputError
+
+    lg = Ledger.init(tmp_path, model=str(model_dir), settings={**SETTINGS, "corpus": str(model_dir / "corpus.txt")})
+    lg.add([Fact.create("the " * 140 + "Eiffel Tower is located in", "Rome", subject="Eiffel Tower")])
+    lg.close()
+    before = snapshot(tmp_path / ".kledger")
+    for name, mod in (("c0", editor.Editor), ("optimise_values", engine), ("solve", editor.Editor)):
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **kw: pytest.fail(f"{_n} ran for a too-long prompt"))
+    with Ledger.open(tmp_path, write=True) as lg:
+        with pytest.raises(InputError, match=r"128.*context|context.*128"):
+            lg.commit("too long", author="t")
+    assert snapshot(tmp_path / ".kledger") == before

@@ -46,7 +46,7 @@ def log(rev: str | None = typer.Argument(None, help="Start from this revision (d
         label = _refs_label(e, head, branch)
         counts = f"+{e['added']}/-{e['retracted']}"
         if oneline:
-            lines.append((f"{short(e['id'])}{label} {e['message'].splitlines()[0]}", f" ({counts})", "default"))
+            lines.append((f"{short(e['id'])}{label} {(e['message'].splitlines() or [''])[0]}", f" ({counts})", "default"))
             continue
         lines.append((f"commit {e['id']}{label}", "", "yellow"))
         if len(e["parents"]) > 1:
@@ -141,4 +141,4 @@ def blame(subject: str = typer.Argument(..., help="Subject to look up."),
         out.print(f"No fact about {escape(subject)!s} is in force")
     for r in rows:
         out.print(f"[yellow]{short(r['commit'])}[/] {escape(r['author'])} {r['timestamp'][:10]}  "
-                  f"{escape(r['prompt'])} → [bold]{escape(r['target'])}[/]  [dim]{escape(r['message'].splitlines()[0])}[/]")
+                  f"{escape(r['prompt'])} → [bold]{escape(r['target'])}[/]  [dim]{escape((r['message'].splitlines() or [''])[0])}[/]")

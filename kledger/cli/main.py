@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from ..errors import EXIT_USAGE, KledgerError, missing_model_module
+from ..errors import EXIT_USAGE, KledgerError, UsageError, missing_model_module
 
 # main.app and main._state are also what the tests use
 from .app import _state, app
@@ -38,6 +38,7 @@ def run(argv: list[str] | None = None) -> None:
     _state["json"] = "--json" in argv  # so that even a usage error is reported as JSON
     cmd = typer.main.get_command(app)
     try:
+        _check_utf8(argv)
         cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
@@ -50,18 +51,37 @@ def run(argv: list[str] | None = None) -> None:
     except ImportError as exc:  # torch & co. missing where no library call said so itself
         err = missing_model_module(exc)
         if err is None:
-            raise
+            _internal(exc)
         _fail(err.one_line(), err.exit_code, err.kind)
     except Exception as exc:
         # click's usage errors (typer may vendor its own click, so match by shape, not class)
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
-            raise
+            _internal(exc)
         msg = exc.format_message()
         ctx = getattr(exc, "ctx", None)
         if ctx is not None:
             msg += f" (see `{ctx.command_path} --help`)"
         _fail(msg, exc.exit_code or EXIT_USAGE, "usage")
     sys.exit(0)
+
+
+def _internal(exc: BaseException) -> None:
+    """The last line of defence: an exception no check foresaw is still one line and exit 1. The
+    command's transaction has rolled back, so the ledger is as it was."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    _fail(f"internal error: {type(exc).__name__}: {text[:500]} (this is a bug in kledger: please report it, "
+          "with the command that caused it)", 1, "internal")
+
+
+def _check_utf8(argv: list[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates: refused here, for every command,
+    rather than where the text is first hashed or handed to DuckDB."""
+    for n, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"command-line argument {n} ({arg!r}) is not valid UTF-8 text",
+                             "set a UTF-8 locale, or put the text in a UTF-8 file and use --file") from None
 
 
 def _fail(message: str, code: int, kind: str) -> None:

@@ -57,7 +57,8 @@ def _parse_settings(items: list[str]) -> dict:
     names and values are checked by `Ledger.init`."""
     import json
 
-    from ..errors import UsageError
+    from ..errors import InputError, UsageError
+    from ..records import parse_json
 
     hp = {}
     for item in items:
@@ -65,9 +66,11 @@ def _parse_settings(items: list[str]) -> dict:
         if not sep or not key.strip():
             raise UsageError(f"--set {item!r} is not KEY=VALUE", "e.g. --set lam=5000 --set layers=[3,4,5]")
         try:
-            hp[key.strip()] = json.loads(value)
+            hp[key.strip()] = parse_json(value)
         except json.JSONDecodeError:
             hp[key.strip()] = value
+        except InputError as exc:  # nested too deeply, or an integer too long to read
+            raise UsageError(f"--set {key.strip()}: {exc.message}", "e.g. --set lam=5000") from None
     return {"hparams": hp} if hp else {}
 
 

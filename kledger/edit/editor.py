@@ -464,9 +464,11 @@ class Editor:
         facts that lost)."""
         import torch
 
-        from .engine import EditRequest, compute_constraints
+        from .engine import EditRequest, compute_constraints, prepare
 
         hp = self.hparams
+        requests = [EditRequest(prompt=f.prompt, subject=f.subject, target=f.target) for f in facts]
+        prepare(self.lm, requests, hp)  # a bad request (e.g. longer than the context) fails before any work
         fp_id, _ = self.fingerprint()
         rows = flatten(prior)
         self.check(rows)
@@ -479,7 +481,6 @@ class Editor:
         else:
             self.load(None)
         prior_kv = self.by_layer(flatten(prior), hp.layers)
-        requests = [EditRequest(prompt=f.prompt, subject=f.subject, target=f.target) for f in facts]
         new = compute_constraints(self.lm, requests, hp, self.c0(), self.W0, prior_kv, progress=self.progress)
         self._at_base = False
         out = []

@@ -91,7 +91,16 @@ def _subject_last(tok: Any, text: str, end: int, bos_id: int | None) -> int:
     return len(encode(tok, text[:end], bos_id)) - 1
 
 
-def tokenize_request(tok: Any, req: EditRequest, prefixes: Sequence[str], bos_id: int | None) -> _Tokens:
+def max_positions(model: Any) -> int | None:
+    """How many tokens the model reads at most (its config's max_position_embeddings), if known."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def tokenize_request(tok: Any, req: EditRequest, prefixes: Sequence[str], bos_id: int | None,
+                     max_len: int | None = None) -> _Tokens:
+    """The request's token ids in every context; an InputError when a rewrite sequence (context,
+    prompt and target) is longer than `max_len`, the model's context."""
     prompt = req.prompt.rstrip()
     target = req.target.strip()
     at = prompt.find(req.subject) if req.subject else -1
@@ -107,6 +116,12 @@ def tokenize_request(tok: Any, req: EditRequest, prefixes: Sequence[str], bos_id
         text = pre + prompt
         ctx.append(encode(tok, text, bos_id))
         subj.append(_subject_last(tok, text, len(pre) + at + len(req.subject), bos_id))
+    longest = max(len(c) for c in ctx) + len(t_ids) - 1
+    if max_len is not None and longest > max_len:
+        shown = prompt if len(prompt) <= 60 else prompt[:30] + "…" + prompt[-25:]
+        raise InputError(f"prompt {shown!r} is too long: with its target and a context prefix it is {longest:,} "
+                         f"tokens, and the model's context is {max_len:,}",
+                         f"shorten the prompt to well under {max_len:,} tokens")
     kl_text = KL_TEMPLATE.format(req.subject)
     return _Tokens(ctx, subj, list(t_ids), encode(tok, kl_text, bos_id),
                    _subject_last(tok, kl_text, len(req.subject), bos_id))
@@ -334,12 +349,14 @@ def _batches(c: LayerConstraints | None) -> list[KV]:
 
 
 def prepare(lm: Any, requests: Sequence[EditRequest], hp: HParams) -> list[_Tokens]:
-    """Tokenise requests with their contexts; InputError on a bad request."""
+    """Tokenise requests with their contexts; InputError on a bad request (a subject not in its
+    prompt, an empty target, a sequence longer than the model's context)."""
     if not requests:
         raise InputError("no edit requests", "stage at least one fact")
     bos_id = boundary_token(lm.tokenizer, hp.bos)
     prefixes = context_prefixes(hp)
-    return [tokenize_request(lm.tokenizer, r, prefixes, bos_id) for r in requests]
+    limit = max_positions(lm.model)
+    return [tokenize_request(lm.tokenizer, r, prefixes, bos_id, limit) for r in requests]
 
 
 def _require_layers(hp: HParams, c0: Mapping[int, Any], W0: Mapping[int, Any]) -> None:

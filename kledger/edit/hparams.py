@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -43,8 +44,13 @@ class HParams:
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
         for name in ("lam", "lr", "clamp"):
-            if not float(getattr(self, name)) > 0:
-                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+            try:
+                ok = 0 < float(getattr(self, name)) < math.inf
+            except OverflowError:  # an integer too large for a float
+                ok = False
+            if not ok:
+                raise InputError(f"{name} must be a positive, finite number, got {str(getattr(self, name))[:20]}",
+                                 f"e.g. --set {name}=5000")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1:
             raise InputError("steps, prefix_len and c0_tokens must be >= 1 and n_prefixes >= 0")
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import duckdb
 
-from ..errors import IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
-from ..records import OP_ADD, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
+from ..errors import RESTORE_HINT, IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
+from ..records import OP_ADD, ById, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
 from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
-from .sql import CANDIDATES, FACT_COLS, IN_FORCE, SCHEMA
+from .sql import CANDIDATES, COLUMNS, FACT_COLS, IN_FORCE, MIGRATIONS, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -29,35 +29,20 @@ LEDGER_DIR = ".kledger"
 DB_NAME = "ledger.duckdb"
 STATS_CHECKSUMS = "stats_checksums"  # meta: "1" where every stored C0 matrix has a recorded checksum
 
-def find_ledger_dir(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
-    """The `.kledger` directory: `explicit` (a ledger dir or the project dir holding one; the CLI
-    passes --ledger or $KLEDGER_DIR), else the nearest one from `start` (default: the current
-    directory) upward, like git."""
-    if explicit is not None:
-        p = Path(explicit).expanduser().resolve()
-        for cand in (p, p / LEDGER_DIR):
-            if (cand / DB_NAME).is_file():
-                return cand
-        raise LedgerNotFound(f"no kledger ledger at {p}", "run `kledger init` there, or check --ledger")
-    here = (start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / LEDGER_DIR / DB_NAME).is_file():
-            return d / LEDGER_DIR
-    raise LedgerNotFound(f"not inside a kledger ledger (searched {here} and its parents)",
-                         "run `kledger init` first, or pass --ledger DIR")
-
-
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflicting" in text
 
 
-def _connect(db: Path, ledger_dir: Path, write: bool, wait: float) -> duckdb.DuckDBPyConnection:
-    """A connection to `db`, waiting up to `wait` seconds while another process holds the lock."""
+def _connect(db: Path, ledger_dir: Path | None = None, write: bool = True, wait: float = 0.0) -> duckdb.DuckDBPyConnection:
+    """The one place connections are made: a connection to `db`, waiting up to `wait` seconds
+    while another process holds the lock, with DuckDB's progress bar off."""
+    ledger_dir = ledger_dir or db.parent
     deadline = time.monotonic() + wait
     while True:
         try:
-            return duckdb.connect(str(db), read_only=not write)
+            con = duckdb.connect(str(db), read_only=not write)
+            break
         except duckdb.Error as exc:
             if not _is_lock_error(exc):
                 raise SchemaError(f"cannot open the ledger database {db}: {str(exc).splitlines()[0]}",
@@ -67,6 +52,10 @@ def _connect(db: Path, ledger_dir: Path, write: bool, wait: float) -> duckdb.Duc
                 raise LedgerLocked(f"the ledger {ledger_dir} is in use by another process",
                                    "wait for the other kledger command to finish, then retry") from exc
             time.sleep(0.1)
+    # DuckDB's Python client prints a progress bar on stdout for queries over 2 s (in sessions it
+    # takes for interactive), which would break --json: off on every connection
+    con.execute("SET enable_progress_bar = false")
+    return con
 
 
 class Store:
@@ -99,7 +88,7 @@ class Store:
         # Build the schema in a temporary file, then rename: a crash never leaves a half-made ledger,
         # and a failure leaves no temporary file either.
         try:
-            con = duckdb.connect(str(tmp))
+            con = _connect(tmp)
             try:
                 con.execute("BEGIN")
                 con.execute(SCHEMA)
@@ -183,7 +172,10 @@ class Store:
         except duckdb.Error as exc:
             raise SchemaError(f"{self.path} is not a kledger ledger (no meta table)",
                               "point --ledger at a directory made by `kledger init`") from exc
-        version = int(row[0]) if row else 0
+        version = int(row[0]) if row and row[0].strip().isdigit() else None
+        if version is None or version < SCHEMA_VERSION and version not in MIGRATIONS:
+            raise SchemaError(f"the ledger is damaged: its schema version {row[0] if row else None!r} is not one "
+                              "kledger ever wrote", RESTORE_HINT)
         if version > SCHEMA_VERSION:
             raise SchemaError(f"this ledger has schema version {version}, newer than this kledger "
                               f"understands ({SCHEMA_VERSION})", "upgrade kledger to open it")
@@ -192,14 +184,22 @@ class Store:
                 raise SchemaError(f"this ledger has the old schema version {version}",
                                   "run a command that writes, such as `kledger reset`, once to migrate it")
             self._migrate(version)
+        self._check_tables()
 
     def _migrate(self, version: int) -> None:  # pragma: no cover - no older schema exists yet
-        migrations: dict[int, str] = {}
         with self.transaction():
             while version < SCHEMA_VERSION:
-                self.con.execute(migrations[version])
+                self.con.execute(MIGRATIONS[version])
                 version += 1
             self.set_meta("schema_version", str(version))
+
+    def _check_tables(self) -> None:
+        """Every column of the schema is there: a missing table or column would fail a later query."""
+        have = set(self.con.execute("SELECT table_name, column_name FROM duckdb_columns() "
+                                    "WHERE database_name = current_database()").fetchall())
+        for table, column in (tc for tc in COLUMNS if tc not in have):
+            what = f"column {table}.{column}" if any(t == table for t, _ in have) else f"table {table!r}"
+            raise SchemaError(f"the ledger is damaged: {what} is missing", RESTORE_HINT)
 
     def close(self) -> None:
         self.con.close()
@@ -283,7 +283,7 @@ class Store:
         rows = self.con.execute(
             f"SELECT {', '.join(FACT_COLS)} FROM facts WHERE id IN (SELECT unnest(?::VARCHAR[]))",
             [ids]).fetchall()
-        return {r[0]: fact_from_row(r) for r in rows}
+        return ById("fact", ((r[0], fact_from_row(r)) for r in rows))
 
     def conflict_candidates(self, ids: Iterable[str]) -> list[str]:
         """Those of `ids` that can take part in a contradiction (kledger.conflicts): hard, sharing a
@@ -366,17 +366,17 @@ class Store:
                     "SELECT commit_id, op, fact_id FROM commit_ops WHERE commit_id IN "
                     "(SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, pos", [ids]).fetchall():
                 ops.setdefault(cid, []).append(Op(op, fid))
-        return {r[0]: Commit(parents=tuple(r[1]), ops=tuple(ops.get(r[0], ())), message=r[2],
-                             author=r[3], timestamp=r[4], constraints=r[5], meta=json.loads(r[6]))
-                for r in rows}
+        return ById("commit", ((r[0], Commit(parents=tuple(r[1]), ops=tuple(ops.get(r[0], ())), message=r[2],
+                                                author=r[3], timestamp=r[4], constraints=r[5], meta=json.loads(r[6])))
+                                for r in rows))
 
     def graph(self) -> dict[str, tuple[str, ...]]:
         """commit id → parent ids, for every commit. Cheap: one small row per commit."""
-        return {cid: tuple(p) for cid, p in self.con.execute("SELECT id, parents FROM commits").fetchall()}
+        return ById("commit", ((cid, tuple(p)) for cid, p in self.con.execute("SELECT id, parents FROM commits").fetchall()))
 
     def commit_order(self) -> dict[str, int]:
         """commit id → insertion sequence (a topological order: parents are stored first)."""
-        return dict(self.con.execute("SELECT id, seq FROM commits").fetchall())
+        return ById("commit", self.con.execute("SELECT id, seq FROM commits").fetchall())
 
     def ids_with_prefix(self, prefix: str, limit: int = 3) -> list[str]:
         return [r[0] for r in self.con.execute(

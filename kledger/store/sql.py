@@ -1,4 +1,7 @@
-"""The SQL text of the store: the schema and the shared query fragments (kledger.store runs them)."""
+"""The SQL text of the store: the schema, its migrations and the shared query fragments
+(kledger.store runs them)."""
+
+import re
 
 SCHEMA = """
 CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -32,6 +35,11 @@ CREATE TABLE pending (kind VARCHAR NOT NULL, body VARCHAR NOT NULL);
 -- Recorded conflict decisions, replayed when the same conflict comes back (like git rerere).
 CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NULL, created VARCHAR NOT NULL);
 """
+
+MIGRATIONS: dict[int, str] = {}  # from each older schema version, the SQL that brings it up one; none yet
+# (table, column) of every column in the schema, checked when a ledger is opened
+COLUMNS = [(t, c) for t, body in re.findall(r"CREATE TABLE (\w+) \((.*?)\);", SCHEMA, re.S)
+           for c in re.findall(r"(?:^|,)\s*(\w+) (?:VARCHAR|INTEGER|BIGINT|BLOB|BOOLEAN)", body)]
 
 FACT_COLS = ("id", "subject", "prompt", "target", "relation", "target_true", "paraphrases",
               "neighborhood", "extra")
