@@ -11,6 +11,10 @@
    non-zero with a one-line error and no traceback, and leave the ledger exactly as it was.
 3. Tampers. Each case edits a copy of a facts-only ledger's database as an attacker or a broken
    disk would; `kledger fsck` must report it (exit non-zero).
+4. Reads during a commit. On a tiny random Llama (tests/conftest_edit.py, no download), a
+   `kledger commit` measures one fact with value optimisation slowed down (300 steps); meanwhile
+   `kledger status` runs again and again: each must answer, and its time is recorded (the
+   target: within 1 s).
 
 Prints one line per section and a JSON summary (`--out FILE` writes it). Ratios and counts are
 from this one run.
@@ -220,6 +224,42 @@ def tampers() -> dict:
     return {"tried": len(TAMPERS), "detected": detected, "missed": missed}
 
 
+# ------------------------------------------------------------------------------ 4. reads during a commit
+def reads_during_commit() -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest_edit import FACTS, save_tiny_model_dir
+
+    from kledger.ledger import Ledger
+    from kledger.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = save_tiny_model_dir(root / "model")
+        slow = {"c0_tokens": 600, "c0_seq_len": 32, "steps": 300, "early_stop_prob": 1.0, "n_prefixes": 1}
+        Ledger.init(root / "p", model=str(model_dir), settings={"hparams": slow, "corpus": str(model_dir / "corpus.txt")},
+                    env=Settings.from_env(ENV)).close()
+        proj = root / "p"
+        prompt, subject, target = FACTS[0]
+        kledger(["add", prompt, target, "--subject", subject], proj)
+        commit = subprocess.Popen([sys.executable, "-m", "kledger", "commit", "-m", "slow"], cwd=proj,
+                                  env={**ENV, "KLEDGER_LOCK_WAIT": "60", "OMP_NUM_THREADS": "1"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        times, failed = [], 0
+        started = time.perf_counter()
+        while commit.poll() is None:
+            t = time.perf_counter()
+            r = kledger(["status", "--json"], proj)
+            if commit.poll() is None:
+                times.append(time.perf_counter() - t)
+                failed += r.returncode != 0
+        commit.wait()
+        total = time.perf_counter() - started
+    times.sort()
+    return {"commit_s": round(total, 1), "commit_ok": commit.returncode == 0, "reads": len(times), "failed": failed,
+            "median_s": round(times[len(times) // 2], 3) if times else None,
+            "max_s": round(times[-1], 3) if times else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=10, help="kill trials (docs/reliability.md: 100)")
@@ -227,13 +267,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the JSON summary here")
     a = ap.parse_args()
-    res = {"kill": kill_trials(a.trials, a.facts, a.seed), "bad_inputs": bad_inputs(), "tampers": tampers()}
-    k, b, t = res["kill"], res["bad_inputs"], res["tampers"]
+    res = {"kill": kill_trials(a.trials, a.facts, a.seed), "bad_inputs": bad_inputs(), "tampers": tampers(),
+           "reads_during_commit": reads_during_commit()}
+    k, b, t, rd = res["kill"], res["bad_inputs"], res["tampers"], res["reads_during_commit"]
     print(f"kill trials: {k['trials']} (commit of {k['facts']} facts, {k['uninterrupted_commit_s']} s uninterrupted): "
           f"{k['landed']} landed whole, {k['not_landed']} not landed; corrupt {k['corrupt']}, "
           f"commits lost {k['commits_lost']}, staged facts lost {k['staged_lost']}")
     print(f"bad inputs: {b['refused_cleanly']}/{b['tried']} refused with one line, ledger unchanged")
     print(f"tampers: {t['detected']}/{t['tried']} detected by fsck")
+    print(f"reads during a {rd['commit_s']} s commit (ok: {rd['commit_ok']}): {rd['reads']} status runs, "
+          f"{rd['failed']} failed; median {rd['median_s']} s, max {rd['max_s']} s (target: within 1 s)")
     print(json.dumps(res, indent=1))
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
