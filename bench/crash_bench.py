@@ -188,6 +188,7 @@ TAMPERS = [
     ("op deleted", "DELETE FROM commit_ops WHERE rowid = 1"),
     ("fact deleted", "DELETE FROM facts WHERE rowid = 1"),
     ("branch to a missing commit", "UPDATE refs SET commit_id = 'abcdef' WHERE name = 'main'"),
+    ("branch rewound to an older commit", "UPDATE refs SET commit_id = (SELECT id FROM commits WHERE seq = 1) WHERE name = 'main'"),
     ("HEAD to a missing commit", "UPDATE meta SET value = 'abcdef0123' WHERE key = 'HEAD'"),
     ("HEAD names a bad branch", "UPDATE meta SET value = 'ref: no such' WHERE key = 'HEAD'"),
     ("HEAD names a missing branch", "UPDATE meta SET value = 'ref: gone' WHERE key = 'HEAD'"),

@@ -46,8 +46,12 @@ def _fact_problems(store: Store) -> tuple[list[str], int]:
 
 
 def _ref_problems(store: Store, g: dict) -> list[str]:
-    problems = [f"branch {name}: points at missing commit {short(cid)}"
-                for name, cid in store.refs().items() if cid not in g]
+    refs, log = store.refs(), store.ref_log()
+    problems = [f"branch {name}: points at missing commit {short(cid)}" for name, cid in refs.items() if cid not in g]
+    for name in sorted(set(refs) | set(log)):
+        if refs.get(name) != log.get(name):
+            problems.append(f"branch {name}: moved outside kledger (recorded at {short(log.get(name) or '(none)')}, "
+                            f"now at {short(refs.get(name) or '(none)')})")
     head = store.head()
     if head.startswith("ref: "):
         name = head[5:]

@@ -168,6 +168,12 @@ def test_fsck_sees_order_cycles_dangling_staged_and_a_bad_head(facts_only):
     fsck_says(facts_only, "not a valid branch name")
     con.execute("UPDATE meta SET value = 'ref: gone' WHERE key = 'HEAD'")
     fsck_says(facts_only, "which does not exist")
+    # a branch rewound outside kledger (to a commit that exists: only the record of moves shows it)
+    con.execute("UPDATE meta SET value = 'ref: main' WHERE key = 'HEAD'")
+    root_commit = facts_only.first_parent_chain(head)[-1]
+    con.execute("UPDATE refs SET commit_id = ? WHERE name = 'main'", [root_commit])
+    fsck_says(facts_only, "branch main: moved outside kledger")
+    con.execute("UPDATE refs SET commit_id = ? WHERE name = 'main'", [head])
     # a parent cycle: walks refuse instead of never returning
     con.execute("UPDATE meta SET value = 'ref: main' WHERE key = 'HEAD'")
     root = facts_only.first_parent_chain(head)[-1]

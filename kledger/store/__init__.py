@@ -19,6 +19,7 @@ import duckdb
 from ..errors import RESTORE_HINT, IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
 from ..records import OP_ADD, ById, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
 from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
+from .scans import Scans
 from .sql import CANDIDATES, COLUMNS, FACT_COLS, IN_FORCE, MIGRATIONS, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +29,7 @@ SCHEMA_VERSION = 1
 LEDGER_DIR = ".kledger"
 DB_NAME = "ledger.duckdb"
 STATS_CHECKSUMS = "stats_checksums"  # meta: "1" where every stored C0 matrix has a recorded checksum
+REF_LOG = "ref_log"  # meta: branch → the commit kledger last moved it to
 
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
@@ -58,7 +60,7 @@ def _connect(db: Path, ledger_dir: Path | None = None, write: bool = True, wait:
     return con
 
 
-class Store:
+class Store(Scans):
     """One open connection to a ledger database. Use as a context manager.
 
     Opened for reading, the store takes the shared lock only: other processes read at the same
@@ -92,7 +94,7 @@ class Store:
             try:
                 con.execute("BEGIN")
                 con.execute(SCHEMA)
-                rows = {"schema_version": str(SCHEMA_VERSION), STATS_CHECKSUMS: "1", **meta}
+                rows = {"schema_version": str(SCHEMA_VERSION), STATS_CHECKSUMS: "1", REF_LOG: "{}", **meta}
                 con.executemany("INSERT INTO meta VALUES (?, ?)", list(rows.items()))
                 con.execute("COMMIT")
                 con.execute("CHECKPOINT")
@@ -118,7 +120,7 @@ class Store:
         try:
             store._check_version(write)
             if write:
-                store._checksum_legacy_stats()
+                store._record_legacy()
         except Exception:
             con.close()
             raise
@@ -141,7 +143,7 @@ class Store:
         self.con = _connect(self.path / DB_NAME, self.path, True, self.wait)
         self.read_only = False
         self._check_version(True)
-        self._checksum_legacy_stats()
+        self._record_legacy()
         meta, stats, fps = self._deferred_meta, self._deferred_stats, self._deferred_fps
         self._deferred_meta, self._deferred_stats, self._deferred_fps = {}, {}, {}
         with self.transaction():
@@ -152,10 +154,13 @@ class Store:
             for fid, body in fps.items():
                 self.put_fingerprint(fid, body)
 
-    def _checksum_legacy_stats(self) -> None:
-        """Once, on a ledger made by a kledger that did not record C0 checksums: record them
-        (trust on first write, like a migration). Ledgers that record them say so in meta
-        `stats_checksums`; there a missing checksum is damage (fsck reports it)."""
+    def _record_legacy(self) -> None:
+        """Once, on a ledger made by a kledger that did not record them: the branches as they are
+        (`ref_log`) and the C0 checksums (trust on first write, like a migration). Ledgers that
+        record C0 checksums say so in meta `stats_checksums`; there a missing one is damage."""
+        if self.meta(REF_LOG) is None:  # a ledger from before the branch record: record the branches as they are
+            with self.transaction():
+                self.set_meta(REF_LOG, json.dumps(self.refs(), sort_keys=True))
         if self.meta(STATS_CHECKSUMS) is not None:
             return
         rows = self.con.execute(
@@ -256,9 +261,29 @@ class Store:
 
     def set_ref(self, name: str, commit_id: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO refs VALUES (?, ?)", [name, commit_id])
+        self._record_ref(name, commit_id)
 
     def delete_ref(self, name: str) -> None:
         self.con.execute("DELETE FROM refs WHERE name = ?", [name])
+        self._record_ref(name, None)
+
+    def _record_ref(self, name: str, commit_id: str | None) -> None:
+        """Every branch move kledger makes is also recorded in meta `ref_log`, so that fsck can
+        tell a branch moved (rewound) outside kledger from one moved by a command."""
+        log = self.ref_log()
+        if commit_id is None:
+            log.pop(name, None)
+        else:
+            log[name] = commit_id
+        self.set_meta(REF_LOG, json.dumps(log, sort_keys=True))
+
+    def ref_log(self) -> dict[str, str]:
+        """branch → the commit kledger last moved it to (see `_record_ref`)."""
+        try:
+            log = json.loads(self.meta(REF_LOG) or "{}")
+        except ValueError:
+            return {}
+        return log if isinstance(log, dict) else {}
 
     # ----------------------------------------------------------------- facts
     def put_facts(self, facts: Iterable[Fact]) -> None:
@@ -612,34 +637,3 @@ class Store:
         self.con.execute("INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [model_fp, corpus_fp, layer, n_tokens, dtype, int(matrix.shape[0]), blob])
         self.set_meta(stats_key(model_fp, corpus_fp, layer), blob_digest(blob))
-
-    # ----------------------------------------------------------------- integrity
-    def fact_rows(self) -> Iterator[tuple[str, Fact, tuple[str, str, str]]]:
-        """Every fact: (stored id, the fact, its stored matching keys (subject, relation, object))."""
-        cur = self.con.execute(f"SELECT {', '.join(FACT_COLS)}, subject_key, relation_key, object_key FROM facts")
-        while batch := cur.fetchmany(5000):
-            for r in batch:
-                yield r[0], fact_from_row(r), (r[-3], r[-2], r[-1])
-
-    def dangling_staged(self) -> list[str]:
-        """Staged fact ids with no stored fact."""
-        return [r[0] for r in self.con.execute(
-            "SELECT fact_id FROM staged s WHERE NOT EXISTS (SELECT 1 FROM facts f WHERE f.id = s.fact_id) "
-            "LIMIT 20").fetchall()]
-
-    def stats_problems(self) -> list[str]:
-        """Stored C0 matrices whose bytes do not match the checksum recorded with them."""
-        out = []
-        for model_fp, corpus_fp, layer, blob in self.con.execute(
-                "SELECT model_fp, corpus_fp, layer, matrix FROM stats ORDER BY model_fp, corpus_fp, layer").fetchall():
-            recorded = self.meta(stats_key(model_fp, corpus_fp, layer))
-            if recorded is None:
-                out.append(f"C0 of layer {layer} (model {model_fp[:10]}) has no recorded checksum")
-            elif recorded != blob_digest(blob):
-                out.append(f"C0 of layer {layer} (model {model_fp[:10]}) does not match its checksum")
-        return out
-
-    def dangling_ops(self) -> list[tuple[str, str]]:
-        return self.con.execute(
-            "SELECT commit_id, fact_id FROM commit_ops o WHERE NOT EXISTS "
-            "(SELECT 1 FROM facts f WHERE f.id = o.fact_id) LIMIT 20").fetchall()
