@@ -191,7 +191,6 @@ TAMPERS = [
     ("branch rewound to an older commit", "UPDATE refs SET commit_id = (SELECT id FROM commits WHERE seq = 1) WHERE name = 'main'"),
     ("HEAD to a missing commit", "UPDATE meta SET value = 'abcdef0123' WHERE key = 'HEAD'"),
     ("HEAD names a bad branch", "UPDATE meta SET value = 'ref: no such' WHERE key = 'HEAD'"),
-    ("HEAD names a missing branch", "UPDATE meta SET value = 'ref: gone' WHERE key = 'HEAD'"),
     ("staged fact missing", "INSERT INTO staged VALUES (0, 'add', 'ffffffffffff')"),
     ("constraints hash removed", "UPDATE commits SET constraints = 'x' WHERE seq = 1"),
 ]

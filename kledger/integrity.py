@@ -55,13 +55,10 @@ def _ref_problems(store: Store, g: dict) -> list[str]:
     head = store.head()
     if head.startswith("ref: "):
         name = head[5:]
-        try:
+        try:  # (a branch that does not exist yet is an unborn branch, as in git: no problem)
             check_branch_name(name)
         except KledgerError:
             problems.append(f"HEAD names {name!r}, which is not a valid branch name")
-        else:
-            if g and store.ref(name) is None:
-                problems.append(f"HEAD names branch {name!r}, which does not exist")
     elif head not in g:
         problems.append(f"HEAD points at missing commit {short(head)}")
     return problems
