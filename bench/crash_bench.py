@@ -67,11 +67,17 @@ def snapshot(ledger: Path) -> dict:
         con.close()
 
 
-# ------------------------------------------------------------------------------ 1. kill trials
-def make_staged_ledger(root: Path, n: int) -> Path:
+def new_ledger(root: Path) -> Path:
+    """A new facts-only ledger in ROOT/proj."""
     proj = root / "proj"
     proj.mkdir()
     assert kledger(["init"], proj).returncode == 0
+    return proj
+
+
+# ------------------------------------------------------------------------------ 1. kill trials
+def make_staged_ledger(root: Path, n: int) -> Path:
+    proj = new_ledger(root)
     assert kledger(["add", "--file", str(facts_file(root / "base.jsonl", 10, 10**6))], proj).returncode == 0
     assert kledger(["commit", "-m", "base"], proj).returncode == 0
     assert kledger(["add", "--file", str(facts_file(root / "staged.jsonl", n))], proj).returncode == 0
@@ -159,9 +165,7 @@ def bad_input_cases(root: Path) -> list[tuple[str, list[str]]]:
 def bad_inputs() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        proj = root / "proj"
-        proj.mkdir()
-        kledger(["init"], proj)
+        proj = new_ledger(root)
         kledger(["add", "The Eiffel Tower is located in", "Rome", "--subject", "Eiffel Tower"], proj)
         kledger(["commit", "-m", "one"], proj)
         cases = bad_input_cases(root)
@@ -199,9 +203,7 @@ TAMPERS = [
 def tampers() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        proj = root / "proj"
-        proj.mkdir()
-        kledger(["init"], proj)
+        proj = new_ledger(root)
         for i in range(2):
             kledger(["add", "--file", str(facts_file(root / f"f{i}.jsonl", 5, 10 * i))], proj)
             kledger(["commit", "-m", f"c{i}"], proj)
