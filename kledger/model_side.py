@@ -317,6 +317,7 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
         hist_s = time.perf_counter() - t
     res["seconds"] = {"load": loaded - started,
                       "records": sum(r["seconds"]["records"] for r in (base, edited)),
+                      "greedy": sum(r["seconds"]["greedy"] for r in (base, edited)),
                       "fluency": sum(r["seconds"]["fluency"] for r in (base, edited)),
                       "perplexity": sum(r["seconds"]["perplexity"] for r in (base, edited)),
                       "history": hist_s, "total": time.perf_counter() - started}
@@ -331,7 +332,7 @@ def _document(cid: str, opts: EvalOptions, fixed: list[Fact] | None, facts: list
     from .edit.evaluate import KINDS
 
     n = len(facts)
-    work = sum(r["seconds"]["records"] + r["seconds"]["fluency"] for r in (base, edited))
+    work = sum(r["seconds"]["records"] + r["seconds"]["greedy"] + r["seconds"]["fluency"] for r in (base, edited))
     return {
         "revision": cid, "mode": opts.mode,
         "data": {"source": "file" if fixed is not None else "ledger",

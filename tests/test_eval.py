@@ -18,7 +18,15 @@ pytest.importorskip("transformers")
 from conftest import snapshot  # noqa: E402
 from conftest_edit import VOCAB, one_thread, save_tiny_model_dir, tiny_lm, tiny_tokenizer  # noqa: E402,F401
 
-from kledger.edit.evaluate import Scorer, evaluate_model, ngram_entropy, record_kind, split_ids, summarize  # noqa: E402
+from kledger.edit.evaluate import (  # noqa: E402
+    Scorer,
+    evaluate_model,
+    ngram_entropy,
+    record_kind,
+    split_ids,
+    starts_with_object,
+    summarize,
+)
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 from kledger.settings import Settings  # noqa: E402
@@ -146,9 +154,54 @@ def test_zsre_token_accuracy_by_hand():
     table[ID["<unk>"], ID["Paris"]] = 5.0
     table[ID["Paris"], ID["Germany"]] = 5.0
     res = evaluate_model(scorer(table), [ZSRE])
-    assert res["per_record"][0] == {"rewrite_acc": 1.0, "paraphrase_acc": 0.0, "neighborhood_acc": 0.5}
+    # greedy: "... located" → "Rome" (a success), the rephrase → "London", the unrelated question
+    # → "Paris Germany", which does not start with "Paris France"
+    assert res["per_record"][0] == {"rewrite_acc": 1.0, "paraphrase_acc": 0.0, "neighborhood_acc": 0.5,
+                                    "gen_rewrite": 1.0, "gen_paraphrase": 0.0, "gen_neighborhood": 0.0}
     assert res["metrics"]["zsre"] == {"n": 1, "rewrite_acc": 1.0, "paraphrase_acc": 0.0,
-                                      "neighborhood_acc": 0.5, "n_paraphrase": 1, "n_neighborhood": 1}
+                                      "neighborhood_acc": 0.5, "gen_rewrite": 1.0, "gen_paraphrase": 0.0,
+                                      "gen_neighborhood": 0.0, "n_paraphrase": 1, "n_neighborhood": 1}
+    no_greedy = evaluate_model(scorer(table), [ZSRE], greedy=False)
+    assert no_greedy["per_record"][0] == {"rewrite_acc": 1.0, "paraphrase_acc": 0.0, "neighborhood_acc": 0.5}
+    assert no_greedy["metrics"]["zsre"]["gen_rewrite"] is None
+
+
+def test_generation_success_by_hand():
+    """Teacher forcing and generation disagree where the first token is right but the greedy
+    path then leaves the object: after "in" the model says "Big" then "Paris", so "Big Ben" wins
+    efficacy (its per-token mean beats "Paris") but the user sees "Big Paris"."""
+    table = torch.zeros(64, 64)
+    table[ID["in"], ID["Big"]] = 6.0
+    table[ID["Big"], ID["Paris"]] = 3.0  # the greedy path after "Big"
+    table[ID["Big"], ID["Ben"]] = 2.5  # "Ben" is second: teacher forcing still gives it a high probability
+    table[ID["of"], ID["Paris"]] = 6.0  # paraphrase and neighbourhood prompts ending in "of" → "Paris"
+    res = evaluate_model(scorer(table), [CF])
+    m = res["per_record"][0]
+    assert m["efficacy"] == 1.0 and m["gen_rewrite"] == 0.0
+    assert m["gen_paraphrase"] == 0.0  # "... of" → "Paris", "... in" → "Big Paris": neither is "Big Ben"
+    assert m["gen_neighborhood"] == 0.5  # "... in" → "Big Paris" (lost), "... of" → "Paris" (kept)
+    table[ID["Big"], ID["Ben"]] = 4.0  # now the greedy path says "Big Ben"
+    m = evaluate_model(scorer(table), [CF])["per_record"][0]
+    assert m["gen_rewrite"] == 1.0 and m["gen_paraphrase"] == 0.5
+
+
+@pytest.mark.parametrize("text,obj,want", [
+    (" Rome is", "Rome", True), ("\n rome", "Rome", True), (" Rome", "Rome", True), (" Romeo and", "Rome", False),
+    (" Rome-based", "Rome", True), (" the Rome", "Rome", False), (" New York City", "New York", True),
+    ("", "Rome", False), (" x", "", False)])
+def test_starts_with_object(text, obj, want):
+    assert starts_with_object(text, obj) is want
+
+
+def test_greedy_continuations_match_generate():
+    """The scorer's step-by-step greedy decoding (right padding, any batch) gives the tokens that
+    transformers' generate gives one prompt at a time."""
+    lm = tiny_lm("llama", seed=1)
+    wants = {CF.prompt: 4, "a": 6, PLAIN.prompt: 3}
+    together = Scorer(lm.model, lm.tokenizer, BOS, batch_size=2, spec=lm.spec).greedy(wants)
+    for p, n in wants.items():
+        full = Scorer(lm.model, lm.tokenizer, BOS, batch_size=1).generate([p], n)[p]
+        assert together[p] and full.endswith(together[p])
 
 
 def test_other_facts_get_accuracy_and_probability():
@@ -170,7 +223,8 @@ def test_summary_averages_records_and_skips_missing_prompts():
     s = summarize(["counterfact", "counterfact", "zsre"], per)
     assert s["counterfact"] == {"n": 2, "efficacy": 0.5, "generalization": 0.5, "specificity": 1.0,
                                 "p_new_prompt": pytest.approx(0.3), "p_new_paraphrase": 0.1,
-                                "p_true_neighborhood": 0.3, "n_paraphrase": 1, "n_neighborhood": 1}
+                                "p_true_neighborhood": 0.3, "gen_rewrite": None, "gen_paraphrase": None,
+                                "gen_neighborhood": None, "n_paraphrase": 1, "n_neighborhood": 1}
     assert s["zsre"]["paraphrase_acc"] is None and s["zsre"]["n_paraphrase"] == 0
     assert "other" not in s
 
@@ -430,6 +484,8 @@ def _real_eval(k, tmp_path, facts):
     doc = r.json
     assert doc["data"]["counterfact"] == 2
     assert doc["edited"]["counterfact"]["efficacy"] == 1.0
+    # what the user sees: the base model says neither new object; the edited model says both
+    assert doc["base"]["counterfact"]["gen_rewrite"] == 0.0 and doc["edited"]["counterfact"]["gen_rewrite"] == 1.0
     assert doc["text"]["held_out"] is True and doc["text"]["offset"] == 2000
     # the base column is the unedited model: the same numbers from a fresh load
     from kledger.edit.hooks import boundary_token

@@ -14,6 +14,11 @@ Metrics (defined exactly in docs/evaluation.md):
   answer on the question and on its rephrasings, and for `loc_ans` on the unrelated question.
 - Other facts: the same token accuracy and the mean probability of the new object, on the prompt
   and the paraphrases.
+- Generation success, for every kind: the share of prompts whose greedy continuation (the
+  object's token count plus GEN_MARGIN tokens) starts with the new object (`gen_rewrite`,
+  `gen_paraphrase`), and for neighbourhood prompts with the object they should keep
+  (`gen_neighborhood`): what a user who lets the model answer sees, where the scores above compare
+  two given answers with the correct prefix fed (teacher forcing).
 - General ability: perplexity on held-out text (fixed windows, the same tokens for every model) and
   fluency, ROME's weighted bi-/tri-gram entropy of a greedy continuation of each record's prompt.
 
@@ -48,13 +53,17 @@ KIND_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "other": "Other fac
 # the summary metrics of each kind, in display order
 GROUP_METRICS = {
     "counterfact": ("efficacy", "generalization", "specificity", "p_new_prompt", "p_new_paraphrase",
-                    "p_true_neighborhood"),
-    "zsre": ("rewrite_acc", "paraphrase_acc", "neighborhood_acc"),
-    "other": ("rewrite_acc", "paraphrase_acc", "p_new_prompt", "p_new_paraphrase"),
+                    "p_true_neighborhood", "gen_rewrite", "gen_paraphrase", "gen_neighborhood"),
+    "zsre": ("rewrite_acc", "paraphrase_acc", "neighborhood_acc", "gen_rewrite", "gen_paraphrase",
+             "gen_neighborhood"),
+    "other": ("rewrite_acc", "paraphrase_acc", "p_new_prompt", "p_new_paraphrase", "gen_rewrite", "gen_paraphrase"),
 }
+GEN_METRICS = ("gen_rewrite", "gen_paraphrase", "gen_neighborhood")
+GEN_MARGIN = 2  # greedy tokens generated beyond the object's own token count
 # which per-record metrics need which prompts: the denominators reported as n_paraphrase, n_neighborhood
 _NEEDS = {"generalization": "paraphrase", "p_new_paraphrase": "paraphrase", "paraphrase_acc": "paraphrase",
-          "specificity": "neighborhood", "p_true_neighborhood": "neighborhood", "neighborhood_acc": "neighborhood"}
+          "gen_paraphrase": "paraphrase", "specificity": "neighborhood", "p_true_neighborhood": "neighborhood",
+          "neighborhood_acc": "neighborhood", "gen_neighborhood": "neighborhood"}
 ZSRE_MARKERS = ("loc_ans", "cond")
 PPL_WINDOW = 256  # tokens per perplexity window (plus the boundary token)
 PPL_TOKENS_PER_FORWARD = 1024  # windows are batched up to about this many tokens
@@ -140,6 +149,31 @@ def record_metrics(fact: Fact, kind: str, got: dict[tuple[str, str], "Scores"]) 
     return {"rewrite_acc": acc(p["rewrite_new"]), "paraphrase_acc": acc(p["para_new"]),
             "p_new_prompt": _mean(s.prob for s in p["rewrite_new"]),
             "p_new_paraphrase": _mean(s.prob for s in p["para_new"])}
+
+
+def _generation_checks(fact: Fact, kind: str) -> dict[str, list[tuple[str, str]]]:
+    """Per generation metric, the (prompt, object) pairs whose greedy continuation should start
+    with the object."""
+    plan = _pairs(fact, kind)
+    out = {"gen_rewrite": plan["rewrite_new"], "gen_paraphrase": plan["para_new"]}
+    if kind in ("counterfact", "zsre"):
+        out["gen_neighborhood"] = plan["nb_keep"]
+    return out
+
+
+def starts_with_object(continuation: str, obj: str) -> bool:
+    """Whether a generated continuation (leading whitespace ignored) starts with the object as a
+    whole word: case-insensitive, and not followed by a letter or digit ("Rome" is not found in
+    "Romeo")."""
+    text, want = continuation.lstrip().casefold(), obj.strip().casefold()
+    return bool(want) and text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
+
+
+def generation_metrics(fact: Fact, kind: str, continuations: dict[str, str]) -> dict[str, float | None]:
+    """One record's generation success rates from the greedy continuations of its prompts (None
+    where it has no such prompts)."""
+    return {name: _mean(float(starts_with_object(continuations[p], obj)) for p, obj in pairs)
+            for name, pairs in _generation_checks(fact, kind).items()}
 
 
 def summarize(kinds: Sequence[str], per_record: Sequence[dict]) -> dict[str, dict]:
@@ -319,6 +353,37 @@ class Scorer:
         return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(seqs)}
 
     @_no_grad
+    def greedy(self, wants: dict[str, int], stage: str = "greedy") -> dict[str, str]:
+        """Greedy continuations: prompt → the text of its first `wants[prompt]` generated tokens
+        (without the prompt). Decoded step by step with the scorer's forward pass (so it works with
+        any LM the scorer takes); prompts of similar length are batched, right-padded, and each
+        row's next token is read at its own last position."""
+        import torch
+
+        from .hooks import encode, pad_batch
+
+        pre = [self.bos_id] if self.bos_id is not None else []
+        toks = {p: pre + encode(self.tokenizer, p.rstrip()) for p in wants}
+        order = sorted(wants, key=lambda p: (-len(toks[p]), -wants[p]))
+        out: dict[str, str] = {}
+        n_batches = -(-len(order) // self.batch_size)
+        for b in range(n_batches):
+            self._report(stage, b, n_batches)
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            seqs = [list(toks[p]) for p in batch]
+            for _ in range(max(wants[p] for p in batch)):
+                padded = pad_batch(seqs, self.pad_id)  # [B, T] right-padded
+                nxt = self._logits(padded.input_ids, padded.attention_mask, torch.arange(len(seqs)),
+                                   torch.tensor([len(s) - 1 for s in seqs])).argmax(-1).tolist()  # [B]
+                for s, t in zip(seqs, nxt):
+                    s.append(int(t))
+            for p, s in zip(batch, seqs):
+                start = len(toks[p])
+                out[p] = self.tokenizer.decode(s[start:start + wants[p]], skip_special_tokens=True)
+        self._report(stage, n_batches, n_batches)
+        return out
+
+    @_no_grad
     def generate(self, prompts: Sequence[str], n_tokens: int) -> dict[str, str]:
         """Greedy continuations of exactly `n_tokens` tokens (no stop at end of text), batched with
         left padding; returns prompt → the decoded prompt and continuation."""
@@ -366,16 +431,34 @@ def ngram_entropy(text: str) -> float:
 
 # ---------------------------------------------------------------------------- one model
 
+def _generation_success(scorer: Scorer, facts: Sequence[Fact], kinds: Sequence[str], per: list[dict]) -> None:
+    """Add each record's generation success rates to its metrics in `per`: one greedy continuation
+    per distinct prompt, as long as the longest object checked after it plus GEN_MARGIN tokens."""
+    checks = [_generation_checks(f, k) for f, k in zip(facts, kinds)]
+    wants: dict[str, int] = {}
+    for c in checks:
+        for prompt, obj in (pair for pairs in c.values() for pair in pairs):
+            n = len(split_ids(scorer.tokenizer, prompt, obj, scorer.bos_id)[1]) + GEN_MARGIN
+            wants[prompt] = max(wants.get(prompt, 0), n)
+    conts = scorer.greedy(wants) if wants else {}
+    for f, k, m in zip(facts, kinds, per):
+        m.update(generation_metrics(f, k, conts))
+
+
 def evaluate_model(scorer: Scorer, facts: Sequence[Fact], *, ppl_ids: Sequence[int] | None = None,
-                   ppl_window: int = PPL_WINDOW, gen_tokens: int = 0) -> dict:
+                   ppl_window: int = PPL_WINDOW, gen_tokens: int = 0, greedy: bool = True) -> dict:
     """All metrics of the model in `scorer` on `facts`: {"metrics": {kind: group..., "perplexity",
-    "fluency"}, "per_record": [metrics per fact], "seconds": {"records", "fluency", "perplexity"}}."""
+    "fluency"}, "per_record": [metrics per fact], "seconds": {"records", "greedy", "fluency",
+    "perplexity"}}. `greedy` False skips generation success (its metrics are then None)."""
     kinds = [record_kind(f) for f in facts]
     t0 = time.perf_counter()
     plans = [_pairs(f, k) for f, k in zip(facts, kinds)]
     got = scorer.score([pair for plan in plans for pairs in plan.values() for pair in pairs])
     per = [record_metrics(f, k, got) for f, k in zip(facts, kinds)]
     t1 = time.perf_counter()
+    if greedy:
+        _generation_success(scorer, facts, kinds, per)
+    t_g = time.perf_counter()
     fluency = None
     if gen_tokens > 0 and facts:
         texts = scorer.generate([generation_prompt(f) for f in facts], gen_tokens)
@@ -389,7 +472,7 @@ def evaluate_model(scorer: Scorer, facts: Sequence[Fact], *, ppl_ids: Sequence[i
     metrics["perplexity"] = ppl["perplexity"] if ppl else None
     metrics["fluency"] = fluency
     return {"metrics": metrics, "per_record": per, "perplexity": ppl,
-            "seconds": {"records": t1 - t0, "fluency": t2 - t1, "perplexity": t3 - t2}}
+            "seconds": {"records": t1 - t0, "greedy": t_g - t1, "fluency": t2 - t_g, "perplexity": t3 - t2}}
 
 
 # ---------------------------------------------------------------------------- held-out text
