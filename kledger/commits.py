@@ -23,7 +23,7 @@ from .conflicts import Conflict
 from .decisions import ProposedFacts, describe
 from .errors import ConflictError, StateError, UsageError
 from .history import apply_ops
-from .records import OP_ADD, OP_RETRACT, Commit, Op, check_text, constraints_hash, short
+from .records import OP_ADD, OP_RETRACT, Commit, Op, check_text, short
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
@@ -69,10 +69,7 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
             ops, found, replayed = lg.decisions.replay(base, ops, added)
             meta = _with_resolved(meta, replayed)
     if found and not allow_conflicts:
-        raise ConflictError(
-            f"{len(found)} unresolved conflict(s): {describe(found[0], lg.store.facts(found[0].fact_ids))}",
-            "run `kledger conflicts` and `kledger resolve`, or pass --allow-conflicts to record them as open",
-            conflicts=found)
+        refuse(lg, found)
     if found:
         meta = {**(meta or {}), "open_conflicts": [c.key for c in found]}
     author = check_text(author or lg.env.default_author(), "the author (--author or $KLEDGER_AUTHOR)")
@@ -82,6 +79,14 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
     cid = lg.store.put_commit(commit)
     move_head(lg, cid)
     return cid
+
+
+def refuse(lg: "Ledger", found: list[Conflict]) -> None:
+    """The ConflictError for unresolved conflicts `found` (nothing has been written)."""
+    raise ConflictError(
+        f"{len(found)} unresolved conflict(s): {describe(found[0], lg.store.facts(found[0].fact_ids))}",
+        "run `kledger conflicts` and `kledger resolve`, or pass --allow-conflicts to record them as open",
+        conflicts=found)
 
 
 def move_head(lg: "Ledger", cid: str) -> None:
@@ -96,8 +101,10 @@ def move_head(lg: "Ledger", cid: str) -> None:
 def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflicts: bool = False,
            compute: bool | None = None, progress=None, meta: dict | None = None,
            measure_without: Iterable[str] = ()) -> str:
-    """Commit the staged changes. On a ledger with a model (the default), the constraints of
-    the added facts are first measured against apply(HEAD) (sequential editing) and stored
+    """Commit the staged changes. On a ledger with a model (the default), conflicts (soft ones
+    from the added facts' first-layer keys) are looked for and refused before anything else is
+    measured; then the constraints of the added facts are measured against apply(HEAD)
+    (sequential editing) and stored
     with the commit, in the same transaction; `compute=False` records facts only. With
     `measure_without`, they are measured against apply(HEAD) without those facts' constraints
     (`resolve` re-measuring kept facts as if the losers had never been made).
@@ -114,7 +121,8 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
     head = lg.history.head()
     ops, digest, rows, found = staged, None, [], None
     if compute if compute is not None else lg.has_model:
-        ops, digest, rows, meta, found = _measure_staged(lg, head, staged, meta, progress, measure_without)
+        ops, digest, rows, meta, found = _measure_staged(lg, head, staged, meta, progress, measure_without,
+                                                         allow_conflicts)
     if lg.store.read_only:
         lg.store.upgrade()
         lg.history.changed()
@@ -130,24 +138,24 @@ def commit(lg: "Ledger", message: str, author: str | None = None, allow_conflict
 
 
 def _measure_staged(lg: "Ledger", head: str | None, ops: list[Op], meta: dict | None, progress,
-                    exclude: Iterable[str]) -> tuple[list[Op], str | None, list, dict | None, list[Conflict]]:
-    """Remembered decisions first, so that a staged fact that loses to one is not measured;
-    then measure; then the decisions about soft conflicts, which the new keys reveal.
-    Returns (ops, constraints hash, constraints, meta, the conflicts left among the facts
-    added): conflicts are looked for twice per commit, before and after measuring."""
+                    exclude: Iterable[str], allow_conflicts: bool
+                    ) -> tuple[list[Op], str | None, list, dict | None, list[Conflict]]:
+    """Conflicts first, then measuring. The added facts' first-layer keys (one short forward
+    pass; they depend on no edit) let soft conflicts be found with the hard ones; remembered
+    decisions are replayed, so a staged fact that loses to one is not measured; conflicts left
+    are refused here, before any value optimisation, unless allowed. Returns (ops, constraints
+    hash, constraints, meta, the conflicts left among the facts added)."""
     base = lg.history.state(head)
     adds = [o.fact_id for o in ops if o.op == OP_ADD]
-    ops, _, replayed = lg.decisions.replay(base, ops, adds)
+    keys = model_side.first_keys(lg, list(lg.store.facts(adds).values()))
+    with lg.decisions.new_keys(keys):
+        ops, found, replayed = lg.decisions.replay(base, ops, adds)
+    if found and not allow_conflicts:
+        refuse(lg, found)
     added = lg.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
     digest, rows = model_side.measure(lg, head, [added[o.fact_id] for o in ops if o.op == OP_ADD],
                                       exclude=exclude, progress=progress)
-    with lg.decisions.new_keys(rows):
-        ops, found, replayed_soft = lg.decisions.replay(base, ops, adds)
-    kept = {o.fact_id for o in ops if o.op == OP_ADD}
-    if len(kept) < len(added):
-        rows = [r for r in rows if r.fact_id in kept]
-        digest = constraints_hash(rows)
-    return ops, digest, rows, _with_resolved(meta, replayed + replayed_soft), found
+    return ops, digest, rows, _with_resolved(meta, replayed), found
 
 
 def replay(lg: "Ledger", base: str | None = None, author: str | None = None, progress=None) -> dict:

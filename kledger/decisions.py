@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .conflicts import SOFT_THRESHOLD, Conflict, find_conflicts, settle, soft_edges
 from .errors import InputError, UsageError
 from .history import History, apply_ops
-from .records import OP_ADD, OP_RETRACT, Constraint, Fact, Op, looks_like_id, normalize, relation_key
+from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id, normalize, relation_key
 from .store import Store
 
 STRATEGIES = ("keep", "ours", "theirs", "newest")
@@ -161,14 +161,13 @@ class Decisions:
         return None if value == "off" else float(value)
 
     @contextmanager
-    def new_keys(self, constraints: list[Constraint]) -> Iterator[None]:
-        """Within the block, soft conflicts also see the first-layer keys of these freshly
-        measured constraints (facts not stored yet)."""
-        if not constraints:
+    def new_keys(self, keys: Mapping[str, Any]) -> Iterator[None]:
+        """Within the block, soft conflicts also see these first-layer keys (fact id → key) of
+        facts no commit has measured yet (the staged ones, measured by `Editor.first_keys`)."""
+        if not keys:
             yield
             return
-        low = min(c.layer for c in constraints)
-        self._extra_keys = {c.fact_id: c.key for c in constraints if c.layer == low}
+        self._extra_keys = dict(keys)
         try:
             yield
         finally:

@@ -83,6 +83,10 @@ class ModelError(KledgerError):
     kind = "model"
 
 
+class MissingExtraError(ModelError):
+    """A module of the `edit` extra (torch, transformers, ...) is not installed."""
+
+
 class FingerprintError(KledgerError):
     """Stored constraints were measured on another base model, C0 or hyper-parameters."""
 
@@ -95,7 +99,7 @@ MODEL_MODULES = frozenset({"torch", "transformers", "safetensors", "numpy", "acc
 INSTALL_EDIT = "pip install 'kledger[edit]'"
 
 
-def missing_model_module(exc: ImportError, doing: str = "this", replay_hint: bool = False) -> ModelError | None:
+def missing_model_module(exc: ImportError, doing: str = "this", replay_hint: bool = False) -> MissingExtraError | None:
     """The one-line error for an ImportError of a module of the `edit` extra (None for any other
     module): `doing` needs torch and transformers. `replay_hint`: also say how to replay a text
     ledger without measuring."""
@@ -105,4 +109,5 @@ def missing_model_module(exc: ImportError, doing: str = "this", replay_hint: boo
     hint = f"install the model side with `{INSTALL_EDIT}`"
     if replay_hint:
         hint += "; to replay a text ledger only to check it, add --no-measure (`kledger init DIR --from TEXT --no-measure`)"
-    return ModelError(f"{doing} needs torch and transformers (the `edit` extra), and {name} is not installed", hint)
+    return MissingExtraError(f"{doing} needs torch and transformers (the `edit` extra), and {name} is not installed",
+                             hint)

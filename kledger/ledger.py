@@ -340,8 +340,25 @@ class Ledger:
         else at HEAD with the staged facts."""
         d = self.decisions
         pf = d.proposed(rev, staged=staged or rev is None, pending=rev is None and not staged, lazy=True)
-        found = d.conflicts_of(pf)
+        with d.new_keys(self._staged_keys(pf)[0]):
+            found = d.conflicts_of(pf)
         return {"target": target_of(pf), "facts": pf.n_facts, "conflicts": d.report(pf, found)}
+
+    def _staged_keys(self, pf) -> tuple[dict, bool]:
+        """(first-layer keys of the staged facts no commit has measured, whether every staged fact
+        has keys for soft conflicts): measured on the model as `commit` will, so that `check
+        --staged` and `commit` give one verdict. Without torch (a CI gate installed without the
+        `edit` extra) they cannot be measured: ({}, False), and `check` says so."""
+        adds = [o.fact_id for o in pf.ops if o.op == OP_ADD]
+        if not adds or self.soft_threshold() is None or not self.measured:
+            return {}, True
+        from . import model_side
+        from .errors import MissingExtraError
+
+        try:
+            return model_side.first_keys(self, list(self.store.facts(adds).values())), True
+        except MissingExtraError:
+            return {}, False
 
     def check(self, rev: str | None = None, staged: bool = False) -> dict:
         """The CI gate: unresolved conflicts in the facts in force at REV (default HEAD), or, with
@@ -351,16 +368,18 @@ class Ledger:
         keys (a ledger replayed with `init --from --no-measure`)."""
         d = self.decisions
         pf = d.proposed(rev, staged=staged, lazy=True)
-        found = d.conflicts_of(pf)
-        replayed: list[dict] = []
-        incoming = set(pf.incoming)
-        if any(incoming.intersection(c.fact_ids) and self.store.resolution(c.key) for c in found):
-            pf.base = self.state(pf.commit)  # replay as `commit` would, then look again
-            pf.ops, _, replayed = d.replay(pf.base, pf.ops, incoming)
+        keys, keyed = self._staged_keys(pf)
+        with d.new_keys(keys):
             found = d.conflicts_of(pf)
+            replayed: list[dict] = []
+            incoming = set(pf.incoming)
+            if any(incoming.intersection(c.fact_ids) and self.store.resolution(c.key) for c in found):
+                pf.base = self.state(pf.commit)  # replay as `commit` would, then look again
+                pf.ops, _, replayed = d.replay(pf.base, pf.ops, incoming)
+                found = d.conflicts_of(pf)
         return {"ok": not found, "target": target_of(pf), "facts": pf.n_facts,
                 "unresolved": len(found), "conflicts": d.report(pf, found), "replayed": replayed,
-                "soft_checked": self.measured and self.soft_threshold() is not None}
+                "soft_checked": self.measured and self.soft_threshold() is not None and keyed}
 
     def resolve_conflicts(self, conflict: str | None = None, keep: str | None = None, strategy: str = "keep",
                           message: str | None = None, author: str | None = None) -> dict:

@@ -119,6 +119,18 @@ def _needs_edit_extra(doing: str, replay_hint: bool = False) -> Callable:
 
 # ---------------------------------------------------------------------------- commit: measuring
 
+@_needs_edit_extra("measuring facts' keys for soft conflicts")
+def first_keys(ledger: "Ledger", facts: list[Fact]) -> dict:
+    """fact id → first-edited-layer key of each fact that no commit has measured yet (the keys
+    soft conflicts compare), measured in one short forward pass; {} on a ledger without a model or
+    without soft conflicts, or when every fact has stored keys."""
+    if not ledger.has_model or not ledger.measured or ledger.soft_threshold() is None:
+        return {}
+    known = ledger.store.measured_facts(f.id for f in facts)
+    todo = [f for f in facts if f.id not in known]
+    return editor(ledger).first_keys(todo) if todo else {}
+
+
 @_needs_edit_extra("measuring facts on the model", replay_hint=True)
 def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: Iterable[str] = (),
             progress: Progress | None = None, *, skip_known: bool = False) -> tuple[str | None, list[Constraint]]:

@@ -185,3 +185,41 @@ def test_resolve_newest_remeasures_kept_facts_as_if_the_loser_never_was(model_di
     # keeping the older side needs no re-measurement: Rome was measured before Berlin existed
     only.close()
     lg.close()
+
+
+def test_check_staged_and_commit_give_one_verdict_before_anything_is_measured(model_dir, tmp_path, monkeypatch):
+    """A soft conflict of a staged fact is found by `check --staged` (its first-layer key measured
+    in one short forward pass) and refused by `commit` before any value is optimised; the key
+    measured ahead is the key the commit stores."""
+    from kledger import model_side
+    from kledger.edit import engine
+    from kledger.errors import MissingExtraError
+
+    lg = new_ledger(model_dir, tmp_path / "a")
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome")])
+    lg.commit("rome", author="t")
+    rome = next(iter(lg.state(lg.head())))
+    ahead = lg.editor().first_keys([lg.store.facts([rome])[rome]])[rome]
+    stored = lg.store.first_layer_keys([rome])[rome]
+    assert np.allclose(ahead, stored, rtol=1e-5, atol=1e-6)
+
+    lg.add([fact(PROMPT, "Eiffel Tower", "Berlin")])
+    rep = lg.check(staged=True)
+    assert not rep["ok"] and rep["soft_checked"] is True and rep["conflicts"][0]["kind"] == "soft"
+
+    def no_optimising(*a, **k):
+        raise AssertionError("a value was optimised for a commit that is refused")
+
+    monkeypatch.setattr(engine, "optimise_values", no_optimising)
+    with pytest.raises(ConflictError) as exc:
+        lg.commit("berlin", author="t")
+    assert exc.value.conflicts[0].key == rep["conflicts"][0]["conflict"]
+    assert len(lg.store.staged()) == 1
+    # without the model side (a CI gate installed without torch) the staged keys cannot be measured:
+    # said, not hidden
+    def missing(*a, **k):
+        raise MissingExtraError("no torch", "pip install 'kledger[edit]'")
+
+    monkeypatch.setattr(model_side, "first_keys", missing)
+    rep = lg.check(staged=True)
+    assert rep["ok"] and rep["soft_checked"] is False

@@ -77,11 +77,13 @@ def check(rev: str | None = typer.Argument(None, help="Revision to check (defaul
           staged: bool = typer.Option(False, "--staged", help="Check what `kledger commit` would make of HEAD "
                                                               "and the staged facts."),
           json_: bool = JSON_OPT) -> None:
-    """CI gate: exit 0 when there is no unresolved conflict, 3 when there is. Never loads a model."""
+    """CI gate: exit 0 when there is no unresolved conflict, 3 when there is. Loads the model only
+    with --staged, to measure new facts' keys for soft conflicts as `commit` does."""
     want_json(json_)
     with open_ledger() as ledger:
         rep = ledger.check(rev, staged=staged)
         unmeasured = ledger.has_model and not ledger.measured
+        soft_on = ledger.soft_threshold() is not None
     if json_:
         emit_json("check", rep)
     else:
@@ -89,6 +91,9 @@ def check(rev: str | None = typer.Argument(None, help="Revision to check (defaul
         if unmeasured:
             say("note: soft conflicts were not looked for: this ledger was replayed with --no-measure, so its "
                 "facts have no keys")
+        elif staged and not rep["soft_checked"] and soft_on:
+            say("note: soft conflicts were not looked for: the staged facts' keys need the model side "
+                "(pip install 'kledger[edit]'); `kledger commit` will look for them")
     if not rep["ok"]:
         raise ConflictError(f"{rep['unresolved']} unresolved conflict(s) in {_where(rep['target'])}",
                             "see them with `kledger conflicts`, decide with `kledger resolve`")

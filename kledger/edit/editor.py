@@ -455,6 +455,21 @@ class Editor:
             self._at_base = True
 
     # ------------------------------------------------------------------ new constraints
+    def first_keys(self, facts: Sequence[Fact]) -> dict[str, "np.ndarray"]:
+        """fact id → the key (float32, [d_in]) a commit would store for it at the first edited
+        layer: it depends on no edit, so it is measured here with whatever weights are loaded,
+        in one forward pass through the layers up to it (soft conflicts before measuring)."""
+        import torch
+
+        from .engine import EditRequest, first_keys, prepare
+
+        if not facts:
+            return {}
+        hp = self.hparams
+        toks = prepare(self.lm, [EditRequest(f.prompt, f.subject, f.target) for f in facts], hp)
+        K = first_keys(self.lm, toks, hp.layers[0])
+        return {f.id: K[i].to(torch.float32).numpy() for i, f in enumerate(facts)}
+
     def measure(self, prior: Batches, facts: Sequence[Fact], *, exclude: Iterable[str] = ()) -> list[Constraint]:
         """Constraints of `facts` measured against the solve of `prior` (the constraints in force at
         the parent, by commit): sequential editing. The model is brought to the accumulated

@@ -340,6 +340,23 @@ def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int) -> tuple
     return K.cpu(), z.cpu()
 
 
+@torch.no_grad()
+def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int) -> torch.Tensor:
+    """Keys at `layer` ([N, d_in] on the CPU, mean over contexts) as `measure` gives them, with
+    the forward ended after that layer's down-projection. At the first edited layer they depend
+    only on unedited weights, so they are the keys a commit will store, known before any value is
+    optimised: what soft conflicts compare."""
+    model, spec = lm.model, lm.spec
+    dev = device_of(model)
+    N, C = len(toks), len(toks[0].ctx)
+    batch = pad_batch([c for t in toks for c in t.ctx], pad_id_of(lm.tokenizer))
+    rows = torch.arange(N * C, device=dev)
+    cols = torch.tensor([s for t in toks for s in t.subj], device=dev)
+    with capture_down_inputs(model, spec, [layer], stop_after=layer) as keys:
+        run_until(model, batch.input_ids, batch.attention_mask)
+    return keys[layer][rows, cols].float().view(N, C, -1).mean(1).cpu()
+
+
 def _batches(c: LayerConstraints | None) -> list[KV]:
     if c is None:
         return []
