@@ -11,7 +11,11 @@ WikiText-2 and for fluency. `accumulated_vs_stored_solve` checks the paper's ide
 model: the weights left by sequential editing equal the one-shot solve over the stored constraints.
 
     OMP_NUM_THREADS=1 python bench/paper.py [--n 32] [--batch 4] [--data counterfact,zsre] \
-        [--modes accumulated,alphaedit,no-history] [--out docs/results.md]
+        [--modes accumulated,alphaedit,no-history] [--out docs/results.md] \
+        [--curve-at 100,300,1000] [--state bench/out/paper]
+
+At 1,000 edits this runs for hours on a CPU: `--state DIR` keeps each mode's stored constraints
+after every batch, and the same command run again goes on from there.
 """
 
 from __future__ import annotations
@@ -70,13 +74,39 @@ def headline(kind: str, metrics: dict) -> dict[str, float | None]:
         names = {"efficacy": "efficacy", "generalization": "generalization", "specificity": "specificity"}
     else:
         names = {"efficacy": "rewrite_acc", "generalization": "paraphrase_acc", "specificity": "neighborhood_acc"}
+    names.update({g: g for g in ("gen_rewrite", "gen_paraphrase", "gen_neighborhood")})
     return {k: (None if g.get(v) is None else round(100 * g[v], 1)) for k, v in names.items()}
+
+
+def _resume(state: Path | None, lm, hp, W0: dict, c0: dict, log) -> tuple[list[dict], list[dict], float]:
+    """(stored batches, curve, edit seconds so far) saved in `state`, with the model brought to the
+    mode's solve of those batches (which is what sequential editing left in it); empty without."""
+    if state is None or not state.exists():
+        return [], [], 0.0
+    saved = torch.load(state, weights_only=False)
+    with solve_mod.no_tf32():
+        for la in hp.layers:
+            set_weight(lm.model, lm.spec, la,
+                       solve_mod.solve_history(W0[la], [c[la] for c in saved["stored"]], c0[la], hp.lam, hp.mode))
+    log(f"{hp.mode}: resumed after {sum(len(next(iter(c.values()))[0]) for c in saved['stored'])} edits")
+    return saved["stored"], saved["curve"], saved["seconds"]
+
+
+def _save(state: Path | None, stored: list, curve: list, seconds: float) -> None:
+    if state is not None:
+        tmp = state.with_suffix(".tmp")
+        torch.save({"stored": stored, "curve": curve, "seconds": seconds}, tmp)
+        os.replace(tmp, state)
 
 
 def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, c0_tokens: int | None = None,
         ppl_tokens: int = 4096, gen_tokens: int = 32, one_shot: bool = True, lm: Any = None,
-        corpus_text: str | None = None, log=print) -> dict:
-    """One data set: curves and final scores per mode, plus the one-shot edit and the base model."""
+        corpus_text: str | None = None, log=print, curve_at: Sequence[int] | None = None,
+        state_dir: Path | None = None) -> dict:
+    """One data set: curves and final scores per mode, plus the one-shot edit and the base model.
+    `curve_at`: the numbers of edits at which to score (default: after every batch). `state_dir`:
+    keep each mode's stored constraints and curve there after every batch, and go on from them
+    when run again (a run of hours survives being stopped)."""
     lm = lm or load_model(env=Settings.from_env())
     hp = defaults_for(lm.model_type, lm.n_layers)
     W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
@@ -94,7 +124,8 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
 
     def final_scores() -> dict:
         r = evaluate_model(scorer, facts, ppl_ids=ppl_ids, gen_tokens=gen_tokens)
-        return {**headline(kind, r["metrics"]), "perplexity": round(r["metrics"]["perplexity"], 2),
+        ppl = r["metrics"]["perplexity"]
+        return {**headline(kind, r["metrics"]), "perplexity": None if ppl is None else round(ppl, 2),
                 "fluency": None if r["metrics"]["fluency"] is None else round(r["metrics"]["fluency"], 3),
                 "scoring_seconds": round(sum(r["seconds"].values()), 1)}
 
@@ -106,17 +137,19 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
     for mode in modes:
         hpm = hp.with_(mode=mode)
         restore(lm, W0)
-        stored: list[dict] = []
-        curve = []
-        t = time.time()
-        for i in range(0, n, batch):
+        state = None if state_dir is None else Path(state_dir) / f"{kind}-{mode}-n{n}-b{batch}-s{start}.pt"
+        stored, curve, edit_s = _resume(state, lm, hpm, W0, c0, log)
+        for i in range(len(stored) * batch, n, batch):
+            t = time.time()
             prior = {la: [c[la] for c in stored] for la in hp.layers}
             stored.append(compute_constraints(lm, reqs[i:i + batch], hpm, c0, W0, prior))
+            edit_s += time.time() - t
             done = min(i + batch, n)
-            r = evaluate_model(scorer, facts[:done])
-            curve.append({"edits": done, **headline(kind, r["metrics"])})
-            log(f"{mode} {done}/{n}: {curve[-1]}")
-        edit_s = time.time() - t
+            if curve_at is None or done in curve_at or done == n:
+                r = evaluate_model(scorer, facts[:done])
+                curve.append({"edits": done, **headline(kind, r["metrics"])})
+                log(f"{mode} {done}/{n}: {curve[-1]}")
+            _save(state, stored, curve, edit_s)
         res = {"curve": curve, "edit_seconds": round(edit_s, 1), **final_scores()}
         if mode == "accumulated":  # the paper's identity, on the real model
             errs = []
@@ -245,6 +278,10 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--json", default=None, help="Also write the raw results here.")
+    ap.add_argument("--curve-at", default=None,
+                    help="Score only after these numbers of edits, e.g. 100,300,1000 (default: every batch).")
+    ap.add_argument("--state", default=None,
+                    help="Keep each mode's progress in this folder and go on from it when run again.")
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="Write the page from results saved with --json (runs nothing).")
     a = ap.parse_args()
@@ -258,8 +295,11 @@ def main() -> None:
         cmd = "\n".join(r["command"] for r in results) + "\n" + "python bench/paper.py --render " + " ".join(a.render)
     else:
         lm = load_model(env=Settings.from_env())
+        curve_at = None if a.curve_at is None else {int(x) for x in a.curve_at.split(",")}
+        if a.state:
+            Path(a.state).mkdir(parents=True, exist_ok=True)
         results = [run(k, a.n, a.batch, a.modes.split(","), start=a.start, ppl_tokens=a.ppl_tokens, lm=lm,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+                       log=lambda s: print(s, file=sys.stderr, flush=True), curve_at=curve_at, state_dir=a.state)
                    for k in a.data.split(",")]
         seconds = time.time() - t0
         cmd = ("OMP_NUM_THREADS=1 python bench/paper.py " + " ".join(sys.argv[1:])).strip()

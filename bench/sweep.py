@@ -52,8 +52,10 @@ def parse_setting(text: str) -> dict[str, Any]:
         if key == "layers":
             lo, _, hi = value.partition("-")
             out[key] = tuple(range(int(lo), int(hi or lo) + 1))
-        elif key in ("steps", "n_prefixes", "prefix_len", "seed"):
+        elif key in ("steps", "n_prefixes", "prefix_len", "seed", "c0_tokens"):
             out[key] = int(value)
+        elif key in ("mode", "bos"):
+            out[key] = value
         else:
             out[key] = float(value)
     return out
@@ -174,7 +176,8 @@ def score(a: argparse.Namespace) -> None:
             set_weight(lm.model, lm.spec, la, W)
 
 
-METRICS = ("efficacy", "generalization", "specificity", "p_new_prompt", "gen_success", "gen_keep")
+METRICS = ("efficacy", "generalization", "specificity", "p_new_prompt", "gen_rewrite", "gen_paraphrase",
+           "gen_neighborhood")
 
 
 def table(a: argparse.Namespace) -> None:

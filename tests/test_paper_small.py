@@ -45,3 +45,29 @@ def test_paper_pipeline_small(tmp_path):
     # the page renders from the results
     md = paper.markdown([res], "python bench/paper.py --n 4 --batch 2", 1.0, paper.plot([res], tmp_path), tmp_path / "r.md")
     assert "| accumulated (sequential) |" in md and (tmp_path / "results-counterfact.png").stat().st_size > 0
+
+
+@pytest.mark.real
+def test_paper_run_goes_on_from_its_state(tmp_path):
+    """A long run stopped after its first batch goes on from the saved state and ends where an
+    unbroken run ends: the state is the stored constraints, and the mode's solve of them is the
+    model the run had."""
+    import paper
+
+    from kledger.edit.weights import load_model
+    from kledger.settings import Settings
+
+    lm = load_model(env=Settings.from_env())
+    text = WIKI.read_text(encoding="utf-8")[:60_000]
+    kw = dict(c0_tokens=4000, ppl_tokens=0, gen_tokens=0, lm=lm, corpus_text=text, log=lambda s: None,
+              one_shot=False, curve_at={4})
+    whole = paper.run("counterfact", 4, 2, ["accumulated"], state_dir=tmp_path, **kw)["modes"]["accumulated"]
+    state = next(tmp_path.glob("counterfact-accumulated-*.pt"))
+    saved = torch.load(state, weights_only=False)
+    assert len(saved["stored"]) == 2 and [p["edits"] for p in saved["curve"]] == [4]
+    saved["stored"], saved["curve"] = saved["stored"][:1], []  # as if killed after batch 1
+    torch.save(saved, state)
+    resumed = paper.run("counterfact", 4, 2, ["accumulated"], state_dir=tmp_path, **kw)["modes"]["accumulated"]
+    assert resumed["curve"] == whole["curve"]
+    for m in ("efficacy", "generalization", "specificity"):
+        assert resumed[m] == whole[m]
