@@ -150,12 +150,42 @@ def _measure_staged(lg: "Ledger", head: str | None, ops: list[Op], meta: dict | 
     keys = model_side.first_keys(lg, list(lg.store.facts(adds).values()))
     with lg.decisions.new_keys(keys):
         ops, found, replayed = lg.decisions.replay(base, ops, adds)
-    if found and not allow_conflicts:
-        refuse(lg, found)
-    added = lg.store.facts(o.fact_id for o in ops if o.op == OP_ADD)
-    digest, rows = model_side.measure(lg, head, [added[o.fact_id] for o in ops if o.op == OP_ADD],
-                                      exclude=exclude, progress=progress)
-    return ops, digest, rows, _with_resolved(meta, replayed), found
+        if found and not allow_conflicts:
+            refuse(lg, found)
+        kept = [o.fact_id for o in ops if o.op == OP_ADD]
+        collisions = lg.decisions.collisions_in(apply_ops(base, ops), involving=kept)
+    added = lg.store.facts(kept)
+    probed: dict = {}
+    digest, rows = model_side.measure(lg, head, [added[f] for f in kept], exclude=exclude, progress=progress,
+                                      probe=_collision_probes(lg, collisions, set(kept)), probed=probed)
+    meta = _with_resolved(meta, replayed)
+    if collisions:
+        meta = {**(meta or {}), "collisions": _with_effect(collisions, probed)}
+    return ops, digest, rows, meta, found
+
+
+def _collision_probes(lg: "Ledger", collisions: list[dict], new: set[str]) -> list[tuple[str, str]]:
+    """Per collision, on the other fact's prompt: its own object, then the new fact's object."""
+    facts = lg.store.facts({f for c in collisions for f in c["fact_ids"]})
+    probes = []
+    for c in collisions:
+        a, b = c["fact_ids"] if c["fact_ids"][0] in new else c["fact_ids"][::-1]
+        probes += [(facts[b].prompt, facts[b].target), (facts[b].prompt, facts[a].target)]
+    return probes
+
+
+def _with_effect(collisions: list[dict], probed: dict) -> list[dict]:
+    """Each collision with its measured effect: on the other fact's prompt, the probability of its
+    own object and of the new fact's object, before and after this commit."""
+    before, after = probed.get("before") or [], probed.get("after") or []
+    out = []
+    for i, c in enumerate(collisions):
+        effect = None
+        if len(after) >= 2 * i + 2:
+            effect = {"p_own_before": round(before[2 * i], 4), "p_own_after": round(after[2 * i], 4),
+                      "p_new_before": round(before[2 * i + 1], 4), "p_new_after": round(after[2 * i + 1], 4)}
+        out.append({**c, "effect": effect})
+    return out
 
 
 def replay(lg: "Ledger", base: str | None = None, author: str | None = None, progress=None) -> dict:

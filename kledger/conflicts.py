@@ -39,10 +39,20 @@ those values (see `settle`).
   their values. `soft_edges` finds them from the stored keys; they are passed to
   `find_conflicts(..., extra_edges=...)` and join the same graph, so a soft edge can merge
   components and a decision about them uses the facts' stated objects.
+
+- collision (not a contradiction): the same near-identical keys for two subjects that are *not*
+  one entity written two ways ("Aruba Football Federation" and "Andorran Football Federation",
+  whose last token, which dominates an early layer's key, is the same). Which of the two a soft
+  pair is, `same_entity` decides from the subjects' text: the same words up to case, punctuation
+  and a leading article, or a typo (edit distance 1, 2 for subjects of 12 characters or more). A
+  collision is a limit of the edit (one least-squares key for two subjects, so editing one can
+  move the other's answer), not a disagreement about the world: it is reported, never refused,
+  and joins no conflict.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
@@ -55,6 +65,8 @@ if TYPE_CHECKING:  # networkx is imported when a Graph is asked for: read comman
 HARD = "hard"
 INVERSE = "inverse"
 SOFT = "soft"
+COLLISION = "collision"  # near-identical keys of two different subjects: reported, not a conflict
+_ARTICLES = frozenset({"the", "a", "an"})
 
 # Cosine of first-edited-layer keys above which two subjects count as one (soft conflicts), for
 # ledgers that set none. Measured with `python bench/soft_threshold.py --records 1000` on
@@ -151,13 +163,49 @@ def soft_suffix(f: Fact) -> str:
     return normalize(f.prompt[i + len(f.subject):]) if i >= 0 else ""
 
 
+def _entity_words(subject: str) -> list[str]:
+    words = re.findall(r"\w+", normalize(subject))
+    while len(words) > 1 and words[0] in _ARTICLES:
+        words = words[1:]
+    return words
+
+
+def _edit_distance(a: str, b: str, cap: int) -> int:
+    """Levenshtein distance of `a` and `b`, or `cap + 1` as soon as it is known to exceed `cap`."""
+    if abs(len(a) - len(b)) > cap:
+        return cap + 1
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        if min(cur) > cap:
+            return cap + 1
+        prev = cur
+    return prev[-1]
+
+
+def same_entity(a: str, b: str) -> bool:
+    """Whether two subjects read as one entity written two ways: the same words once case,
+    punctuation and a leading article are set aside ("The Eiffel Tower", "eiffel tower"), or a
+    typo apart (edit distance 1; 2 when the longer is 12 characters or more)."""
+    wa, wb = _entity_words(a), _entity_words(b)
+    if wa == wb:
+        return True
+    sa, sb = " ".join(wa), " ".join(wb)
+    cap = 2 if max(len(sa), len(sb)) >= 12 else 1
+    return _edit_distance(sa, sb, cap) <= cap
+
+
 def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshold: float,
-               multi_valued: Iterable[str] = ()) -> list[tuple[str, str, str]]:
-    """Soft contradictions: (fact, fact, "soft") for pairs on the same relation (relation key, or
-    prompt text after the subject) whose subjects differ in matching form, whose objects differ,
-    and whose keys (1-D float vectors, numpy) have cosine similarity above `threshold`. Facts
-    without a key are skipped. Pairs are compared within a relation group only (one Gram matrix
-    per group), so the cost is the sum of the squared group sizes."""
+               multi_valued: Iterable[str] = (), involving: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
+    """Soft pairs: (fact, fact, kind) for pairs on the same relation (relation key, or prompt text
+    after the subject) whose subjects differ in matching form, whose objects differ, and whose keys
+    (1-D float vectors, numpy) have cosine similarity above `threshold`; kind is "soft" (a
+    contradiction) when `same_entity` says the subjects are one entity, else "collision". Facts
+    without a key are skipped; with `involving`, only relation groups holding one of those facts
+    are compared. Pairs are compared within a relation group only (one Gram matrix per group), so
+    the cost is the sum of the squared group sizes."""
     import numpy as np
 
     multi = set(multi_valued)
@@ -170,8 +218,11 @@ def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshol
         if suffix:
             groups.setdefault(("suffix", suffix), []).append(fid)
     found: set[tuple[str, str]] = set()
+    wanted = None if involving is None else set(involving)
     for ids in groups.values():
         if len(ids) < 2 or len({facts[i].object_key for i in ids}) < 2:
+            continue
+        if wanted is not None and wanted.isdisjoint(ids):
             continue
         ids = sorted(ids)
         M = np.stack([np.asarray(keys[i], dtype=np.float64) for i in ids])  # [n, d_in]
@@ -181,7 +232,15 @@ def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshol
             fa, fb = facts[ids[a]], facts[ids[b]]
             if fa.object_key != fb.object_key and fa.key[0] != fb.key[0]:
                 found.add((ids[a], ids[b]))
-    return [(a, b, SOFT) for a, b in sorted(found)]
+    return [(a, b, SOFT if same_entity(facts[a].subject, facts[b].subject) else COLLISION) for a, b in sorted(found)]
+
+
+def key_cosine(a: "object", b: "object") -> float:
+    """Cosine similarity of two keys (1-D float vectors)."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-300))
 
 
 def conflict_graph(facts: Mapping[str, Fact], multi_valued: Iterable[str] = (),

@@ -17,7 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
-from .conflicts import SOFT_THRESHOLD, Conflict, find_conflicts, settle, soft_edges
+from .conflicts import (
+    COLLISION,
+    SOFT,
+    SOFT_THRESHOLD,
+    Conflict,
+    find_conflicts,
+    key_cosine,
+    settle,
+    soft_edges,
+)
 from .errors import InputError, UsageError
 from .history import History, apply_ops
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id, normalize, relation_key
@@ -173,18 +182,40 @@ class Decisions:
         finally:
             self._extra_keys = {}
 
-    def _soft_edges(self, ids: Iterable[str], multi: set[str]) -> list[tuple[str, str, str]]:
+    def _soft_edges(self, ids: Iterable[str], multi: set[str], involving: Iterable[str] | None = None
+                    ) -> tuple[list[tuple[str, str, str]], dict]:
+        """(soft and collision edges among `ids` from their first-layer keys, the keys)."""
         thr = self.soft_threshold()
         ids = set(ids)
         if thr is None or len(ids) < 2:
-            return []
+            return [], {}
         keys = self.store.first_layer_keys(sorted(ids))
         keys.update({f: k for f, k in self._extra_keys.items() if f in ids})
         if len(keys) < 2:
-            return []
-        return soft_edges(self.store.facts(keys), keys, thr, multi)
+            return [], keys
+        return soft_edges(self.store.facts(keys), keys, thr, multi, involving), keys
+
+    def collisions_in(self, ids: Iterable[str], involving: Iterable[str] | None = None) -> list[dict]:
+        """Key collisions among the facts `ids` (those involving `involving`, if given): two
+        different subjects whose first-layer keys are near-identical (`kledger.conflicts`,
+        "collision"). Not conflicts: reported so that the user knows editing one may move the
+        other's answer. Each: `fact_ids`, `subjects`, `objects`, `relation`, `cosine`."""
+        multi, _ = self.relation_rules()
+        edges, keys = self._soft_edges(ids, multi, involving)
+        hits = [(a, b) for a, b, kind in edges if kind == COLLISION]
+        facts = self.store.facts({f for e in hits for f in e})
+        return [{"fact_ids": [a, b], "subjects": [facts[a].subject, facts[b].subject],
+                 "objects": [facts[a].target, facts[b].target], "relation": facts[a].key[1],
+                 "cosine": round(key_cosine(keys[a], keys[b]), 4)} for a, b in hits]
 
     # ---------------------------------------------------------------- finding conflicts
+    def collisions_of(self, pf: ProposedFacts) -> list[dict]:
+        """The key collisions in `pf` that touch its incoming facts (all of them at a revision)."""
+        if self.soft_threshold() is None:
+            return []
+        involving = pf.involving if pf.involving is not None else (set(pf.incoming) or None)
+        return self.collisions_in(apply_ops(self.history.state(pf.commit), pf.ops), involving)
+
     def conflicts_in(self, ids: Iterable[str], involving: Iterable[str] | None = None) -> list[Conflict]:
         """Conflicts among the facts `ids` (only those involving `involving`, if given). One
         aggregate query finds the few facts that can take part in a hard or inverse conflict; on a
@@ -195,7 +226,8 @@ class Decisions:
     def _conflicts_among(self, candidates: Iterable[str], involving: Iterable[str] | None = None,
                          soft_among: Iterable[str] = ()) -> list[Conflict]:
         multi, inverse = self.relation_rules()
-        soft = self._soft_edges(soft_among, multi)
+        edges, _ = self._soft_edges(soft_among, multi)
+        soft = [e for e in edges if e[2] == SOFT]
         ids = set(candidates) | {f for e in soft for f in e[:2]}
         return find_conflicts(self.store.facts(ids), multi, involving, inverse=inverse, extra_edges=soft)
 

@@ -342,7 +342,9 @@ class Ledger:
         pf = d.proposed(rev, staged=staged or rev is None, pending=rev is None and not staged, lazy=True)
         with d.new_keys(self._staged_keys(pf)[0]):
             found = d.conflicts_of(pf)
-        return {"target": target_of(pf), "facts": pf.n_facts, "conflicts": d.report(pf, found)}
+            collisions = d.collisions_of(pf)
+        return {"target": target_of(pf), "facts": pf.n_facts, "conflicts": d.report(pf, found),
+                "collisions": collisions}
 
     def _staged_keys(self, pf) -> tuple[dict, bool]:
         """(first-layer keys of the staged facts no commit has measured, whether every staged fact
@@ -377,8 +379,10 @@ class Ledger:
                 pf.base = self.state(pf.commit)  # replay as `commit` would, then look again
                 pf.ops, _, replayed = d.replay(pf.base, pf.ops, incoming)
                 found = d.conflicts_of(pf)
+            collisions = d.collisions_of(pf)
         return {"ok": not found, "target": target_of(pf), "facts": pf.n_facts,
                 "unresolved": len(found), "conflicts": d.report(pf, found), "replayed": replayed,
+                "collisions": collisions,
                 "soft_checked": self.measured and self.soft_threshold() is not None and keyed}
 
     def resolve_conflicts(self, conflict: str | None = None, keep: str | None = None, strategy: str = "keep",

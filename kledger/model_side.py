@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .errors import InputError, LedgerLocked, StateError, UsageError, missing_model_module
 from .records import Constraint, Fact, constraints_hash, short
@@ -133,7 +133,8 @@ def first_keys(ledger: "Ledger", facts: list[Fact]) -> dict:
 
 @_needs_edit_extra("measuring facts on the model", replay_hint=True)
 def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: Iterable[str] = (),
-            progress: Progress | None = None, *, skip_known: bool = False) -> tuple[str | None, list[Constraint]]:
+            progress: Progress | None = None, *, skip_known: bool = False,
+            probe: Sequence[tuple[str, str]] = (), probed: dict | None = None) -> tuple[str | None, list[Constraint]]:
     """(constraints hash, constraints) of `facts` measured against apply(parent) (without the
     constraints of the facts in `exclude`); with `skip_known`, only of those no commit has
     measured yet. (None, []) when there is nothing to measure or the ledger has no model."""
@@ -144,7 +145,8 @@ def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: It
         facts = [f for f in facts if f.id not in known]
     if not facts:
         return None, []
-    rows = editor(ledger, progress).measure(ledger.history.constraints_at(parent), facts, exclude=exclude)
+    rows = editor(ledger, progress).measure(ledger.history.constraints_at(parent), facts, exclude=exclude,
+                                            probe=probe, probed=probed)
     return constraints_hash(rows), rows
 
 

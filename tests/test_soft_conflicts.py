@@ -223,3 +223,54 @@ def test_check_staged_and_commit_give_one_verdict_before_anything_is_measured(mo
     monkeypatch.setattr(model_side, "first_keys", missing)
     rep = lg.check(staged=True)
     assert rep["ok"] and rep["soft_checked"] is False
+
+
+@pytest.mark.parametrize("a,b,same", [
+    ("the Eiffel Tower", "Eiffel Tower", True), ("EIFFEL TOWER", "the Eiffel Tower", True),
+    ("Eiffel Tower", "Eifel Tower", True), ("Eiffel Tower", "Eiffel-Tower", True),
+    ("Aruba Football Federation", "Andorran Football Federation", False), ("Paris", "Parma", False),
+    ("Danielle Darrieux", "Daniele Darieux", True), ("A", "The A", True), ("the", "The", True)])
+def test_same_entity(a, b, same):
+    from kledger.conflicts import same_entity
+
+    assert same_entity(a, b) is same and same_entity(b, a) is same
+
+
+def test_soft_pairs_of_different_subjects_are_collisions_not_conflicts():
+    from kledger.conflicts import COLLISION
+
+    a = fact("Aruba Football Federation belongs to", "Aruba Football Federation", "PBS")
+    b = fact("Andorran Football Federation belongs to", "Andorran Football Federation", "FIFA")
+    c = fact("the Aruba Football Federation belongs to", "the Aruba Football Federation", "UEFA")
+    facts = {f.id: f for f in (a, b, c)}
+    v = np.array([1.0, 0.0], dtype=np.float32)
+    edges = soft_edges(facts, {a.id: v, b.id: v, c.id: v}, 0.99)
+    kinds = {frozenset(e[:2]): e[2] for e in edges}
+    assert kinds[frozenset((a.id, b.id))] == COLLISION and kinds[frozenset((b.id, c.id))] == COLLISION
+    assert kinds[frozenset((a.id, c.id))] == SOFT
+    # a collision joins no conflict: only the alias pair (a, c) is one
+    found = find_conflicts(facts, extra_edges=[e for e in edges if e[2] == SOFT])
+    assert len(found) == 1 and set(found[0].fact_ids) == {a.id, c.id}
+
+
+def test_a_key_collision_is_committed_and_reported_with_its_effect(model_dir, tmp_path):
+    """Two different subjects whose keys coincide at the first edited layer: the commit is not
+    refused, and the commit, `check` and `conflicts` report the collision, the commit with what the
+    edit did to the other subject's answer."""
+    lg = new_ledger(model_dir, tmp_path / "a")
+    lg.set_soft_threshold("0.5")  # the tiny random model: subjects that end alike have close keys
+    lg.add([fact("the Aruba Football Federation is located in the city of", "Aruba Football Federation", "Rome")])
+    c1 = lg.commit("rome", author="t")
+    lg.add([fact("the Andorran Football Federation is located in the city of", "Andorran Football Federation",
+                 "Oslo")])
+    rep = lg.check(staged=True)
+    assert rep["ok"] and len(rep["collisions"]) == 1, rep
+    c2 = lg.commit("oslo", author="t")
+    assert lg.head() == c2 != c1
+    (col,) = lg.show(c2)["meta"]["collisions"]
+    assert sorted(col["subjects"]) == ["Andorran Football Federation", "Aruba Football Federation"]
+    assert col["cosine"] > 0.5 and set(col["effect"]) == {"p_own_before", "p_own_after", "p_new_before", "p_new_after"}
+    assert all(0.0 <= x <= 1.0 for x in col["effect"].values())
+    rep = lg.check()
+    assert rep["ok"] and rep["unresolved"] == 0 and len(rep["collisions"]) == 1
+    assert lg.conflicts()["collisions"][0]["fact_ids"] == rep["collisions"][0]["fact_ids"]

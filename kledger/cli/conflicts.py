@@ -1,8 +1,8 @@
 """conflicts, check, resolve, relation: contradictions, the decisions about them, the CI gate, and
 the declared relations (multi-valued, inverse) that say what contradicts what.
 
-JSON shapes (docs/conflicts.md): `conflicts` → {target, facts, conflicts: [CONFLICT]}; `check` →
-{ok, target, facts, unresolved, conflicts: [CONFLICT], replayed}; `resolve` → {context, decided,
+JSON shapes (docs/conflicts.md): `conflicts` → {target, facts, conflicts: [CONFLICT], collisions};
+`check` → {ok, target, facts, unresolved, conflicts: [CONFLICT], replayed, collisions, soft_checked}; `resolve` → {context, decided,
 commit, resolved, remaining}; `relation` → {relations: [{relation, multi, inverse_of}]}.
 """
 
@@ -12,7 +12,7 @@ import typer
 
 from ..errors import ConflictError, UsageError
 from .app import AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
-from .output import emit_json, escape, note_resolved, out, say, short
+from .output import emit_json, escape, note_collisions, note_resolved, out, say, short
 
 
 # ------------------------------------------------------------------ printing
@@ -61,6 +61,7 @@ def conflicts(rev: str | None = typer.Argument(None, help="Revision (default: th
         emit_json("conflicts", rep)
         return
     _print_conflicts(rep["conflicts"])
+    note_collisions(rep["collisions"])
     n = len(rep["conflicts"])
     decided = sum(1 for c in rep["conflicts"] if c["remembered"])
     if n:
@@ -88,6 +89,7 @@ def check(rev: str | None = typer.Argument(None, help="Revision to check (defaul
         emit_json("check", rep)
     else:
         _print_conflicts(rep["conflicts"])
+        note_collisions(rep["collisions"])
         if unmeasured:
             say("note: soft conflicts were not looked for: this ledger was replayed with --no-measure, so its "
                 "facts have no keys")

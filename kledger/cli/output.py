@@ -77,4 +77,18 @@ def note_resolved(meta: dict) -> None:
                 f"(decided by {escape(e.get('decided_by') or '?')} on {(e.get('decided_at') or '?')[:10]})")
 
 
-__all__ = ["emit_json", "err", "escape", "note_resolved", "out", "say", "short"]
+def note_collisions(collisions: list[dict]) -> None:
+    """Say (stderr) which key collisions there are: two different subjects the model reads with
+    near-identical keys (not a contradiction; editing one may move the other's answer)."""
+    for c in collisions:
+        (a, b), (oa, ob) = c["subjects"], c["objects"]
+        line = (f"note: key collision (cosine {c['cosine']:.3f}, not a conflict): {escape(repr(a))} → {escape(oa)} and "
+                f"{escape(repr(b))} → {escape(ob)} share one key at the first edited layer")
+        e = c.get("effect")
+        if e:
+            line += (f"; on the other's prompt its own object went {e['p_own_before']:.3f} → {e['p_own_after']:.3f}, "
+                     f"the new object {e['p_new_before']:.3f} → {e['p_new_after']:.3f}")
+        say(line)
+
+
+__all__ = ["emit_json", "err", "escape", "note_collisions", "note_resolved", "out", "say", "short"]

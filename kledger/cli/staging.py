@@ -8,7 +8,7 @@ import typer
 
 from .app import JSON_OPT, RELATION_OPT, app, ledger_dir, open_ledger, want_json
 from .app import settings as env
-from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
+from .output import emit_json, escape, note_collisions, note_resolved, out, progress_bar, say, short
 
 
 @app.command()
@@ -184,9 +184,11 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
         info = ledger.show(cid)
         branch = ledger.current_branch()
     note_resolved(info["meta"])
+    note_collisions(info["meta"].get("collisions", []))
     if json_:
         emit_json("commit", {"id": cid, "branch": branch, "added": info["added"], "retracted": info["retracted"],
-                             "resolved": info["meta"].get("resolved", [])})
+                             "resolved": info["meta"].get("resolved", []),
+                             "collisions": info["meta"].get("collisions", [])})
     else:
         say(escape(f"[{branch or 'detached'} {short(cid)}] ") + f"{escape(info['message'])} "
             f"(+{info['added']} / -{info['retracted']} facts)")

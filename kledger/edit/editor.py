@@ -470,13 +470,27 @@ class Editor:
         K = first_keys(self.lm, toks, hp.layers[0])
         return {f.id: K[i].to(torch.float32).numpy() for i, f in enumerate(facts)}
 
-    def measure(self, prior: Batches, facts: Sequence[Fact], *, exclude: Iterable[str] = ()) -> list[Constraint]:
+    def probe(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """P̄(object | prompt) (exp of the per-token mean log-probability, as `kledger eval` scores)
+        of each (prompt, object) pair with the weights now in the model."""
+        from .evaluate import Scorer
+        from .hooks import boundary_token
+
+        if not pairs:
+            return []
+        lm = self.lm
+        got = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, self.hparams.bos), spec=lm.spec).score(pairs)
+        return [got[p].prob for p in pairs]
+
+    def measure(self, prior: Batches, facts: Sequence[Fact], *, exclude: Iterable[str] = (),
+                probe: Sequence[tuple[str, str]] = (), probed: dict | None = None) -> list[Constraint]:
         """Constraints of `facts` measured against the solve of `prior` (the constraints in force at
         the parent, by commit): sequential editing. The model is brought to the accumulated
         (cached) solve of `prior`. With `exclude` (fact ids), to the uncached solve, in the
         hyper-parameters' mode, of `prior` without those facts' constraints (as if they had never
         been made: `resolve` re-measures a kept fact this way when it was measured on top of the
-        facts that lost)."""
+        facts that lost). `probe`: (prompt, object) pairs whose probabilities go into `probed` as
+        "before" (at the parent) and "after" (with the new constraints solved in)."""
         import torch
 
         from .engine import EditRequest, compute_constraints, prepare
@@ -496,8 +510,11 @@ class Editor:
         else:
             self.load(None)
         prior_kv = self.by_layer(flatten(prior), hp.layers)
+        before = self.probe(probe)
         new = compute_constraints(self.lm, requests, hp, self.c0(), self.W0, prior_kv, progress=self.progress)
         self._at_base = False
+        if probed is not None:  # the model now holds the solve of prior + the new constraints
+            probed.update(before=before, after=self.probe(probe))
         out = []
         for la, (K, V) in sorted(new.items()):
             for i, f in enumerate(facts):
