@@ -194,14 +194,26 @@ def test_starts_with_object(text, obj, want):
 
 
 def test_greedy_continuations_match_generate():
-    """The scorer's step-by-step greedy decoding (right padding, any batch) gives the tokens that
-    transformers' generate gives one prompt at a time."""
+    """The scorer's step-by-step greedy decoding (right padding, any batch; the path of LMs without
+    `generate`) and its KV-cached path through transformers' generate give the same tokens, which
+    are those transformers' generate gives one prompt at a time."""
     lm = tiny_lm("llama", seed=1)
     wants = {CF.prompt: 4, "a": 6, PLAIN.prompt: 3}
-    together = Scorer(lm.model, lm.tokenizer, BOS, batch_size=2, spec=lm.spec).greedy(wants)
+
+    class NoGenerate(torch.nn.Module):  # the same model, seen as a plain causal LM
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **k):
+            return self.m(*a, **k)
+
+    stepwise = Scorer(NoGenerate(lm.model), lm.tokenizer, BOS, batch_size=2).greedy(wants)
+    cached = Scorer(lm.model, lm.tokenizer, BOS, batch_size=2, spec=lm.spec).greedy(wants)
+    assert stepwise == cached
     for p, n in wants.items():
         full = Scorer(lm.model, lm.tokenizer, BOS, batch_size=1).generate([p], n)[p]
-        assert together[p] and full.endswith(together[p])
+        assert cached[p] and full.endswith(cached[p])
 
 
 def test_other_facts_get_accuracy_and_probability():

@@ -355,9 +355,10 @@ class Scorer:
     @_no_grad
     def greedy(self, wants: dict[str, int], stage: str = "greedy") -> dict[str, str]:
         """Greedy continuations: prompt → the text of its first `wants[prompt]` generated tokens
-        (without the prompt). Decoded step by step with the scorer's forward pass (so it works with
-        any LM the scorer takes); prompts of similar length are batched, right-padded, and each
-        row's next token is read at its own last position."""
+        (without the prompt), prompts of similar length batched. A transformers model decodes with
+        its own KV-cached `generate` (left padding); any other LM the scorer takes is decoded step
+        by step with the scorer's forward pass, right-padded, each row's next token read at its
+        own last position (the same tokens: tested)."""
         import torch
 
         from .hooks import encode, pad_batch
@@ -370,18 +371,38 @@ class Scorer:
         for b in range(n_batches):
             self._report(stage, b, n_batches)
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            seqs = [list(toks[p]) for p in batch]
-            for _ in range(max(wants[p] for p in batch)):
-                padded = pad_batch(seqs, self.pad_id)  # [B, T] right-padded
-                nxt = self._logits(padded.input_ids, padded.attention_mask, torch.arange(len(seqs)),
-                                   torch.tensor([len(s) - 1 for s in seqs])).argmax(-1).tolist()  # [B]
-                for s, t in zip(seqs, nxt):
-                    s.append(int(t))
-            for p, s in zip(batch, seqs):
-                start = len(toks[p])
-                out[p] = self.tokenizer.decode(s[start:start + wants[p]], skip_special_tokens=True)
+            n = max(wants[p] for p in batch)
+            if hasattr(self.model, "generate"):  # a transformers model: its KV-cached greedy search
+                new = self._generate_ids([toks[p] for p in batch], n)
+            else:
+                seqs = [list(toks[p]) for p in batch]
+                for _ in range(n):
+                    padded = pad_batch(seqs, self.pad_id)  # [B, T] right-padded
+                    nxt = self._logits(padded.input_ids, padded.attention_mask, torch.arange(len(seqs)),
+                                       torch.tensor([len(s) - 1 for s in seqs])).argmax(-1).tolist()  # [B]
+                    for s, t in zip(seqs, nxt):
+                        s.append(int(t))
+                new = [s[len(toks[p]):] for p, s in zip(batch, seqs)]
+            for p, g in zip(batch, new):
+                out[p] = self.tokenizer.decode(g[:wants[p]], skip_special_tokens=True)
         self._report(stage, n_batches, n_batches)
         return out
+
+    def _generate_ids(self, seqs: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
+        """The `n_tokens` greedy tokens after each sequence, from transformers' generate on a
+        left-padded batch (no stop at end of text)."""
+        from .device import device_of
+        from .hooks import pad_batch
+        from .weights import quiet_transformers
+
+        padded = pad_batch(seqs, self.pad_id, left=True)  # [B, T] left-padded
+        dev = device_of(self.model)
+        with quiet_transformers():
+            gen = self.model.generate(input_ids=padded.input_ids.to(dev), attention_mask=padded.attention_mask.to(dev),
+                                      do_sample=False, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                      pad_token_id=self.pad_id, eos_token_id=None)
+        T = padded.input_ids.shape[1]
+        return [gen[j, T:].tolist() for j in range(len(seqs))]
 
     @_no_grad
     def generate(self, prompts: Sequence[str], n_tokens: int) -> dict[str, str]:
