@@ -21,7 +21,8 @@ skipped.
     python bench/sweep.py table [--settings-dir bench/out/sweep]
 
 A setting is a name for a set of hyper-parameter overrides, "key=value;key=value" (layers as
-"4-8"); "defaults" is the model's defaults.
+"4-8"), of the first version of the defaults (kledger.edit.hparams, version 1), which this sweep
+was made to replace; "defaults" is those defaults.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 HOLDOUT_START = 7000  # records at or after this position are never used by the sweep
 OUT = ROOT / "bench" / "out" / "sweep"
+SWEEP_BASE_VERSION = 1  # settings are overrides of the first defaults (kledger.edit.hparams)
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -83,7 +85,7 @@ def load() -> tuple[Any, Any]:
     from kledger.settings import Settings
 
     lm = load_model(env=Settings.from_env())
-    return lm, defaults_for(lm.model_type, lm.n_layers)
+    return lm, defaults_for(lm.model_type, lm.n_layers, version=SWEEP_BASE_VERSION)
 
 
 def c0_for(lm: Any, hp: Any) -> dict:

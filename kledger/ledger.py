@@ -25,7 +25,7 @@ from .conflicts import SOFT_THRESHOLD, Conflict
 from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
 from .errors import InputError, LedgerNotFound, StateError, UsageError
 from .history import FactChange, History, apply_ops, check_branch_name  # noqa: F401  (re-exported)
-from .model_side import CACHE_SECRET
+from .model_side import CACHE_SECRET, DEFAULTS_VERSION_KEY
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
 from .store import DB_NAME, LEDGER_DIR, Store
@@ -496,8 +496,11 @@ def _new_ledger_meta(path: str | os.PathLike, model: str | None, settings: dict 
     if meta["model"] not in ("", "none"):
         import secrets
 
+        from .edit.hparams import DEFAULTS_VERSION
+
         meta["soft_threshold"] = str(SOFT_THRESHOLD)
         meta[CACHE_SECRET] = secrets.token_hex(32)  # the key of the apply cache's MACs
+        meta[DEFAULTS_VERSION_KEY] = str(DEFAULTS_VERSION)  # the edit defaults it measures with, for good
     meta.update(checked)
     return root, ldir, meta
 

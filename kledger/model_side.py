@@ -23,6 +23,7 @@ from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
 CACHE_SECRET = "apply_cache_secret"  # ledger meta: the key of the apply cache's MACs
+DEFAULTS_VERSION_KEY = "defaults_version"  # meta: the version of the default hyper-parameters
 
 if TYPE_CHECKING:  # pragma: no cover
     from .edit.editor import Editor
@@ -44,12 +45,23 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
                              "constraints, so it can be checked but cannot measure, apply, ask, eval or replay",
                              "replay the text ledger again without --no-measure, with the model installed")
         opts = {"model": ledger.model, "overrides": json.loads(ledger.store.meta("hparams") or "{}"),
-                "corpus": ledger.store.meta("corpus"), **options}
+                "corpus": ledger.store.meta("corpus"), "defaults_version": defaults_version(ledger), **options}
         ledger._editor = Editor(opts.pop("model"), store=ledger.store, cache_dir=ledger.path / "cache" / "apply",
                                 env=ledger.env, progress=progress, cache_secret=_cache_secret(ledger), **opts)
     elif progress is not None:
         ledger._editor.progress = progress
     return ledger._editor
+
+
+def defaults_version(ledger: "Ledger") -> int:
+    """The version of the default hyper-parameters the ledger was made with (1: made before
+    versions were recorded)."""
+    value = ledger.store.meta(DEFAULTS_VERSION_KEY)
+    try:
+        return int(value) if value is not None else 1
+    except ValueError:
+        raise StateError(f"the ledger's defaults_version {value!r} is not a number",
+                         "run `kledger fsck`; the ledger's meta table was edited by hand") from None
 
 
 def _cache_secret(ledger: "Ledger") -> str | None:

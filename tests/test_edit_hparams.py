@@ -34,3 +34,22 @@ def test_defaults_for():
     for n in range(1, 49):
         layers = default_layers(n)
         assert layers and all(0 <= la < n for la in layers) and list(layers) == sorted(set(layers))
+
+
+def test_defaults_are_versioned_and_a_ledger_keeps_its_version(tmp_path):
+    """New defaults never change what an existing ledger measures with: a ledger records the
+    version it was made with, and one made before versions were recorded uses version 1."""
+    from kledger import model_side
+    from kledger.edit.hparams import DEFAULTS_VERSION
+    from kledger.ledger import Ledger
+
+    assert defaults_for("llama", 30, 1) == HParams(layers=(3, 4, 5, 6, 7), lam=3000.0, lr=1.0)
+    with pytest.raises(InputError, match="version 99"):
+        defaults_for("llama", 30, 99)
+    lg = Ledger.init(tmp_path / "new")
+    assert lg.store.meta("defaults_version") == str(DEFAULTS_VERSION)
+    assert lg.editor().defaults_version == DEFAULTS_VERSION
+    lg.store.con.execute("DELETE FROM meta WHERE key = 'defaults_version'")  # as a ledger made before
+    lg._editor = None
+    assert model_side.defaults_version(lg) == 1 and lg.editor().defaults_version == 1
+    lg.close()

@@ -40,7 +40,7 @@ from ..errors import FingerprintError, InputError, StateError
 from ..records import Constraint, Fact, canonical_json, sha256_hex
 from ..settings import Progress, Settings
 from .cache import CachedApply, cache_key, read_cache, write_cache
-from .hparams import HParams, defaults_for
+from .hparams import DEFAULTS_VERSION, HParams, defaults_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -94,8 +94,11 @@ class Editor:
 
     def __init__(self, model: str, *, store: EditorStore, cache_dir: str | os.PathLike,
                  overrides: Mapping[str, Any] | None = None, corpus: str | os.PathLike | None = None,
-                 env: Settings | None = None, progress: Progress | None = None, cache_secret: str | None = None):
-        """`cache_secret`: the key of the apply cache's MACs (kledger.edit.cache); None: no cache."""
+                 env: Settings | None = None, progress: Progress | None = None, cache_secret: str | None = None,
+                 defaults_version: int = DEFAULTS_VERSION):
+        """`cache_secret`: the key of the apply cache's MACs (kledger.edit.cache); None: no cache.
+        `defaults_version`: which version of the default hyper-parameters the overrides apply to
+        (the one the ledger was made with)."""
         if model in (None, "", "none"):
             raise StateError("no model to edit", "give a model name or directory")
         self.model_name = model
@@ -103,6 +106,7 @@ class Editor:
         self.cache_dir = Path(cache_dir)
         self.cache_secret = cache_secret
         self.overrides = dict(overrides or {})  # hyper-parameters over the model's defaults
+        self.defaults_version = defaults_version
         self.corpus_path = Path(corpus) if corpus else None
         self.env = env or Settings()
         self.progress = progress
@@ -142,7 +146,7 @@ class Editor:
         return self._hp
 
     def _hparams_for(self, model_type: str, n_layers: int) -> HParams:
-        base = defaults_for(model_type, n_layers).to_dict()
+        base = defaults_for(model_type, n_layers, self.defaults_version).to_dict()
         base.update(self.overrides)
         return HParams.from_dict(base)
 

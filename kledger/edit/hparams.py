@@ -96,16 +96,31 @@ def default_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(start, start + max(1, width)))
 
 
-# Per-model-type settings measured on this project's machine. Llama (SmolLM2-135M-Instruct, layers
-# 3-7, CounterFact train records 0-9, C0 on 50k WikiText-2 tokens): lr 1.0 and 0.5 score the same
-# (efficacy 90, generalization 70, specificity 80 = before) but 1.0 stops after 11 steps, 0.5 after
-# 17; λ 1,500-5,000 score the same, 15,000 is too stiff (efficacy 70).
-_PER_TYPE: dict[str, dict[str, Any]] = {
-    "llama": {"lam": 3000.0, "lr": 1.0},
+# Default hyper-parameters come in versions. A ledger records the version it was made with
+# (meta `defaults_version`; none recorded: version 1), so that new defaults never change the
+# fingerprint of constraints an existing ledger stored.
+DEFAULTS_VERSION = 2
+
+# Version 1: the first defaults. Per model type, measured on this project's machine: Llama
+# (SmolLM2-135M-Instruct, layers 3-7, CounterFact train records 0-9 in one batch, C0 on 50k
+# WikiText-2 tokens): lr 1.0 and 0.5 score the same (efficacy 90, generalization 70, specificity
+# 80 = before) but 1.0 stops after 11 steps, 0.5 after 17; λ 1,500-5,000 score the same, 15,000 is
+# too stiff (efficacy 70).
+_GENERIC: dict[int, dict[str, Any]] = {1: {}, 2: {}}
+_PER_TYPE: dict[int, dict[str, dict[str, Any]]] = {
+    1: {"llama": {"lam": 3000.0, "lr": 1.0}},
+    2: {"llama": {"lam": 3000.0, "lr": 1.0}},
 }
 
 
-def defaults_for(model_type: str, n_layers: int) -> HParams:
-    """Default hyper-parameters for a model of `model_type` with `n_layers` decoder layers."""
-    over = dict(_PER_TYPE.get(model_type, {}))
-    return HParams(layers=default_layers(n_layers), **over)
+def defaults_for(model_type: str, n_layers: int, version: int = DEFAULTS_VERSION) -> HParams:
+    """Default hyper-parameters (of defaults `version`) for a model of `model_type` with
+    `n_layers` decoder layers."""
+    if version not in _GENERIC:
+        raise InputError(f"unknown hyper-parameter defaults version {version}",
+                         f"this kledger knows versions {', '.join(map(str, sorted(_GENERIC)))}: upgrade kledger")
+    over = {**_GENERIC[version], **_PER_TYPE[version].get(model_type, {})}
+    layers = over.pop("layers", None)
+    if callable(layers):
+        layers = layers(n_layers)
+    return HParams(layers=layers or default_layers(n_layers), **over)
