@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -268,6 +269,14 @@ def markdown(results: list[dict], command: str, seconds: float, paths: list[Path
     return "\n".join(lines)
 
 
+def kept_sections(page: Path) -> str:
+    """The sections other benchmarks wrote into `page` between `<!-- begin: NAME -->` and
+    `<!-- end: NAME -->` markers (bench/retraction.py), kept when this page is written again."""
+    old = page.read_text(encoding="utf-8") if page.exists() else ""
+    blocks = re.findall(r"(<!-- begin: [\w-]+ -->.*?<!-- end: [\w-]+ -->\n?)", old, flags=re.S)
+    return "".join("\n" + b for b in blocks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
@@ -309,7 +318,7 @@ def main() -> None:
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
     paths = plot(results, img)
-    out.write_text(markdown(results, cmd, seconds, paths, out), encoding="utf-8")
+    out.write_text(markdown(results, cmd, seconds, paths, out) + kept_sections(out), encoding="utf-8")
     if a.json:
         Path(a.json).write_text(json.dumps({"results": results, "seconds": seconds}, indent=1))
     print(json.dumps(results, indent=1))

@@ -159,6 +159,51 @@ def round_edit(lg: Ledger, back: list[Fact], batch: int) -> None:
         done.append(compute_constraints(lm, reqs, hp_seq, c0, start, prior))
 
 
+def markdown(out: dict, command: str) -> str:
+    """The section of docs/results.md for these results."""
+    def row(name: str, part: dict) -> str:
+        r, k = part["retracted"], part["kept"]
+        kl = "" if r.get("kl_from_base") is None else f"{r['kl_from_base']:.4f}"
+        return (f"| {name} | {r['efficacy']} | {r['gen_rewrite']} | {r['p_new_prompt']:.4f} | {kl} | "
+                f"{k['efficacy']} | {k['generalization']} | {k['specificity']} | {k['gen_rewrite']} |")
+
+    lines = [f"## Exact retraction against RoundEdit ({out['n']} sequential edits)", "",
+             f"```\n{command}\n```", "",
+             f"{out['n']} CounterFact train records (positions {out['start']}–{out['start'] + out['n'] - 1}) committed "
+             f"in {out['commits']} commits of {out['batch']} on the default model "
+             f"({out['committed_with_conflicts']} committed with `--allow-conflicts`), then {out['retracted']} retracted "
+             f"on a branch: {len(out['reverted_commits'])} whole commits with `kledger revert` and "
+             f"{out['removed_single_facts']} single facts with `kledger rm` and one commit. RoundEdit instead edits each "
+             f"of the same facts back to its true object on top of the edited weights (batches of {out['batch']}, "
+             f"each measured against the current weights and solved against λC0 alone, as editors without a kept "
+             f"history do; {out['roundedit_seconds']:.0f} s of editing). Efficacy, generalization, specificity and "
+             f"generation success in percent, as `kledger eval` scores them; P(new) is the mean probability of the "
+             f"new object after the prompt; KL is the mean KL divergence (nats) of the next-token distribution "
+             f"after the retracted facts' prompts and paraphrases from the base model's.", "",
+             "| model | retracted: efficacy | retracted: generation | retracted: P(new) | retracted: KL from base | "
+             "kept: efficacy | kept: generalization | kept: specificity | kept: generation |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             row("base model", out["base"]), row(f"after {out['n']} edits", out["edited"]),
+             row("exact retraction (revert + rm)", out["exactly_retracted"]), row("RoundEdit", out["roundedit"]), "",
+             f"The weights `apply` gives after the retraction equal the float64 one-shot solve of the stored constraints "
+             f"without the retracted facts' to a relative Frobenius difference of {out['a_rel_fro_vs_one_shot_without']:.1e} "
+             f"(the weights are stored in float32)."]
+    return "\n".join(lines) + "\n"
+
+
+def put_section(page: Path, name: str, text: str) -> None:
+    """Write `text` into `page` between the markers of section `name`, replacing an earlier one,
+    or at the end (bench/paper.py keeps such sections when it rewrites the page)."""
+    begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
+    old = page.read_text(encoding="utf-8") if page.exists() else ""
+    block = f"{begin}\n{text}{end}\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    page.write_text(new, encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=300)
@@ -168,6 +213,7 @@ def main() -> None:
     ap.add_argument("--rm", type=int, default=10, help="single facts to retract with rm")
     ap.add_argument("--dir", default=str(ROOT / "bench" / "out" / "retraction"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--out", default=None, help="write the results' section into this page (docs/results.md)")
     a = ap.parse_args()
     facts = records(a.n, a.start)
     d = Path(a.dir)
@@ -199,7 +245,7 @@ def main() -> None:
     model_side.load_at(lg, old_head)
     out["edited"] = {"retracted": scores(scorer, lm, gone, base_lp, bos), "kept": scores(scorer, lm, kept, None, bos)}
     model_side.load_at(lg, lg.head())
-    out["retracted_by_resolve"] = {"retracted": scores(scorer, lm, gone, base_lp, bos),
+    out["exactly_retracted"] = {"retracted": scores(scorer, lm, gone, base_lp, bos),
                                    "kept": scores(scorer, lm, kept, None, bos)}
     model_side.load_at(lg, old_head)
     t = time.perf_counter()
@@ -213,6 +259,9 @@ def main() -> None:
     text = json.dumps(out, indent=1)
     if a.json:
         Path(a.json).write_text(text)
+    if a.out:
+        put_section(Path(a.out), "retraction", markdown(out, "OMP_NUM_THREADS=1 python bench/retraction.py "
+                                                             + " ".join(sys.argv[1:])))
     print(text)
 
 

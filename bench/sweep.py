@@ -158,13 +158,18 @@ def score(a: argparse.Namespace) -> None:
     W0 = {la: get_weight(lm.model, lm.spec, la).clone() for la in range(lm.n_layers)}
     scorer = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, hp.bos), spec=lm.spec)
     for d in sorted(Path(a.settings_dir).iterdir()):
-        res_path = d / "result.json"
-        if not res_path.exists():
+        if a.only and d.name not in a.only.split(","):
             continue
-        res = json.loads(res_path.read_text())
+        res_path = d / "result.json"
+        if res_path.exists():
+            res = json.loads(res_path.read_text())
+        elif (d / "state.pt").exists():  # still running: its checkpoints so far
+            res = torch.load(d / "state.pt", weights_only=False)["result"]
+        else:
+            continue
         scores = json.loads((d / "scores.json").read_text()) if (d / "scores.json").exists() else {}
         facts = records(res["n"], res["start"])
-        for n in res["checkpoints"]:
+        for n in sorted(int(w.stem[1:]) for w in d.glob("w*.pt")):
             for key, weights in ((f"base{n}", {}), (str(n), torch.load(d / f"w{n}.pt"))):
                 if key in scores or (key.startswith("base") and not a.base):
                     continue
@@ -216,6 +221,7 @@ def main() -> None:
     for p in (e, sub.add_parser("score"), sub.add_parser("table")):
         p.add_argument("--settings-dir", default=str(OUT))
     sub.choices["score"].add_argument("--base", action="store_true", help="also score the unedited model")
+    sub.choices["score"].add_argument("--only", default=None, help="only these settings (folder names, comma-separated)")
     a = ap.parse_args()
     {"edit": edit, "score": score, "table": table}[a.cmd](a)
 
