@@ -291,3 +291,19 @@ def test_modules_and_functions_stay_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 assert n <= 55, f"{path.name}:{node.lineno} {node.name} has {n} lines"
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    """CI logs and redirected output get a line when a stage starts, at most every 10 s, and when
+    it ends (once), never minutes of silence."""
+    from kledger.cli.output import progress_bar
+
+    with progress_bar() as update:  # pytest's stderr is not a terminal
+        update("values", 0, 25)
+        update("values", 1, 25)  # within 10 s of the last line: not said
+        update("values", 25, 25)
+        update("values", 25, 25)  # the end is said once
+        update("layers", 0, 5)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == ["kledger: values 0/25", "kledger: values 25/25",
+                                                   "kledger: layers 0/5"]

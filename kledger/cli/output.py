@@ -36,9 +36,17 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+PLAIN_EVERY_S = 10.0  # seconds between plain progress lines of one stage
+
+
 @contextmanager
 def progress_bar() -> Iterator:
-    """A progress callback `(stage, done, total)` drawing rich bars on stderr, one per stage."""
+    """A progress callback `(stage, done, total)`: rich bars on stderr, one per stage, when stderr
+    is a terminal; else plain lines (CI logs, redirected output), one when a stage starts, one at
+    most every PLAIN_EVERY_S seconds, and one when it ends, so a long step is never silent."""
+    if not err.is_terminal:
+        yield _plain_progress()
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -48,7 +56,7 @@ def progress_bar() -> Iterator:
     )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False, disable=not err.is_terminal) as bar:
+                  console=err, transient=False) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
@@ -57,6 +65,27 @@ def progress_bar() -> Iterator:
             bar.update(tasks[stage], completed=done, total=max(total, 1))
 
         yield update
+
+
+def _plain_progress():
+    import sys
+    import time
+
+    started: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        first = stage not in started
+        started.setdefault(stage, now)
+        end = done >= total
+        if first or end or now - last.get(stage, 0.0) >= PLAIN_EVERY_S:
+            if end and last.get(stage) == -1.0:  # said already
+                return
+            print(f"kledger: {stage} {done}/{total} ({now - started[stage]:.0f} s)", file=sys.stderr, flush=True)
+            last[stage] = -1.0 if end else now
+
+    return update
 
 
 def say(message: str) -> None:
