@@ -473,7 +473,7 @@ def test_check_exit_codes_and_json(k, ledger_dir):
     assert r.code == 0 and r.json == {"version": 1, "command": "check", "ok": True,
                                       "target": {"kind": "head", "commit": c1, "theirs": None, "staged": 0},
                                       "facts": 1, "unresolved": 0, "conflicts": [], "replayed": [],
-                                      "soft_checked": False}  # a facts-only ledger has no keys
+                                      "collisions": [], "soft_checked": False}  # a facts-only ledger has no keys
     assert "ok: no unresolved conflict" in k("check").err
     k("add", "The Eiffel Tower is located in", "Berlin", "--subject", "Eiffel Tower")
     assert k("check").code == 0  # HEAD is fine
