@@ -54,7 +54,7 @@ def parse_setting(text: str) -> dict[str, Any]:
         if key == "layers":
             lo, _, hi = value.partition("-")
             out[key] = tuple(range(int(lo), int(hi or lo) + 1))
-        elif key in ("steps", "n_prefixes", "prefix_len", "seed", "c0_tokens"):
+        elif key in ("steps", "n_prefixes", "prefix_len", "seed", "c0_tokens", "spread_passes"):
             out[key] = int(value)
         elif key in ("mode", "bos"):
             out[key] = value

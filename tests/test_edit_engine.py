@@ -247,3 +247,38 @@ def test_ledger_c0_records_its_corpus(tmp_path):
         assert meta["corpus"] == corpus_fingerprint(corpus(), meta["n_tokens"])
     finally:
         lg.close()
+
+
+def test_a_second_spreading_pass_lands_the_values_closer_and_stays_one_solve():
+    """The λC0 solve lands only part of each value; a second pass pushes the new values out by the
+    residual still missing at the last edited layer, so the residual there comes closer to the
+    optimised target, and the model still holds exactly the solve of the stored constraints."""
+    from kledger.edit.engine import measure, prepare, spread
+
+    lm, c0, W0 = setup()
+    hp = HP
+    toks = prepare(lm, FACTS[:4], hp)
+    _, z0 = measure(lm, toks, hp.layers[0], hp.layers[-1])  # the unedited residual
+    z, _ = optimise_values(lm, toks, hp)
+    gaps = {}
+    for passes in (1, 2, 3):
+        for la in hp.layers:
+            set_weight(lm.model, lm.spec, la, W0[la])
+        new = spread(lm, toks, z, hp.with_(spread_passes=passes), c0, W0, {})
+        _, z_now = measure(lm, toks, hp.layers[0], hp.layers[-1])
+        gaps[passes] = float((z - z_now).norm() / (z - z0).norm())  # share of the change still missing
+        for la in hp.layers:
+            assert rel_fro(get_weight(lm.model, lm.spec, la), solve_history(W0[la], [new[la]], c0[la], hp.lam)) < 1e-9
+    assert gaps[3] < gaps[2] < gaps[1], gaps  # (a tiny random model lands little; SmolLM2: docs/editing.md)
+
+
+def test_later_hparams_fields_keep_old_fingerprints():
+    """A field added later is left out of the fingerprint while it holds its "as before" value."""
+    old = HParams(layers=(3, 4), lam=3000.0)
+    assert "spread_passes" not in old.to_dict()
+    assert HParams.from_dict(old.to_dict()) == old
+    two = old.with_(spread_passes=2)
+    assert two.to_dict()["spread_passes"] == 2 and two.fingerprint() != old.fingerprint()
+    assert HParams.from_dict(two.to_dict()) == two
+    with pytest.raises(InputError):
+        HParams(spread_passes=0)

@@ -5,7 +5,10 @@ For a commit's requests, against a model whose edited layers hold apply(prior):
      decoder layer's output at the subject's last token), batched over all facts; z_i = h_i + δ_i.
   2. spreading: for each edited layer l in order: keys k at l with the current weights (mean over
      the bare prompt and the prefix contexts), current z at L, residual r = (z − z_cur)/(layers
-     left), v = W_cur k + r; then write layer l with the solve over prior + new constraints.
+     left), v = W_cur k + r; then write layer l with the solve over prior + new constraints. The
+     solve lands only part of each value (λC0 pulls towards W0): with hp.spread_passes > 1 the
+     layers are visited again, each new value pushed out by the share r still missing (v ← v + r,
+     k measured again), and rewritten.
 Gemma 3 normalises the MLP output before adding it to the residual; there the residual is spread
 as if it were added directly (an approximation). Shapes: N facts, C contexts, d residual width,
 d_in the down-projection's input width.
@@ -394,19 +397,24 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     _require_layers(hp, c0, W0)
     L = hp.layers[-1]
     new: dict[int, KV] = {}
-    for i, layer in enumerate(hp.layers):
-        report(progress, "layers", i, len(hp.layers))
+    steps = hp.spread_passes * len(hp.layers)
+    for step in range(steps):
+        i, layer = step % len(hp.layers), hp.layers[step % len(hp.layers)]
+        report(progress, "layers", step, steps)
         K, z_cur = measure(lm, toks, layer, L)  # [N, d_in], [N, d]
         resid = (z - z_cur) / (len(hp.layers) - i)  # [N, d]
-        W_cur = get_weight(lm.model, lm.spec, layer).double()  # [d_out, d_in]
-        V = (K.double() @ W_cur.T + resid.double()).float()  # [N, d_out]
+        if layer in new:  # a later pass: push the value out by the share still missing
+            V = (new[layer][1].double() + resid.double()).float()
+        else:
+            W_cur = get_weight(lm.model, lm.spec, layer).double()  # [d_out, d_in]
+            V = (K.double() @ W_cur.T + resid.double()).float()  # [N, d_out]
         _check_finite(V, f"the values of layer {layer}")
         new[layer] = (K, V)
         W = solve_history(W0[layer], _batches(prior.get(layer)) + [new[layer]], c0[layer], hp.lam, hp.mode,
                           device=dev)
         _check_finite(W, f"the solved weight of layer {layer}")
         set_weight(lm.model, lm.spec, layer, W)
-    report(progress, "layers", len(hp.layers), len(hp.layers))
+    report(progress, "layers", steps, steps)
     return new
 
 

@@ -12,6 +12,8 @@ from typing import Any
 from ..errors import InputError
 
 BOS_MODES = ("auto", "always", "never")
+# fields added after the first release, with the value that behaves as kledger did before them
+LATER_FIELDS: dict[str, Any] = {"spread_passes": 1}
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class HParams:
     # C0
     c0_tokens: int = 100_000
     c0_seq_len: int = 128
+    # spreading: passes over the edited layers; each pass after the first pushes every new value
+    # out by the residual still missing at the last edited layer (the λC0 solve lands only part of
+    # a value), so the edit lands as optimised
+    spread_passes: int = 1
 
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.layers)
@@ -51,12 +57,17 @@ class HParams:
             if not ok:
                 raise InputError(f"{name} must be a positive, finite number, got {str(getattr(self, name))[:20]}",
                                  f"e.g. --set {name}=5000")
-        if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1:
-            raise InputError("steps, prefix_len and c0_tokens must be >= 1 and n_prefixes >= 0")
+        if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1 or self.spread_passes < 1:
+            raise InputError("steps, prefix_len, c0_tokens and spread_passes must be >= 1 and n_prefixes >= 0")
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields, except those added after the first release while they hold the value that
+        means "as before" (LATER_FIELDS): fingerprints made before a field existed stay valid."""
         d = asdict(self)
         d["layers"] = list(self.layers)
+        for name, neutral in LATER_FIELDS.items():
+            if d[name] == neutral:
+                del d[name]
         return d
 
     @classmethod
