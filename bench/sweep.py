@@ -173,6 +173,9 @@ def score(a: argparse.Namespace) -> None:
             for key, weights in ((f"base{n}", {}), (str(n), torch.load(d / f"w{n}.pt"))):
                 if key in scores or (key.startswith("base") and not a.base):
                     continue
+                if key.startswith("base") and (done := _base_scores(Path(a.settings_dir), res["start"], key)):
+                    scores[key] = done  # the same records on the same base model
+                    continue
                 for la, W in W0.items():
                     set_weight(lm.model, lm.spec, la, weights.get(la, W))
                 r = evaluate_model(scorer, facts[:n], gen_tokens=0)
@@ -181,6 +184,17 @@ def score(a: argparse.Namespace) -> None:
                 print(f"{d.name} {key}: {scores[key]}", file=sys.stderr, flush=True)
         for la, W in W0.items():
             set_weight(lm.model, lm.spec, la, W)
+
+
+def _base_scores(root: Path, start: int, key: str) -> dict | None:
+    """The base model's scores on the same records, if another setting has them."""
+    for d in root.iterdir():
+        sc, res = d / "scores.json", d / "result.json"
+        if sc.exists() and res.exists() and json.loads(res.read_text())["start"] == start:
+            got = json.loads(sc.read_text()).get(key)
+            if got:
+                return got
+    return None
 
 
 METRICS = ("efficacy", "generalization", "specificity", "p_new_prompt", "gen_rewrite", "gen_paraphrase",
