@@ -79,13 +79,13 @@ def records(n: int, start: int = 0) -> list:
     return got
 
 
-def load() -> tuple[Any, Any]:
+def load(version: int = SWEEP_BASE_VERSION) -> tuple[Any, Any]:
     from kledger.edit.hparams import defaults_for
     from kledger.edit.weights import load_model
     from kledger.settings import Settings
 
     lm = load_model(env=Settings.from_env())
-    return lm, defaults_for(lm.model_type, lm.n_layers, version=SWEEP_BASE_VERSION)
+    return lm, defaults_for(lm.model_type, lm.n_layers, version=version)
 
 
 def c0_for(lm: Any, hp: Any) -> dict:
@@ -107,7 +107,7 @@ def edit(a: argparse.Namespace) -> None:
     from kledger.edit.spec import get_weight, set_weight
 
     torch.manual_seed(0)
-    lm, base = load()
+    lm, base = load(a.defaults_version)
     hp = base.with_(**parse_setting(a.setting))
     name = a.name or setting_name(a.setting)
     d = Path(a.settings_dir) / name
@@ -119,7 +119,8 @@ def edit(a: argparse.Namespace) -> None:
     W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     c0 = c0_for(lm, hp)
     stored: list[dict] = []
-    result: dict[str, Any] = {"setting": a.setting, "hparams": hp.to_dict(), "n": a.n, "batch": a.batch,
+    result: dict[str, Any] = {"setting": a.setting, "defaults_version": a.defaults_version,
+                              "hparams": hp.to_dict(), "n": a.n, "batch": a.batch,
                               "start": a.start, "threads": torch.get_num_threads(), "batches": []}
     if state_path.exists():  # resume: the accumulated solve of the stored batches is the state
         saved = torch.load(state_path, weights_only=False)
@@ -232,6 +233,8 @@ def main() -> None:
     e.add_argument("--batch", type=int, default=10)
     e.add_argument("--start", type=int, default=0)
     e.add_argument("--checkpoints", default="100,200,300,500,1000")
+    e.add_argument("--defaults-version", type=int, default=SWEEP_BASE_VERSION,
+                   help="the version of kledger's default hyper-parameters the setting overrides")
     for p in (e, sub.add_parser("score"), sub.add_parser("table")):
         p.add_argument("--settings-dir", default=str(OUT))
     sub.choices["score"].add_argument("--base", action="store_true", help="also score the unedited model")
