@@ -282,3 +282,31 @@ def test_later_hparams_fields_keep_old_fingerprints():
     assert HParams.from_dict(two.to_dict()) == two
     with pytest.raises(InputError):
         HParams(spread_passes=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
+def test_running_only_the_layers_above_equals_every_layer(kind):
+    """Later steps run only the decoder layers above the one δ is added to (its output, which δ
+    does not change, is kept from step 0): the values equal those of running every layer every
+    step, also after facts leave the batch, and the model's layers are its own again after."""
+    from conftest_edit import tiny_lm as make
+
+    from kledger.edit.engine import prepare
+    from kledger.edit.spec import get_module
+
+    lm = make(kind)
+    reqs = [EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome"),
+            EditRequest("the Louvre is located in the city of", "Louvre", "Berlin"),
+            EditRequest("the capital of France", "France", "London Paris"),
+            EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
+    hp = HParams(layers=(0, 1), steps=12, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.2)
+    toks = prepare(lm, reqs, hp)
+    stack = list(get_module(lm.model, lm.spec.layers))
+    z_above, info_above = optimise_values(lm, toks, hp)
+    assert list(get_module(lm.model, lm.spec.layers)) == stack
+    z_all, info_all = optimise_values(lm, toks, hp, reuse_below=False)
+    assert info_above["steps"] == info_all["steps"]
+    if kind in ("llama", "qwen3"):
+        assert len(set(info_above["steps"])) > 1
+    assert rel_fro(z_above, z_all) < 1e-5
+    assert max(abs(a - b) for a, b in zip(info_above["target_prob"], info_all["target_prob"])) < 1e-5

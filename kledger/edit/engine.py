@@ -16,9 +16,10 @@ d_in the down-projection's input width.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -233,6 +234,39 @@ def _cache_for(model: Any, shared: list[tuple[torch.Tensor, torch.Tensor]], lay:
     return DynamicCache([(K[lay.rows, :, :P], V[lay.rows, :, :P]) for K, V in shared], config=model.config)
 
 
+class _Standin(torch.nn.Module):
+    """Stands in for a decoder layer at or below the one δ is added to, in the value optimisation's
+    later steps: nothing there depends on δ. Layers below pass their input on unused; the layer
+    itself returns its output cached at step 0 (`out`, before δ, which the δ hook then adds)."""
+
+    def __init__(self, out: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.out, self.as_tuple = out, as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        h = hidden_states if self.out is None else self.out
+        return (h,) if self.as_tuple else h
+
+
+@contextlib.contextmanager
+def _only_above(model: Any, spec: Any, layer: int, out: torch.Tensor | None, as_tuple: bool) -> Iterator[None]:
+    """Within the block, decoder layers 0..`layer` are stand-ins (`_Standin`) and only the layers
+    above it compute; `out` [B, S, d] is `layer`'s output for the batch fed. None: no change."""
+    if out is None:
+        yield
+        return
+    stack = get_module(model, spec.layers)
+    saved = [stack[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer):
+            stack[i] = _Standin(None, as_tuple)
+        stack[layer] = _Standin(out, as_tuple)
+        yield
+    finally:
+        for i, m in enumerate(saved):
+            stack[i] = m
+
+
 def _seq_logprobs(logits: torch.Tensor, lay: "_Layout", n: int, C: int) -> torch.Tensor:
     """[n, C] mean log-probability of the target tokens per sequence, from the first M rows of
     `logits` (the target positions). A sum over a one-hot matrix, not index_add, whose CUDA
@@ -259,7 +293,8 @@ def _descend(opt: torch.optim.Optimizer, delta: torch.Tensor, active: torch.Tens
 
 
 def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
-                    progress: Progress | None = None, *, reuse_prefix: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+                    progress: Progress | None = None, *, reuse_prefix: bool = True,
+                    reuse_below: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
     prompt) and diagnostics. One forward/backward per step for all facts still optimising: each
     fact has its own delta, and once its mean target probability exceeds hp.early_stop_prob it
@@ -267,6 +302,9 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     With `reuse_prefix` (the default) the tokens before each subject's last token are run once
     and their attention cache reused at every step (see `_Layout`); False feeds whole sequences
     every step (the same numbers up to round-off, at about twice the cost: the reference).
+    With `reuse_below` (the default), layer L's output for the fed tokens (which δ does not change)
+    is kept from step 0, and later steps run only the layers above L (`_only_above`); False runs
+    every layer every step (the same numbers up to round-off).
     Runs on the model's device; z comes back on the CPU."""
     model, spec = lm.model, lm.spec
     dev = device_of(model)
@@ -284,16 +322,21 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     shared = _prefix_cache(model, spec, toks, pad, dev) if reuse_prefix else None
     cut = shared is not None
     lay = _layout(toks, range(N), pad, dev, cut)
+    h_L: torch.Tensor | None = None  # [B_all, S_all, d] layer L's output at step 0, when reused
+    as_tuple = False
     with torch.enable_grad():
         for step in range(hp.steps + 1):
             report(progress, "values", step, hp.steps)
             n = len(lay.facts)
-            with capture_residual(model, spec, L) as got, \
+            below = None if h_L is None else h_L[lay.rows, :lay.ids.shape[1]]
+            with _only_above(model, spec, L, below, as_tuple), capture_residual(model, spec, L) as got, \
                     add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
                 logits = logits_at(model, spec, lay.ids, lay.mask, lay.out_rows, lay.out_cols, position_ids=lay.pos,
                                    past_key_values=_cache_for(model, shared, lay) if cut else None).float()
             if step == 0:  # δ = 0: the unedited model; context 0 is the bare prompt
                 h0 = got[L][lay.d_rows[:N * C:C], lay.d_cols[:N * C:C]].detach().clone()
+                if reuse_below:
+                    h_L, as_tuple = got[L].detach().clone(), bool(got.get("tuple"))
             seq_lp = _seq_logprobs(logits, lay, n, C)  # [n, C]
             prob[lay.facts] = seq_lp.detach().exp().mean(1)
             kl_lp = torch.log_softmax(logits[len(lay.t_ids):], -1)  # [n, V]

@@ -50,12 +50,14 @@ def capture_down_inputs(model: Any, spec: ArchSpec, layers: Sequence[int],
 @contextlib.contextmanager
 def capture_residual(model: Any, spec: ArchSpec, layer: int,
                      stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the output of decoder layer `layer` (the residual stream, [B, T, d]); with `stop`,
-    end the forward there."""
-    got: dict[int, torch.Tensor] = {}
+    """Record the output of decoder layer `layer` (the residual stream, [B, T, d]) under its
+    number, and whether the layer returns a tuple under "tuple"; with `stop`, end the forward
+    there."""
+    got: dict = {}
 
     def hook(_mod, _args, out):
         got[layer] = (out[0] if isinstance(out, tuple) else out).detach()
+        got["tuple"] = isinstance(out, tuple)  # the layer's output form
         if stop:
             raise _StopForward
 
