@@ -44,7 +44,7 @@ those values (see `settle`).
   one entity written two ways ("Aruba Football Federation" and "Andorran Football Federation",
   whose last token, which dominates an early layer's key, is the same). Which of the two a soft
   pair is, `same_entity` decides from the subjects' text: the same words up to case, punctuation
-  and a leading article, or a typo (edit distance 1, 2 for subjects of 12 characters or more). A
+  and a leading article, or typos in long words (see there). A
   collision is a limit of the edit (one least-squares key for two subjects, so editing one can
   move the other's answer), not a disagreement about the world: it is reported, never refused,
   and joins no conflict.
@@ -67,6 +67,7 @@ INVERSE = "inverse"
 SOFT = "soft"
 COLLISION = "collision"  # near-identical keys of two different subjects: reported, not a conflict
 _ARTICLES = frozenset({"the", "a", "an"})
+TYPO_MIN_LEN = 5  # letters a word needs before a one-letter difference counts as a typo
 
 # Cosine of first-edited-layer keys above which two subjects count as one (soft conflicts), for
 # ledgers that set none. Measured with `python bench/soft_threshold.py --records 1000` on
@@ -187,14 +188,25 @@ def _edit_distance(a: str, b: str, cap: int) -> int:
 
 def same_entity(a: str, b: str) -> bool:
     """Whether two subjects read as one entity written two ways: the same words once case,
-    punctuation and a leading article are set aside ("The Eiffel Tower", "eiffel tower"), or a
-    typo apart (edit distance 1; 2 when the longer is 12 characters or more)."""
+    punctuation and a leading article are set aside ("The Eiffel Tower", "eiffel tower"), or the
+    same number of words where each word that differs is a typo of the other: both at least
+    TYPO_MIN_LEN letters, no digits, edit distance 1 (2 from 10 letters). Numbers, short words and
+    numerals are never typos: "Apollo 11" and "Apollo 12", "Iran" and "Iraq", "Super Bowl XL" and
+    "Super Bowl XLI" are different entities."""
     wa, wb = _entity_words(a), _entity_words(b)
     if wa == wb:
         return True
-    sa, sb = " ".join(wa), " ".join(wb)
-    cap = 2 if max(len(sa), len(sb)) >= 12 else 1
-    return _edit_distance(sa, sb, cap) <= cap
+    if len(wa) != len(wb):
+        return False
+    for x, y in zip(wa, wb):
+        if x == y:
+            continue
+        if min(len(x), len(y)) < TYPO_MIN_LEN or any(ch.isdigit() for ch in x + y):
+            return False
+        cap = 2 if max(len(x), len(y)) >= 10 else 1
+        if _edit_distance(x, y, cap) > cap:
+            return False
+    return True
 
 
 def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshold: float,
@@ -203,9 +215,9 @@ def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshol
     after the subject) whose subjects differ in matching form, whose objects differ, and whose keys
     (1-D float vectors, numpy) have cosine similarity above `threshold`; kind is "soft" (a
     contradiction) when `same_entity` says the subjects are one entity, else "collision". Facts
-    without a key are skipped; with `involving`, only relation groups holding one of those facts
-    are compared. Pairs are compared within a relation group only (one Gram matrix per group), so
-    the cost is the sum of the squared group sizes."""
+    without a key are skipped; with `involving`, only pairs with one of those facts. Pairs are
+    compared within a relation group only (one Gram matrix per group), so the cost is the sum of
+    the squared group sizes."""
     import numpy as np
 
     multi = set(multi_valued)
@@ -230,6 +242,8 @@ def soft_edges(facts: Mapping[str, Fact], keys: Mapping[str, "object"], threshol
         G = M @ M.T
         for a, b in zip(*np.nonzero(np.triu(G, 1) > threshold)):
             fa, fb = facts[ids[a]], facts[ids[b]]
+            if wanted is not None and ids[a] not in wanted and ids[b] not in wanted:
+                continue
             if fa.object_key != fb.object_key and fa.key[0] != fb.key[0]:
                 found.add((ids[a], ids[b]))
     return [(a, b, SOFT if same_entity(facts[a].subject, facts[b].subject) else COLLISION) for a, b in sorted(found)]

@@ -176,11 +176,12 @@ class Decisions:
         if not keys:
             yield
             return
-        self._extra_keys = dict(keys)
+        before = self._extra_keys
+        self._extra_keys = {**before, **keys}
         try:
             yield
         finally:
-            self._extra_keys = {}
+            self._extra_keys = before  # blocks nest (resolve commits through commit)
 
     def _soft_edges(self, ids: Iterable[str], multi: set[str], involving: Iterable[str] | None = None
                     ) -> tuple[list[tuple[str, str, str]], dict]:

@@ -350,16 +350,17 @@ class Ledger:
         """(first-layer keys of the staged facts no commit has measured, whether every staged fact
         has keys for soft conflicts): measured on the model as `commit` will, so that `check
         --staged` and `commit` give one verdict. Without torch (a CI gate installed without the
-        `edit` extra) they cannot be measured: ({}, False), and `check` says so."""
+        `edit` extra) or without the model they cannot be measured: ({}, False), and `check` says
+        so."""
         adds = [o.fact_id for o in pf.ops if o.op == OP_ADD]
         if not adds or self.soft_threshold() is None or not self.measured:
             return {}, True
         from . import model_side
-        from .errors import MissingExtraError
+        from .errors import ModelError
 
         try:
             return model_side.first_keys(self, list(self.store.facts(adds).values())), True
-        except MissingExtraError:
+        except ModelError:  # the model side is not installed, or the model cannot be loaded here
             return {}, False
 
     def check(self, rev: str | None = None, staged: bool = False) -> dict:
@@ -410,18 +411,19 @@ class Ledger:
             if strategy in ("ours", "theirs") and pf.pending is None:
                 raise StateError(f"--{strategy} applies to a stopped merge or cherry-pick, and none is in progress",
                                  "use --keep OBJECT or --newest")
-            found = d.conflicts_of(pf)
-            if not found and pf.pending is None:
-                raise StateError("there is no conflict to resolve",
-                                 "`kledger conflicts [REV]` lists conflicts; `kledger check` checks HEAD")
-            # (a stopped operation whose conflicts are gone, e.g. after `relation set --multi`, just finishes)
-            targets = d.pick(found, conflict, keep if strategy == "keep" else None) if found else []
-            decided = d.decide(pf, targets, strategy, keep, (author or self.env.default_author()).strip(),
-                               self.env.now())
-            ops, left, entries = d.replay(pf.base, pf.ops, pf.involving, {c.key for c in targets})
-            adds = {o.fact_id for o in ops if o.op == OP_ADD}
-            blocking = [c for c in left if pf.pending is not None or set(c.fact_ids) & adds]
-            cid = commits.commit_decisions(self, pf, ops, decided, entries, blocking, message, author)
+            with d.new_keys(self._staged_keys(pf)[0]):  # staged facts' soft conflicts, as commit sees them
+                found = d.conflicts_of(pf)
+                if not found and pf.pending is None:
+                    raise StateError("there is no conflict to resolve",
+                                     "`kledger conflicts [REV]` lists conflicts; `kledger check` checks HEAD")
+                # (a stopped operation whose conflicts are gone, e.g. after `relation set --multi`, just finishes)
+                targets = d.pick(found, conflict, keep if strategy == "keep" else None) if found else []
+                decided = d.decide(pf, targets, strategy, keep, (author or self.env.default_author()).strip(),
+                                   self.env.now())
+                ops, left, entries = d.replay(pf.base, pf.ops, pf.involving, {c.key for c in targets})
+                adds = {o.fact_id for o in ops if o.op == OP_ADD}
+                blocking = [c for c in left if pf.pending is not None or set(c.fact_ids) & adds]
+                cid = commits.commit_decisions(self, pf, ops, decided, entries, blocking, message, author)
             self.env.fault_point("resolve")
         return {"context": pf.kind, "decided": decided, "commit": cid, "resolved": entries,
                 "remaining": [conflict_id(c) for c in blocking]}

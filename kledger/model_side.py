@@ -131,7 +131,7 @@ def _needs_edit_extra(doing: str, replay_hint: bool = False) -> Callable:
 
 # ---------------------------------------------------------------------------- commit: measuring
 
-@_needs_edit_extra("measuring facts' keys for soft conflicts")
+@_needs_edit_extra("measuring facts' keys for soft conflicts", replay_hint=True)
 def first_keys(ledger: "Ledger", facts: list[Fact]) -> dict:
     """fact id → first-edited-layer key of each fact that no commit has measured yet (the keys
     soft conflicts compare), measured in one short forward pass; {} on a ledger without a model or

@@ -229,7 +229,10 @@ def test_check_staged_and_commit_give_one_verdict_before_anything_is_measured(mo
     ("the Eiffel Tower", "Eiffel Tower", True), ("EIFFEL TOWER", "the Eiffel Tower", True),
     ("Eiffel Tower", "Eifel Tower", True), ("Eiffel Tower", "Eiffel-Tower", True),
     ("Aruba Football Federation", "Andorran Football Federation", False), ("Paris", "Parma", False),
-    ("Danielle Darrieux", "Daniele Darieux", True), ("A", "The A", True), ("the", "The", True)])
+    ("Danielle Darrieux", "Daniele Darieux", True), ("A", "The A", True), ("the", "The", True),
+    ("1990 FIFA World Cup", "1994 FIFA World Cup", False), ("Apollo 11", "Apollo 12", False),
+    ("Windows 7", "Windows 8", False), ("Super Bowl XL", "Super Bowl XLI", False), ("Iran", "Iraq", False),
+    ("Berg Municipality", "Borg Municipality", False)])
 def test_same_entity(a, b, same):
     from kledger.conflicts import same_entity
 
@@ -251,6 +254,14 @@ def test_soft_pairs_of_different_subjects_are_collisions_not_conflicts():
     # a collision joins no conflict: only the alias pair (a, c) is one
     found = find_conflicts(facts, extra_edges=[e for e in edges if e[2] == SOFT])
     assert len(found) == 1 and set(found[0].fact_ids) == {a.id, c.id}
+    # with `involving`, only the pairs of those facts: an old collision is not a new fact's
+    d = fact("Zurich Football Federation belongs to", "Zurich Football Federation", "FIFA")
+    facts[d.id] = d
+    far = np.array([0.0, 1.0], dtype=np.float32)
+    pairs = soft_edges(facts, {a.id: v, b.id: v, c.id: v, d.id: far}, 0.99, involving=[d.id])
+    assert pairs == []
+    pairs = soft_edges(facts, {a.id: v, b.id: v, c.id: v, d.id: far}, 0.99, involving=[b.id])
+    assert {frozenset(e[:2]) for e in pairs} == {frozenset((a.id, b.id)), frozenset((b.id, c.id))}
 
 
 def test_a_key_collision_is_committed_and_reported_with_its_effect(model_dir, tmp_path):
@@ -274,3 +285,19 @@ def test_a_key_collision_is_committed_and_reported_with_its_effect(model_dir, tm
     rep = lg.check()
     assert rep["ok"] and rep["unresolved"] == 0 and len(rep["collisions"]) == 1
     assert lg.conflicts()["collisions"][0]["fact_ids"] == rep["collisions"][0]["fact_ids"]
+
+
+def test_resolve_decides_a_staged_soft_conflict(model_dir, tmp_path):
+    """The soft conflict that `commit` refuses and `conflicts` shows for a staged fact is one that
+    `resolve` can decide (the staged fact's key is measured there too)."""
+    lg = new_ledger(model_dir, tmp_path / "a")
+    lg.add([fact(PROMPT, "the Eiffel Tower", "Rome")])
+    lg.commit("rome", author="t")
+    lg.add([fact(PROMPT, "Eiffel Tower", "Berlin")])
+    with pytest.raises(ConflictError):
+        lg.commit("berlin", author="t")
+    assert [c["kind"] for c in lg.conflicts()["conflicts"]] == ["soft"]
+    res = lg.resolve_conflicts(strategy="newest", author="t")
+    assert res["decided"][0]["keep"] == ["berlin"] and res["commit"] is not None
+    assert {f.target for f in lg.store.facts(lg.state(lg.head())).values()} == {"Berlin"}
+    assert lg.check()["ok"]

@@ -94,8 +94,9 @@ def check(rev: str | None = typer.Argument(None, help="Revision to check (defaul
             say("note: soft conflicts were not looked for: this ledger was replayed with --no-measure, so its "
                 "facts have no keys")
         elif staged and not rep["soft_checked"] and soft_on:
-            say("note: soft conflicts were not looked for: the staged facts' keys need the model side "
-                "(pip install 'kledger[edit]'); `kledger commit` will look for them")
+            say("note: soft conflicts of the staged facts were not looked for: their keys need the model, which "
+                "could not be loaded here (is the model side installed? pip install 'kledger[edit]'); "
+                "`kledger commit` will look for them")
     if not rep["ok"]:
         raise ConflictError(f"{rep['unresolved']} unresolved conflict(s) in {_where(rep['target'])}",
                             "see them with `kledger conflicts`, decide with `kledger resolve`")

@@ -76,12 +76,12 @@ def _plain_progress():
 
     def update(stage: str, done: int, total: int) -> None:
         now = time.monotonic()
-        first = stage not in started
-        started.setdefault(stage, now)
         end = done >= total
-        if first or end or now - last.get(stage, 0.0) >= PLAIN_EVERY_S:
-            if end and last.get(stage) == -1.0:  # said already
-                return
+        if stage not in started or (last.get(stage) == -1.0 and (done == 0 or not end)):
+            started[stage], last[stage] = now, 0.0  # a stage (re)starts: its clock too
+        elif end and last.get(stage) == -1.0:  # its end was said already
+            return
+        if last[stage] == 0.0 or end or now - last[stage] >= PLAIN_EVERY_S:
             print(f"kledger: {stage} {done}/{total} ({now - started[stage]:.0f} s)", file=sys.stderr, flush=True)
             last[stage] = -1.0 if end else now
 

@@ -301,11 +301,9 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     is frozen and leaves the batch (so a batch costs no more than its facts one at a time).
     With `reuse_prefix` (the default) the tokens before each subject's last token are run once
     and their attention cache reused at every step (see `_Layout`); False feeds whole sequences
-    every step (the same numbers up to round-off, at about twice the cost: the reference).
-    With `reuse_below` (the default), layer L's output for the fed tokens (which δ does not change)
-    is kept from step 0, and later steps run only the layers above L (`_only_above`); False runs
-    every layer every step (the same numbers up to round-off).
-    Runs on the model's device; z comes back on the CPU."""
+    every step (the same numbers up to round-off, at about twice the cost: the reference). With
+    `reuse_below` (the default), later steps run only the layers above L, whose output δ does not
+    change (`_only_above`; False: every layer). Runs on the model's device; z comes back on the CPU."""
     model, spec = lm.model, lm.spec
     dev = device_of(model)
     L = hp.layers[-1]
@@ -317,13 +315,11 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     active = torch.ones(N, dtype=torch.bool, device=dev)
     h0 = torch.zeros(N, d, device=dev)  # [N, d] unedited residual at the bare prompt's subject token
     kl_init = None  # [N, V] unedited log-probabilities after "{subject} is a"
-    prob = torch.zeros(N, device=dev)
-    steps_done = torch.zeros(N, dtype=torch.long, device=dev)
+    prob, steps_done = torch.zeros(N, device=dev), torch.zeros(N, dtype=torch.long, device=dev)
     shared = _prefix_cache(model, spec, toks, pad, dev) if reuse_prefix else None
     cut = shared is not None
     lay = _layout(toks, range(N), pad, dev, cut)
-    h_L: torch.Tensor | None = None  # [B_all, S_all, d] layer L's output at step 0, when reused
-    as_tuple = False
+    h_L, as_tuple = None, False  # [B_all, S_all, d] layer L's output at step 0 (when reused), its form
     with torch.enable_grad():
         for step in range(hp.steps + 1):
             report(progress, "values", step, hp.steps)
@@ -342,11 +338,7 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
             kl_lp = torch.log_softmax(logits[len(lay.t_ids):], -1)  # [n, V]
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
-            ref = kl_init[lay.facts]
-            kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n] KL(unedited ‖ edited)
-            wd = hp.weight_decay * delta[lay.facts].pow(2).sum(1) / h0[lay.facts].pow(2).sum(1)  # [n] (‖δ‖/‖h‖)²
-            loss_each = -seq_lp.mean(1) + hp.kl_weight * kl + wd
-            _check_finite(loss_each, "the value optimisation loss")
+            loss_each = _loss(seq_lp, kl_lp, kl_init[lay.facts], delta[lay.facts], h0[lay.facts], hp)
             active &= prob < hp.early_stop_prob
             if step == hp.steps or not active.any():
                 break
@@ -355,6 +347,17 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
             if int(active.sum()) < n:
                 lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad, dev, cut)
     return _targets(h0, delta.detach(), prob, steps_done)
+
+
+def _loss(seq_lp: torch.Tensor, kl_lp: torch.Tensor, ref: torch.Tensor, delta: torch.Tensor, h0: torch.Tensor,
+          hp: HParams) -> torch.Tensor:
+    """[n] per-fact loss: the target's negative mean log-probability over the contexts, plus
+    hp.kl_weight × KL(unedited ‖ edited) after "{subject} is a", plus hp.weight_decay × (‖δ‖/‖h‖)²."""
+    kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n]
+    wd = hp.weight_decay * delta.pow(2).sum(1) / h0.pow(2).sum(1)  # [n]
+    loss_each = -seq_lp.mean(1) + hp.kl_weight * kl + wd
+    _check_finite(loss_each, "the value optimisation loss")
+    return loss_each
 
 
 def _targets(h0: torch.Tensor, delta: torch.Tensor, prob: torch.Tensor,

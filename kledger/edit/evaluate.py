@@ -470,7 +470,8 @@ def evaluate_model(scorer: Scorer, facts: Sequence[Fact], *, ppl_ids: Sequence[i
                    ppl_window: int = PPL_WINDOW, gen_tokens: int = 0, greedy: bool = True) -> dict:
     """All metrics of the model in `scorer` on `facts`: {"metrics": {kind: group..., "perplexity",
     "fluency"}, "per_record": [metrics per fact], "seconds": {"records", "greedy", "fluency",
-    "perplexity"}}. `greedy` False skips generation success (its metrics are then None)."""
+    "perplexity"}}. `greedy` False skips generation success (its metrics are then absent from
+    the records and None in the summary)."""
     kinds = [record_kind(f) for f in facts]
     t0 = time.perf_counter()
     plans = [_pairs(f, k) for f, k in zip(facts, kinds)]
