@@ -44,6 +44,9 @@ def test_defaults_are_versioned_and_a_ledger_keeps_its_version(tmp_path):
     from kledger.ledger import Ledger
 
     assert defaults_for("llama", 30, 1) == HParams(layers=(3, 4, 5, 6, 7), lam=3000.0, lr=1.0)
+    assert defaults_for("llama", 30, 2) == HParams(layers=(3, 4, 5, 6, 7), lam=1500.0, lr=1.0)
+    assert defaults_for("gpt2", 12, 2) == defaults_for("gpt2", 12, 1)  # measured on Llama only
+    assert defaults_for("llama", 30, 1).fingerprint() != defaults_for("llama", 30, 2).fingerprint()
     with pytest.raises(InputError, match="version 99"):
         defaults_for("llama", 30, 99)
     lg = Ledger.init(tmp_path / "new")
