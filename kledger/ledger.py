@@ -353,7 +353,7 @@ class Ledger:
         `edit` extra) or without the model they cannot be measured: ({}, False), and `check` says
         so."""
         adds = [o.fact_id for o in pf.ops if o.op == OP_ADD]
-        if not adds or self.soft_threshold() is None or not self.measured:
+        if not adds:
             return {}, True
         from . import model_side
         from .errors import ModelError

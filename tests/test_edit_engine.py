@@ -35,6 +35,12 @@ FACTS = [
     EditRequest("the capital of Spain is", "Spain", "Berlin"),
 ]
 
+# subjects at the end and in the middle, a two-token target: the cut layouts' cases
+CUT_FACTS = [EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome"),
+             EditRequest("the Louvre is located in the city of", "Louvre", "Berlin"),
+             EditRequest("the capital of France", "France", "London Paris"),
+             EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
+
 
 def corpus(n_words: int = 1500) -> str:
     return word_corpus(n_words)
@@ -109,10 +115,7 @@ def test_reused_prefix_equals_whole_sequences(kind):
     from kledger.edit.hooks import pad_id_of
 
     lm = make(kind)
-    reqs = [EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome"),
-            EditRequest("the Louvre is located in the city of", "Louvre", "Berlin"),
-            EditRequest("the capital of France", "France", "London Paris"),
-            EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
+    reqs = CUT_FACTS
     hp = HParams(layers=(1,), steps=12, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.2)
     toks = prepare(lm, reqs, hp)
     pad, cpu = pad_id_of(lm.tokenizer), torch.device("cpu")
@@ -295,10 +298,7 @@ def test_running_only_the_layers_above_equals_every_layer(kind):
     from kledger.edit.spec import get_module
 
     lm = make(kind)
-    reqs = [EditRequest("located in the Eiffel Tower", "Eiffel Tower", "Rome"),
-            EditRequest("the Louvre is located in the city of", "Louvre", "Berlin"),
-            EditRequest("the capital of France", "France", "London Paris"),
-            EditRequest("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
+    reqs = CUT_FACTS
     hp = HParams(layers=(0, 1), steps=12, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.2)
     toks = prepare(lm, reqs, hp)
     stack = list(get_module(lm.model, lm.spec.layers))

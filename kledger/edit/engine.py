@@ -371,19 +371,25 @@ def _targets(h0: torch.Tensor, delta: torch.Tensor, prob: torch.Tensor,
 
 # ---- keys and spreading ---------------------------------------------------------------------
 
+def _at_subjects(lm: Any, toks: Sequence[_Tokens]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Every context of every request as one right-padded batch, and the (rows, cols) of each
+    sequence's subject's last token, on the model's device."""
+    dev = device_of(lm.model)
+    batch = pad_batch([c for t in toks for c in t.ctx], pad_id_of(lm.tokenizer))
+    rows = torch.arange(batch.input_ids.shape[0], device=dev)
+    cols = torch.tensor([s for t in toks for s in t.subj], device=dev)
+    return batch, rows, cols
+
+
 @torch.no_grad()
 def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys at `layer` ([N, d_in], mean over contexts) and the residual at `z_layer` ([N, d],
     bare prompt), at the subject's last token, with the model's current weights; both on the CPU."""
-    model, spec = lm.model, lm.spec
-    dev = device_of(model)
     N, C = len(toks), len(toks[0].ctx)
-    batch = pad_batch([c for t in toks for c in t.ctx], pad_id_of(lm.tokenizer))
-    rows = torch.arange(N * C, device=dev)
-    cols = torch.tensor([s for t in toks for s in t.subj], device=dev)
-    with capture_down_inputs(model, spec, [layer]) as keys, \
-            capture_residual(model, spec, z_layer, stop=True) as res:
-        run_until(model, batch.input_ids, batch.attention_mask)
+    batch, rows, cols = _at_subjects(lm, toks)
+    with capture_down_inputs(lm.model, lm.spec, [layer]) as keys, \
+            capture_residual(lm.model, lm.spec, z_layer, stop=True) as res:
+        run_until(lm.model, batch.input_ids, batch.attention_mask)
     K = keys[layer][rows, cols].float().view(N, C, -1).mean(1)  # [N, d_in]
     z = res[z_layer][rows, cols].float().view(N, C, -1)[:, 0]  # [N, d]
     return K.cpu(), z.cpu()
@@ -395,14 +401,10 @@ def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int) -> torch.Tensor:
     the forward ended after that layer's down-projection. At the first edited layer they depend
     only on unedited weights, so they are the keys a commit will store, known before any value is
     optimised: what soft conflicts compare."""
-    model, spec = lm.model, lm.spec
-    dev = device_of(model)
     N, C = len(toks), len(toks[0].ctx)
-    batch = pad_batch([c for t in toks for c in t.ctx], pad_id_of(lm.tokenizer))
-    rows = torch.arange(N * C, device=dev)
-    cols = torch.tensor([s for t in toks for s in t.subj], device=dev)
-    with capture_down_inputs(model, spec, [layer], stop_after=layer) as keys:
-        run_until(model, batch.input_ids, batch.attention_mask)
+    batch, rows, cols = _at_subjects(lm, toks)
+    with capture_down_inputs(lm.model, lm.spec, [layer], stop_after=layer) as keys:
+        run_until(lm.model, batch.input_ids, batch.attention_mask)
     return keys[layer][rows, cols].float().view(N, C, -1).mean(1).cpu()
 
 

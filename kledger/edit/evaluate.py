@@ -408,9 +408,7 @@ class Scorer:
     def generate(self, prompts: Sequence[str], n_tokens: int) -> dict[str, str]:
         """Greedy continuations of exactly `n_tokens` tokens (no stop at end of text), batched with
         left padding; returns prompt → the decoded prompt and continuation."""
-        from .device import device_of
-        from .hooks import encode, pad_batch
-        from .weights import quiet_transformers
+        from .hooks import encode
 
         unique = list(dict.fromkeys(prompts))
         pre = [self.bos_id] if self.bos_id is not None else []
@@ -421,19 +419,11 @@ class Scorer:
         for b in range(n_batches):
             self._report("generate", b, n_batches)
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            padded = pad_batch([toks[i] for i in idx], self.pad_id, left=True)  # [B, T] left-padded
-            ids, mask = padded.input_ids, padded.attention_mask
-            T = ids.shape[1]
-            dev = device_of(self.model)
-            with quiet_transformers():
-                gen = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                                          max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                                          pad_token_id=self.pad_id, eos_token_id=None)
-            for j, i in enumerate(idx):  # the whole text, prompt included, as ROME's generate_fast
-                out[unique[i]] = self.tokenizer.decode(gen[j, T - len(toks[i]):].tolist(), skip_special_tokens=True)
+            new = self._generate_ids([toks[i] for i in idx], n_tokens)
+            for i, g in zip(idx, new):  # the whole text, prompt included, as ROME's generate_fast
+                out[unique[i]] = self.tokenizer.decode(toks[i] + g, skip_special_tokens=True)
         self._report("generate", n_batches, n_batches)
         return out
-
 
 def ngram_entropy(text: str) -> float:
     """ROME's fluency of one text (compute_n_gram_entropy): the entropies in bits of its bigram and
