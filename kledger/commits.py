@@ -62,10 +62,13 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
     has just looked (so they are not looked for again)."""
     _check_message(message, author)
     if found is None:
-        base = lg.history.state(parents[0]) if parents else {}
         added = [o.fact_id for o in ops if o.op == OP_ADD]
-        found = lg.decisions.conflicts_in(apply_ops(base, ops), involving=added)
+        found = lg.decisions.conflicts_after(parents[0] if parents else None, ops, added)
+        if found is None:  # soft conflicts on: every fact in force takes part
+            found = lg.decisions.conflicts_in(apply_ops(lg.history.state(parents[0]) if parents else {}, ops),
+                                              involving=added)
         if found:  # replay remembered decisions (rerere) before refusing
+            base = lg.history.state(parents[0]) if parents else {}
             ops, found, replayed = lg.decisions.replay(base, ops, added)
             meta = _with_resolved(meta, replayed)
     if found and not allow_conflicts:
@@ -252,7 +255,7 @@ def revert(lg: "Ledger", rev: str, author: str | None = None, message: str | Non
     cid = lg.history.resolve(rev)
     head = require_head(lg, "revert")
     added, removed = lg.history.delta(cid)
-    now = lg.history.state(head)
+    now = lg.history.state_of(head, added | removed)
     ops = [Op(OP_RETRACT, i) for i in sorted(added) if i in now]
     ops += [Op(OP_ADD, i) for i in sorted(removed) if i not in now]
     if not ops:
@@ -267,7 +270,7 @@ def cherry_pick(lg: "Ledger", rev: str, author: str | None = None, allow_conflic
     cid = lg.history.resolve(rev)
     head = require_head(lg, "cherry-pick")
     added, removed = lg.history.delta(cid)
-    now = lg.history.state(head)
+    now = lg.history.state_of(head, added | removed)
     ops = [Op(OP_ADD, i) for i in sorted(added) if i not in now]
     ops += [Op(OP_RETRACT, i) for i in sorted(removed) if i in now]
     if not ops:

@@ -198,6 +198,16 @@ class History:
             self._state[cid] = self.store.in_force(self.first_parent_chain(cid))
         return self._state[cid]
 
+    def state_of(self, cid: str | None, ids: Iterable[str]) -> dict[str, str]:
+        """`state(cid)` restricted to `ids`, reading only those facts' ops (unless the whole state
+        is already at hand)."""
+        if cid is None:
+            return {}
+        if cid in self._state:
+            state = self._state[cid]
+            return {i: state[i] for i in ids if i in state}
+        return self.store.in_force_of(self.first_parent_chain(cid), ids)
+
     def count_in_force(self, cid: str | None) -> int:
         if cid is None:
             return 0
@@ -208,8 +218,9 @@ class History:
     def delta(self, cid: str) -> tuple[set[str], set[str]]:
         """(facts the commit put in force, facts it took out), relative to its first parent."""
         parents = self.graph()[cid]
-        before = set(self.state(parents[0])) if parents else set()
-        after = set(self.state(cid))
+        touched = {o.fact_id for o in self.store.commit(cid).ops}  # nothing else can differ
+        before = set(self.state_of(parents[0], touched)) if parents else set()
+        after = set(self.state_of(cid, touched))
         return after - before, before - after
 
     def change_counts(self, a: str, b: str) -> dict:
@@ -337,8 +348,8 @@ class History:
 
     def blame(self, subject: str, relation: str | None = None, rev: str = "HEAD") -> list[dict]:
         cid = self.resolve(rev)
-        in_force = self.state(cid)
-        ids = sorted(set(in_force) & self.store.fact_ids_matching(subject, relation))
+        in_force = self.state_of(cid, self.store.fact_ids_matching(subject, relation))
+        ids = sorted(in_force)
         facts = self.store.facts(ids)
         commits = self.store.commits({in_force[i] for i in ids}, with_ops=False)
         out = []

@@ -140,7 +140,8 @@ class Ledger:
         if not facts:
             raise InputError("no facts to add", "give PROMPT TARGET --subject S, or --file F")
         with self.store.transaction():
-            skip = set(self.state(self.head())) | {o.fact_id for o in self.store.staged()}
+            skip = set(self.history.state_of(self.head(), [f.id for f in facts]))
+            skip |= {o.fact_id for o in self.store.staged()}
             new = []
             for f in facts:
                 if f.id not in skip:
@@ -152,7 +153,7 @@ class Ledger:
 
     def remove(self, subject: str, relation: str | None = None) -> dict:
         """Stage the retraction of the facts in force at HEAD about `subject` (and `relation`)."""
-        ids = sorted(set(self.state(self.head())) & self.store.fact_ids_matching(subject, relation))
+        ids = sorted(self.history.state_of(self.head(), self.store.fact_ids_matching(subject, relation)))
         if not ids:
             raise InputError(f"no fact about {subject!r}{' with that relation' if relation else ''} is in force",
                              "check the subject with `kledger blame` or `kledger log --subject`")

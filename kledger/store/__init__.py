@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import duckdb
 
 from ..errors import RESTORE_HINT, IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
-from ..records import OP_ADD, ById, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
+from ..records import ById, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
+from .chains import Chains
 from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
 from .scans import Scans
-from .sql import CANDIDATES, COLUMNS, FACT_COLS, IN_FORCE, MIGRATIONS, SCHEMA
+from .sql import COLUMNS, FACT_COLS, MIGRATIONS, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -60,7 +61,7 @@ def _connect(db: Path, ledger_dir: Path | None = None, write: bool = True, wait:
     return con
 
 
-class Store(Scans):
+class Store(Chains, Scans):
     """One open connection to a ledger database. Use as a context manager.
 
     Opened for reading, the store takes the shared lock only: other processes read at the same
@@ -310,37 +311,6 @@ class Store(Scans):
             [ids]).fetchall()
         return ById("fact", ((r[0], fact_from_row(r)) for r in rows))
 
-    def conflict_candidates(self, ids: Iterable[str]) -> list[str]:
-        """Those of `ids` that can take part in a contradiction (kledger.conflicts): hard, sharing a
-        matching (subject, relation) with another of `ids` that has a different object; inverse, a
-        fact (s, r, o) whose relation has a declared inverse r' that is single-valued, and a fact
-        (o, r', x) with x other than s (both ends). One aggregate query, so a check over 100,000
-        facts never loads them all."""
-        ids = list(ids)
-        if len(ids) < 2:
-            return []
-        return [r[0] for r in self.con.execute(
-            f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {CANDIDATES} SELECT id FROM candidates",
-            [ids]).fetchall()]
-
-    def conflict_candidates_at(self, chain: list[str], added: Iterable[str] = (),
-                               retracted: Iterable[str] = ()) -> tuple[int, dict[str, str | None]]:
-        """`conflict_candidates` of the facts in force at chain[0] (see `in_force`) less `retracted`
-        plus `added`, in one query: (number of those facts, candidate fact id → the commit that put
-        it in force, None for an added one)."""
-        added, retracted = list(added), list(retracted)
-        if not chain and not added:
-            return 0, {}
-        n, pairs = self.con.execute(
-            f"""WITH {IN_FORCE},
-                ids AS MATERIALIZED (SELECT id FROM in_force WHERE id NOT IN (SELECT unnest(?::VARCHAR[]))
-                                     UNION SELECT unnest(?::VARCHAR[])),
-                {CANDIDATES}
-            SELECT (SELECT count(*) FROM ids),
-                   (SELECT list([c.id, f.commit_id]) FROM candidates c LEFT JOIN in_force f ON f.id = c.id)""",
-            [chain, chain, OP_ADD, retracted, added]).fetchone()
-        return n, {f: c for f, c in pairs or ()}
-
     def fact_ids_matching(self, subject: str | None, relation: str | None) -> set[str]:
         """Ids of facts whose subject and/or relation match (normalised)."""
         where, params = [], []
@@ -420,57 +390,6 @@ class Store(Scans):
         return {r[0] for r in self.con.execute(
             "SELECT DISTINCT commit_id FROM commit_ops WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) "
             "AND fact_id IN (SELECT unnest(?::VARCHAR[]))", [commit_ids, list(fact_ids)]).fetchall()}
-
-    # ----------------------------------------------------------------- state along a chain
-    def in_force(self, chain: list[str]) -> dict[str, str]:
-        """Facts in force at chain[0], given its first-parent chain (newest first): fact id → id of
-        the commit whose op put it in force. An op in a newer commit wins; within a commit, a later
-        op wins."""
-        if not chain:
-            return {}
-        rows = self.con.execute(f"WITH {IN_FORCE} SELECT id, commit_id FROM in_force", [chain, chain, OP_ADD]).fetchall()
-        return dict(rows)
-
-    def diff(self, chain_a: list[str], chain_b: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-        """(added, removed, changed) fact ids from the state at chain_a[0] to that at chain_b[0]
-        (first-parent chains, newest first). Only facts touched by a commit outside the shared part
-        of the chains can differ. `changed` pairs (old, new) facts with the same matching subject
-        and relation; they are left out of added and removed."""
-        common = set(chain_a) & set(chain_b)
-        touched = [c for c in dict.fromkeys(chain_a + chain_b) if c not in common]
-        if not touched:
-            return [], [], []
-        rows = self.con.execute(
-            f"""
-            WITH t AS (SELECT DISTINCT fact_id FROM commit_ops WHERE commit_id IN (SELECT unnest(?::VARCHAR[]))),
-            sides AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth, 'a' AS side
-                      UNION ALL
-                      SELECT unnest(?::VARCHAR[]), unnest(range(len(?::VARCHAR[]))), 'b'),
-            ranked AS (SELECT o.fact_id, o.op, s.side,
-                              row_number() OVER (PARTITION BY s.side, o.fact_id ORDER BY s.depth, o.pos DESC) AS rn
-                       FROM commit_ops o SEMI JOIN t ON o.fact_id = t.fact_id JOIN sides s ON o.commit_id = s.id),
-            st AS (SELECT fact_id, bool_or(side = 'a') AS in_a, bool_or(side = 'b') AS in_b
-                   FROM ranked WHERE rn = 1 AND op = '{OP_ADD}' GROUP BY fact_id),
-            d AS (SELECT st.fact_id, CASE WHEN in_b THEN 'added' ELSE 'removed' END AS kind,
-                         f.subject_key, f.relation_key, f.subject, f.relation
-                  FROM st JOIN facts f ON f.id = st.fact_id WHERE in_a <> in_b),
-            n AS (SELECT *, row_number() OVER (PARTITION BY kind, subject_key, relation_key ORDER BY fact_id) AS k FROM d)
-            SELECT n.kind, n.fact_id, m.fact_id FROM n
-            LEFT JOIN n m ON m.kind = 'removed' AND n.kind = 'added' AND m.subject_key = n.subject_key
-                          AND m.relation_key = n.relation_key AND m.k = n.k
-            ORDER BY n.subject, n.relation, n.fact_id
-            """, [touched, chain_a, chain_a, chain_b, chain_b]).fetchall()
-        paired = {old for kind, _, old in rows if old is not None}
-        added = [new for kind, new, old in rows if kind == "added" and old is None]
-        removed = [fid for kind, fid, _ in rows if kind == "removed" and fid not in paired]
-        changed = [(old, new) for kind, new, old in rows if old is not None]
-        return added, removed, changed
-
-    def count_in_force(self, chain: list[str]) -> int:
-        """How many facts are in force at chain[0], counted in DuckDB."""
-        if not chain:
-            return 0
-        return self.con.execute(f"WITH {IN_FORCE} SELECT count(*) FROM in_force", [chain, chain, OP_ADD]).fetchone()[0]
 
     # ----------------------------------------------------------------- staging
     def staged(self) -> list[Op]:

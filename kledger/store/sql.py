@@ -54,6 +54,30 @@ IN_FORCE = """
                FROM commit_ops o JOIN chain c ON o.commit_id = c.id),
     in_force AS MATERIALIZED (SELECT fact_id AS id, commit_id FROM ranked WHERE rn = 1 AND op = ?)"""
 
+# The same restricted to the facts in the table named by {of} (params: chain, chain, 'add'):
+# `in_force_of(id, commit_id)`; format it with `of`. Only those facts' ops are read, so the cost follows them, not the ledger's size.
+IN_FORCE_OF = """
+    chain AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth),
+    ranked_of AS (SELECT o.fact_id, o.op, o.commit_id,
+                         row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
+                  FROM commit_ops o SEMI JOIN {of} i ON o.fact_id = i.id JOIN chain c ON o.commit_id = c.id),
+    in_force_of AS MATERIALIZED (SELECT fact_id AS id, commit_id FROM ranked_of WHERE rn = 1 AND op = ?)"""
+
+# Given `touched(id)`, facts being added: `near(id)`, every stored fact that could be in a
+# contradiction with one of them (kledger.conflicts, as CANDIDATES finds): the same matching
+# subject and relation, or, through a declared inverse pair, the fact stating the slot one of them
+# implies, or one whose implied slot one of them states.
+NEAR = """
+    t AS MATERIALIZED (SELECT f.subject_key, f.relation_key, f.object_key FROM facts f
+                       SEMI JOIN touched i ON f.id = i.id),
+    inv_n AS (SELECT relation_key AS r, inverse_of AS r2 FROM relations WHERE inverse_of IS NOT NULL
+              UNION SELECT inverse_of, relation_key FROM relations WHERE inverse_of IS NOT NULL),
+    near AS (SELECT f.id FROM facts f SEMI JOIN t ON f.subject_key = t.subject_key AND f.relation_key = t.relation_key
+             UNION SELECT f.id FROM facts f JOIN inv_n ON f.relation_key = inv_n.r2
+                   SEMI JOIN t ON t.relation_key = inv_n.r AND f.subject_key = t.object_key
+             UNION SELECT f.id FROM facts f JOIN inv_n ON f.relation_key = inv_n.r
+                   SEMI JOIN t ON t.relation_key = inv_n.r2 AND f.object_key = t.subject_key)"""
+
 # Given `ids(id)`: `candidates(id)`, the facts that can be in a contradiction (kledger.conflicts):
 # hard (same matching subject and relation, another object) or inverse (a fact's implied value, in
 # the slot of a declared single-valued inverse, differs from a value stated there; both ends).
