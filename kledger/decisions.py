@@ -347,6 +347,7 @@ class Decisions:
         """The `conflicts` entries of the JSON contract (docs/json.md)."""
         ids = [f for c in conflicts for f in c.fact_ids]
         facts, src = self.store.facts(ids), self.sources(pf, ids)
+        remembered = self.store.resolutions_of(c.key for c in conflicts)
         out = []
         for c in conflicts:
             newest_age = max(src[f]["age"] for f in c.fact_ids)
@@ -356,7 +357,7 @@ class Decisions:
             out.append({**conflict_id(c), "fact_ids": list(c.fact_ids), "edges": [list(e) for e in c.edges],
                         "newest": {"side": sides.pop() if len(sides) == 1 else None, "fact_ids": newest,
                                    "objects": list(c.values_of(newest))},
-                        "remembered": self.store.resolution(c.key), "facts": rows})
+                        "remembered": remembered.get(c.key), "facts": rows})
         return out
 
     # ---------------------------------------------------------------- deciding
@@ -375,7 +376,8 @@ class Decisions:
                                  "give a key (prefix) or a subject from `kledger conflicts`")
         if keep is None:  # --ours/--theirs/--newest: the undecided ones unless a conflict is named
             if selector is None or not selector.strip():
-                undecided = [c for c in hits if self.store.resolution(c.key) is None]
+                decided = self.store.resolutions_of(c.key for c in hits)
+                undecided = [c for c in hits if c.key not in decided]
                 return undecided or hits
             return hits
         value = normalize(keep)

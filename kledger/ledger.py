@@ -377,7 +377,8 @@ class Ledger:
             found = d.conflicts_of(pf)
             replayed: list[dict] = []
             incoming = set(pf.incoming)
-            if any(incoming.intersection(c.fact_ids) and self.store.resolution(c.key) for c in found):
+            touching = [c.key for c in found if incoming.intersection(c.fact_ids)]
+            if self.store.resolutions_of(touching):
                 pf.base = self.state(pf.commit)  # replay as `commit` would, then look again
                 pf.ops, _, replayed = d.replay(pf.base, pf.ops, incoming)
                 found = d.conflicts_of(pf)

@@ -439,6 +439,15 @@ class Store(Chains, Scans):
         row = self.con.execute("SELECT body FROM resolutions WHERE conflict_key = ?", [key]).fetchone()
         return json.loads(row[0]) if row else None
 
+    def resolutions_of(self, keys: Iterable[str]) -> dict[str, dict]:
+        """The recorded decisions on the conflicts `keys` (those that have one), in one query."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return {}
+        return {k: json.loads(b) for k, b in self.con.execute(
+            "SELECT conflict_key, body FROM resolutions WHERE conflict_key IN (SELECT unnest(?::VARCHAR[]))",
+            [keys]).fetchall()}
+
     def put_resolution(self, key: str, body: dict, created: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?)",
                          [key, json.dumps(body, sort_keys=True), created])
