@@ -4,7 +4,7 @@
 
 For each size it builds (or, with --reuse, opens) a facts-only ledger (`--model none`: no model is
 loaded) like bench/ledger_bench.py's: synthetic facts in commits of 100, a branch at the middle,
-open contradictions every 50th commit, plus a side branch of one-fact commits to cherry-pick. Then
+open contradictions every 50th commit. Then
 it times each command through the library, in process (so the ~0.3 s of a fresh process's
 start-up does not hide how the work itself grows), median of --repeat runs, each on a change of one
 fact:
@@ -12,7 +12,7 @@ fact:
   add          stage one new fact (then unstaged again, untimed)
   commit       commit one staged fact
   revert       revert that one-fact commit
-  cherry-pick  cherry-pick a one-fact commit from the side branch
+  cherry-pick  cherry-pick a one-fact commit from a side branch (made untimed)
   blame        the history of one subject
   status       branch, HEAD, the count of facts in force, what is staged
   check        the contradictions open at HEAD (exit 3 on the command line)
@@ -38,22 +38,21 @@ sys.path.insert(0, str(HERE))
 
 from ledger_bench import build  # noqa: E402
 
-SIDE = "side"
-SIDE_COMMITS = 40
 
-
-def build_side(ledger_dir: Path, n: int) -> None:
-    """A branch `side` off HEAD with `n` commits of one new fact each, for cherry-pick to take."""
-    from kledger.ledger import Ledger
+def build_side(lg, name: str, n: int) -> list[str]:
+    """A branch `name` off HEAD with `n` commits of one new fact each, for cherry-pick to take
+    (untimed); the ids of those commits."""
     from kledger.records import Fact
 
-    with Ledger.open(ledger_dir, write=True) as lg:
-        main = lg.current_branch()
-        lg.checkout(SIDE, create=True)
-        for i in range(n):
-            lg.add([Fact.create(f"Side {i:04d} plays the", "piano", subject=f"Side {i:04d}")])
-            lg.commit(f"side {i}", author="bench <bench@kledger.invalid>")
-        lg.checkout(main)
+    main = lg.current_branch()
+    lg.checkout(name, create=True)
+    made = []
+    for i in range(n):
+        s = f"{name} {i:04d}"
+        lg.add([Fact.create(f"{s} plays the", "piano", subject=s)])
+        made.append(lg.commit(f"{name} {i}", author="bench <bench@kledger.invalid>"))
+    lg.checkout(main)
+    return made
 
 
 def timed(fn, repeat: int, before=None) -> float:
@@ -79,7 +78,7 @@ def measure(ledger_dir: Path, repeat: int, tag: str) -> dict[str, float]:
 
     out: dict[str, float] = {}
     with Ledger.open(ledger_dir, write=True) as lg:
-        side = lg.first_parent_chain(lg.resolve(SIDE))[:SIDE_COMMITS]
+        side = build_side(lg, f"side-{tag}", repeat)
         out["add"] = timed(lambda i: lg.add([fact(i, "add")]), repeat, before=lambda i: lg.reset())
         lg.reset()
 
@@ -110,8 +109,6 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("bench/out/write"), help="the ledgers live here")
     ap.add_argument("--reuse", action="store_true", help="time on the ledgers already built in --dir")
     a = ap.parse_args()
-    if a.repeat > SIDE_COMMITS:
-        raise SystemExit(f"--repeat at most {SIDE_COMMITS}")
     sizes = [int(s) for s in a.sizes.split(",")]
     print("# write benchmark: one-fact changes on facts-only ledgers (library, in process)")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -126,7 +123,6 @@ def main() -> None:
             commits = max(1, n // a.per_commit)
             s = build(d, n, commits)
             print(f"build {n:,} facts in {commits:,} commits: {s:.1f} s ({s / commits * 1000:.0f} ms per commit)")
-            build_side(d, SIDE_COMMITS)
         results[n] = measure(d, a.repeat, tag=f"{time.time_ns()}")
     lo, hi = sizes[0], sizes[-1]
     head = "".join(f"{f'{n:,} facts':>16s}" for n in sizes)

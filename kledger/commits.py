@@ -80,6 +80,7 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
                     timestamp=lg.env.now(),
                     meta=meta or {}, constraints=constraints)
     cid = lg.store.put_commit(commit)
+    lg.history.record_count(cid)
     move_head(lg, cid)
     return cid
 
@@ -246,6 +247,7 @@ def put_measured(lg: "Ledger", commit: Commit, progress=None, skip_known: bool =
         digest, rows = model_side.measure(lg, parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD],
                                           progress=progress, skip_known=skip_known)
     cid = lg.store.put_commit(replace(commit, constraints=digest))
+    lg.history.record_count(cid)
     model_side.store_constraints(lg, cid, rows)
     return cid
 

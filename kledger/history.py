@@ -209,11 +209,30 @@ class History:
         return self.store.in_force_of(self.first_parent_chain(cid), ids)
 
     def count_in_force(self, cid: str | None) -> int:
+        """How many facts are in force at `cid`: from the newest count recorded on its first-parent
+        chain (`record_count`) plus what the commits since then changed, reading only the facts
+        they touched; counted over the whole chain where none is recorded."""
         if cid is None:
             return 0
         if cid in self._state:
             return len(self._state[cid])
-        return self.store.count_in_force(self.first_parent_chain(cid))
+        chain = self.first_parent_chain(cid)
+        known = self.store.counts_in(chain)
+        i = next((i for i, c in enumerate(chain) if c in known), None)
+        if i is None:
+            return self.store.count_in_force(chain)
+        if i == 0:
+            return known[cid]
+        since = self.store.commits(chain[:i])
+        touched = {o.fact_id for c in since.values() for o in c.ops}
+        return (known[chain[i]] + len(self.store.in_force_of(chain, touched))
+                - len(self.store.in_force_of(chain[i:], touched)))
+
+    def record_count(self, cid: str) -> None:
+        """Record how many facts are in force at the new commit `cid` (written in the caller's
+        transaction), so that counting later starts from it."""
+        self.changed()  # the graph now holds cid
+        self.store.put_count(cid, self.count_in_force(cid))
 
     def delta(self, cid: str) -> tuple[set[str], set[str]]:
         """(facts the commit put in force, facts it took out), relative to its first parent."""

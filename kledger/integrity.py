@@ -31,6 +31,7 @@ def fsck(store: Store, history: History) -> dict:
     problems += [f"commit {short(cid)}: fact {short(fid)} is missing" for cid, fid in store.dangling_ops()]
     problems += [f"staged fact {short(fid)} is missing" for fid in store.dangling_staged()]
     problems += _ref_problems(store, g)
+    problems += _count_problems(store, history, g)
     return {"ok": not problems, "facts": n_facts, "commits": len(commits), "problems": problems}
 
 
@@ -43,6 +44,18 @@ def _fact_problems(store: Store) -> tuple[list[str], int]:
         elif keys != (normalize(fact.subject), relation_key(fact.relation), normalize(fact.target)):
             problems.append(f"fact {short(stored_id)}: its stored matching keys do not match its content")
     return problems, n
+
+
+def _count_problems(store: Store, history: History, g: dict) -> list[str]:
+    """The recorded number of facts in force at HEAD and at each branch tip against a count over
+    the whole chain (what `status` reports starts from these records)."""
+    tips = {c for c in store.refs().values() if c in g}
+    head = store.head()
+    tips |= {head} if head in g else set()
+    recorded = store.counts_in(sorted(tips))
+    return [f"commit {short(c)}: recorded {n} facts in force, but {real} are"
+            for c, n in sorted(recorded.items())
+            if n != (real := store.count_in_force(history.first_parent_chain(c)))]
 
 
 def _ref_problems(store: Store, g: dict) -> list[str]:

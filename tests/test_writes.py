@@ -63,6 +63,7 @@ def test_targeted_queries_match_the_full_ones(tmp_path_factory, batches, branch_
         h = lg.history
         for cid in h.graph():
             full = h.store.in_force(h.first_parent_chain(cid))
+            assert h.count_in_force(cid) == len(full)
             some = list(full)[::2] + ["0" * 64]
             assert h.store.in_force_of(h.first_parent_chain(cid), some) == {i: full[i] for i in some if i in full}
             parents = h.graph()[cid]
@@ -102,3 +103,45 @@ def test_one_fact_commit_refuses_a_contradiction_with_an_old_fact(tmp_path):
             pass
         lg.reset()
     lg.close()
+
+
+def test_counts_in_force_are_recorded_checked_and_optional(tmp_path):
+    """`status` counts from the newest recorded count on the chain; with records missing (a ledger
+    from before them) it counts what changed since an older one, or over the whole chain; fsck
+    finds a wrong record; a ledger without the derived table is read as it is and gets it back
+    when first opened for writing."""
+    import duckdb
+
+    lg = Ledger.init(tmp_path, model="none")
+    for i in range(6):
+        lg.add([Fact.create(f"Thing {i} plays the", "piano", subject=f"Thing {i}"),
+                Fact.create(f"Other {i} plays the", "guitar", subject=f"Other {i}")])
+        lg.commit(f"c{i}", author="t <t@x.invalid>")
+    lg.remove("Thing 2")
+    lg.commit("rm", author="t <t@x.invalid>")
+    head = lg.head()
+    assert lg.store.counts_in([head]) == {head: 11} and lg.status()["facts_in_force"] == 11
+    chain = lg.history.first_parent_chain(head)
+    lg.store.con.execute("DELETE FROM in_force_counts WHERE commit_id = ANY(?::VARCHAR[])", [chain[:4]])
+    lg.history.changed()
+    assert lg.status()["facts_in_force"] == 11  # from the count four commits back
+    lg.store.con.execute("UPDATE in_force_counts SET n = 5 WHERE commit_id = ?", [chain[4]])
+    lg.history.changed()
+    assert lg.status()["facts_in_force"] == 5 + 6 - 1  # a wrong record is believed by status ...
+    lg.store.put_count(head, 99)
+    problems = lg.fsck()["problems"]
+    assert any("recorded 99 facts in force, but 11 are" in p for p in problems)  # ... and fsck finds it
+    lg.store.con.execute("DROP TABLE in_force_counts")
+    for idx in ("commit_ops_fact", "facts_subject", "facts_object"):
+        lg.store.con.execute(f"DROP INDEX {idx}")
+    lg.close()
+    with Ledger.open(tmp_path) as ro:  # a ledger from before the derived table, read as it is
+        assert ro.status()["facts_in_force"] == 11
+    con = duckdb.connect(str(tmp_path / ".kledger" / "ledger.duckdb"), read_only=True)
+    assert not con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'in_force_counts'").fetchone()
+    con.close()
+    with Ledger.open(tmp_path, write=True) as rw:  # first opened for writing: made again
+        assert rw.store.counts_in([head]) == {}
+        rw.add([Fact.create("New one plays the", "piano", subject="New one")])
+        cid = rw.commit("after", author="t <t@x.invalid>")
+        assert rw.store.counts_in([cid]) == {cid: 12} and rw.fsck()["ok"]

@@ -21,7 +21,7 @@ from ..records import ById, Commit, Constraint, Fact, Op, blob_digest, normalize
 from .chains import Chains
 from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
 from .scans import Scans
-from .sql import COLUMNS, FACT_COLS, MIGRATIONS, SCHEMA
+from .sql import COLUMNS, DERIVED, FACT_COLS, MIGRATIONS, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -95,6 +95,7 @@ class Store(Chains, Scans):
             try:
                 con.execute("BEGIN")
                 con.execute(SCHEMA)
+                con.execute(DERIVED)
                 rows = {"schema_version": str(SCHEMA_VERSION), STATS_CHECKSUMS: "1", REF_LOG: "{}", **meta}
                 con.executemany("INSERT INTO meta VALUES (?, ?)", list(rows.items()))
                 con.execute("COMMIT")
@@ -158,7 +159,12 @@ class Store(Chains, Scans):
     def _record_legacy(self) -> None:
         """Once, on a ledger made by a kledger that did not record them: the branches as they are
         (`ref_log`) and the C0 checksums (trust on first write, like a migration). Ledgers that
-        record C0 checksums say so in meta `stats_checksums`; there a missing one is damage."""
+        record C0 checksums say so in meta `stats_checksums`; there a missing one is damage. And
+        the DERIVED indexes and table, where a ledger from before them lacks them."""
+        if not self.con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'in_force_counts' "
+                                "AND database_name = current_database()").fetchone():
+            with self.transaction():
+                self.con.execute(DERIVED)
         if self.meta(REF_LOG) is None:  # a ledger from before the branch record: record the branches as they are
             with self.transaction():
                 self.set_meta(REF_LOG, json.dumps(self.refs(), sort_keys=True))
@@ -447,6 +453,18 @@ class Store(Chains, Scans):
         return {k: json.loads(b) for k, b in self.con.execute(
             "SELECT conflict_key, body FROM resolutions WHERE conflict_key IN (SELECT unnest(?::VARCHAR[]))",
             [keys]).fetchall()}
+
+    def counts_in(self, commit_ids: list[str]) -> dict[str, int]:
+        """commit id → the number of facts in force there, for those of `commit_ids` recorded
+        (`put_count`); none on a ledger from before the record, opened for reading."""
+        try:
+            return dict(self.con.execute("SELECT commit_id, n FROM in_force_counts "
+                                         "WHERE commit_id = ANY(?::VARCHAR[])", [commit_ids]).fetchall())
+        except duckdb.CatalogException:
+            return {}
+
+    def put_count(self, commit_id: str, n: int) -> None:
+        self.con.execute("INSERT OR REPLACE INTO in_force_counts VALUES (?, ?)", [commit_id, n])
 
     def put_resolution(self, key: str, body: dict, created: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?)",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..records import OP_ADD
-from .sql import CANDIDATES, IN_FORCE, IN_FORCE_OF, NEAR
+from .sql import CANDIDATES, IN_FORCE
 
 
 class Chains:
@@ -46,7 +46,7 @@ class Chains:
                                  ) -> dict[str, str | None]:
         """The `conflict_candidates` connected to one of `added`, among the facts in force at
         chain[0] less `retracted` plus `added`: candidate fact id → the commit that put it in force
-        (None for an added one). Only the facts near the added ones are read (NEAR, widened until
+        (None for an added one). Only the facts near the added ones are read (`_near`, widened until
         it closes: a contradiction can chain through facts already in force), so the cost follows
         the change, not the ledger's size."""
         added, retracted = list(dict.fromkeys(added)), set(retracted)
@@ -54,13 +54,33 @@ class Chains:
             return {}
         found: dict[str, str | None] = dict.fromkeys(added)
         frontier = added
-        while frontier:
-            rows = self.con.execute(
-                f"WITH touched AS (SELECT unnest(?::VARCHAR[]) AS id), {NEAR}, {IN_FORCE_OF.format(of='near')} "
-                "SELECT id, commit_id FROM in_force_of", [frontier, chain, chain, OP_ADD]).fetchall() if chain else []
-            frontier = [f for f, c in rows if f not in found and f not in retracted]
-            found.update((f, c) for f, c in rows if f in frontier)
+        while frontier and chain:
+            near = self.in_force_of(chain, self._near(frontier))
+            frontier = [f for f in near if f not in found and f not in retracted]
+            found.update((f, near[f]) for f in frontier)
         return {f: found[f] for f in self.conflict_candidates(found)}
+
+    def _near(self, ids: list[str]) -> set[str]:
+        """Every stored fact that could be in a contradiction with one of the facts `ids` (as
+        CANDIDATES finds them): the same matching subject and relation; or, through a declared
+        inverse pair r ↔ r2, for a fact (s, r, o), a fact stating the slot (o, r2) it implies, or
+        a fact (x, r2, s) whose implied slot (s, r) it states. Two filtered reads of `facts`."""
+        inv: dict[str, set[str]] = {}
+        for r, rule in self.relations().items():
+            if r2 := rule["inverse_of"]:
+                inv.setdefault(r, set()).add(r2)
+                inv.setdefault(r2, set()).add(r)
+        mine = self.con.execute("SELECT subject_key, relation_key, object_key FROM facts WHERE id = ANY(?::VARCHAR[])",
+                                [ids]).fetchall()
+        same = {(s, r) for s, r, _ in mine}
+        slots = {(o, r2) for s, r, o in mine for r2 in inv.get(r, ())}  # (subject, relation) they imply
+        backs = {(r2, s) for s, r, o in mine for r2 in inv.get(r, ())}  # (relation, object) implying their slot
+        subjects = sorted({s for s, _ in same | slots})
+        objects = sorted({o for _, o in backs})
+        rows = self.con.execute(
+            "SELECT id, subject_key, relation_key, object_key FROM facts "
+            "WHERE subject_key = ANY(?::VARCHAR[]) OR object_key = ANY(?::VARCHAR[])", [subjects, objects]).fetchall()
+        return {f for f, s, r, o in rows if (s, r) in same or (s, r) in slots or (r, o) in backs}
 
     def in_force(self, chain: list[str]) -> dict[str, str]:
         """Facts in force at chain[0], given its first-parent chain (newest first): fact id → id of
@@ -73,13 +93,19 @@ class Chains:
 
     def in_force_of(self, chain: list[str], ids: Iterable[str]) -> dict[str, str]:
         """`in_force` restricted to the facts `ids`: those of them in force at chain[0] → the commit
-        that put each in force. Reads only those facts' ops."""
-        ids = list(ids)
+        that put each in force. Reads only those facts' ops (a filter on the fact ids, then the
+        same rule as IN_FORCE on the few rows that come back), so its cost follows `ids`."""
+        ids = list(dict.fromkeys(ids))
         if not chain or not ids:
             return {}
-        return dict(self.con.execute(
-            f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {IN_FORCE_OF.format(of='ids')} SELECT id, commit_id FROM in_force_of",
-            [ids, chain, chain, OP_ADD]).fetchall())
+        depth = {c: i for i, c in enumerate(chain)}
+        best: dict[str, tuple[int, int, str, str]] = {}
+        for fid, cid, pos, op in self.con.execute(
+                "SELECT fact_id, commit_id, pos, op FROM commit_ops WHERE fact_id = ANY(?::VARCHAR[])", [ids]).fetchall():
+            d = depth.get(cid)
+            if d is not None and (fid not in best or (d, -pos) < best[fid][:2]):
+                best[fid] = (d, -pos, op, cid)
+        return {fid: b[3] for fid, b in best.items() if b[2] == OP_ADD}
 
     def diff(self, chain_a: list[str], chain_b: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
         """(added, removed, changed) fact ids from the state at chain_a[0] to that at chain_b[0]

@@ -36,6 +36,18 @@ CREATE TABLE pending (kind VARCHAR NOT NULL, body VARCHAR NOT NULL);
 CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NULL, created VARCHAR NOT NULL);
 """
 
+# Derived from the tables above and rebuilt from them at will, so not part of the schema version:
+# made with a new ledger, and on a ledger from before them when it is first opened for writing
+# (readers of such a ledger work without them). Indexes for the reads that follow one change (the
+# ops of a few facts, the facts about a few subjects or objects), and the number of facts in force
+# at each commit, so that `status` does not count them over the whole chain.
+DERIVED = """
+CREATE INDEX IF NOT EXISTS commit_ops_fact ON commit_ops (fact_id);
+CREATE INDEX IF NOT EXISTS facts_subject ON facts (subject_key);
+CREATE INDEX IF NOT EXISTS facts_object ON facts (object_key);
+CREATE TABLE IF NOT EXISTS in_force_counts (commit_id VARCHAR PRIMARY KEY, n BIGINT NOT NULL);
+"""
+
 MIGRATIONS: dict[int, str] = {}  # from each older schema version, the SQL that brings it up one; none yet
 # (table, column) of every column in the schema, checked when a ledger is opened
 COLUMNS = [(t, c) for t, body in re.findall(r"CREATE TABLE (\w+) \((.*?)\);", SCHEMA, re.S)
@@ -53,30 +65,6 @@ IN_FORCE = """
                       row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
                FROM commit_ops o JOIN chain c ON o.commit_id = c.id),
     in_force AS MATERIALIZED (SELECT fact_id AS id, commit_id FROM ranked WHERE rn = 1 AND op = ?)"""
-
-# The same restricted to the facts in the table named by {of} (params: chain, chain, 'add'):
-# `in_force_of(id, commit_id)`; format it with `of`. Only those facts' ops are read, so the cost follows them, not the ledger's size.
-IN_FORCE_OF = """
-    chain AS (SELECT unnest(?::VARCHAR[]) AS id, unnest(range(len(?::VARCHAR[]))) AS depth),
-    ranked_of AS (SELECT o.fact_id, o.op, o.commit_id,
-                         row_number() OVER (PARTITION BY o.fact_id ORDER BY c.depth, o.pos DESC) AS rn
-                  FROM commit_ops o SEMI JOIN {of} i ON o.fact_id = i.id JOIN chain c ON o.commit_id = c.id),
-    in_force_of AS MATERIALIZED (SELECT fact_id AS id, commit_id FROM ranked_of WHERE rn = 1 AND op = ?)"""
-
-# Given `touched(id)`, facts being added: `near(id)`, every stored fact that could be in a
-# contradiction with one of them (kledger.conflicts, as CANDIDATES finds): the same matching
-# subject and relation, or, through a declared inverse pair, the fact stating the slot one of them
-# implies, or one whose implied slot one of them states.
-NEAR = """
-    t AS MATERIALIZED (SELECT f.subject_key, f.relation_key, f.object_key FROM facts f
-                       SEMI JOIN touched i ON f.id = i.id),
-    inv_n AS (SELECT relation_key AS r, inverse_of AS r2 FROM relations WHERE inverse_of IS NOT NULL
-              UNION SELECT inverse_of, relation_key FROM relations WHERE inverse_of IS NOT NULL),
-    near AS (SELECT f.id FROM facts f SEMI JOIN t ON f.subject_key = t.subject_key AND f.relation_key = t.relation_key
-             UNION SELECT f.id FROM facts f JOIN inv_n ON f.relation_key = inv_n.r2
-                   SEMI JOIN t ON t.relation_key = inv_n.r AND f.subject_key = t.object_key
-             UNION SELECT f.id FROM facts f JOIN inv_n ON f.relation_key = inv_n.r
-                   SEMI JOIN t ON t.relation_key = inv_n.r2 AND f.object_key = t.subject_key)"""
 
 # Given `ids(id)`: `candidates(id)`, the facts that can be in a contradiction (kledger.conflicts):
 # hard (same matching subject and relation, another object) or inverse (a fact's implied value, in
