@@ -187,8 +187,29 @@ def markdown(out: dict, command: str) -> str:
              row("exact retraction (revert + rm)", out["exactly_retracted"]), row("RoundEdit", out["roundedit"]), "",
              f"The weights `apply` gives after the retraction equal the float64 one-shot solve of the stored constraints "
              f"without the retracted facts' to a relative Frobenius difference of {out['a_rel_fro_vs_one_shot_without']:.1e} "
-             f"(the weights are stored in float32)."]
+             f"(the weights are stored in float32).", "", reading(out)]
     return "\n".join(lines) + "\n"
+
+
+def reading(out: dict) -> str:
+    """What the table says, in numbers taken from it."""
+    base, done, ed, rnd = (out[k]["retracted"] for k in ("base", "exactly_retracted", "edited", "roundedit"))
+    n = out["retracted"]
+    diff = round((done["efficacy"] - base["efficacy"]) * n / 100)
+    kept_e, kept_d = out["edited"]["kept"], out["exactly_retracted"]["kept"]
+    return (f"Reading it: after the exact retraction the {n} retracted facts score like the base model "
+            f"(efficacy {done['efficacy']} against {base['efficacy']}: {abs(diff)} fact(s) of {n} differ; "
+            f"P(new) {done['p_new_prompt']:.4f} against {base['p_new_prompt']:.4f}), and what is left of the "
+            f"distance from the base model (KL {done['kl_from_base']:.2f} nats, against {ed['kl_from_base']:.2f} "
+            f"edited) is the {out['kept']} kept edits' effect on the same prompts: the model is, to round-off, "
+            f"the one made without those facts. RoundEdit overshoots instead: efficacy falls to {rnd['efficacy']} "
+            f"(below the base model's {base['efficacy']}: the true object is now pushed harder than before any "
+            f"edit) while the next-token distribution stays as far from the base model's as the edited one "
+            f"(KL {rnd['kl_from_base']:.2f}); the kept facts lose "
+            f"{kept_e['efficacy'] - out['roundedit']['kept']['efficacy']:.1f} points of efficacy and "
+            f"{kept_e['gen_rewrite'] - out['roundedit']['kept']['gen_rewrite']:.1f} of generation success under it, "
+            f"against {kept_e['efficacy'] - kept_d['efficacy']:.1f} and "
+            f"{kept_e['gen_rewrite'] - kept_d['gen_rewrite']:.1f} under the exact retraction.")
 
 
 def put_section(page: Path, name: str, text: str) -> None:
@@ -214,7 +235,15 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "bench" / "out" / "retraction"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", default=None, help="write the results' section into this page (docs/results.md)")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="write --out from results saved with --json (runs nothing)")
     a = ap.parse_args()
+    if a.render:
+        out = json.loads(Path(a.render).read_text())
+        command = (f"OMP_NUM_THREADS=1 python bench/retraction.py --n {out['n']} --revert {len(out['reverted_commits'])} "
+                   f"--rm {out['removed_single_facts']} --json {a.render} --out {a.out}")
+        put_section(Path(a.out), "retraction", markdown(out, command))
+        return
     facts = records(a.n, a.start)
     d = Path(a.dir)
     lg = (Ledger.open(d, write=True) if (d / ".kledger").exists() else Ledger.init(d))
