@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import KledgerError
 from .history import History, check_branch_name
-from .records import commit_id, constraints_hash, fact_id, normalize, relation_key, short
+from .records import commit_id, constraints_hash, fact_id, normalize, relation_key, sha256_hex, short
 from .store import Store
 
 
@@ -16,12 +16,12 @@ def fsck(store: Store, history: History) -> dict:
     staged ops, branches and HEAD against the facts and commits there are."""
     problems, n_facts = _fact_problems(store)
     g = history.graph()
-    commits = store.commits(list(g))
+    commits = dict(store.commit_payloads())
     order = store.commit_order()
     for cid, c in commits.items():
-        if commit_id(c.payload()) != cid:
+        if commit_id(c) != cid:
             problems.append(f"commit {short(cid)}: content does not match its id")
-        for p in c.parents:
+        for p in c["parents"]:
             if p not in g:
                 problems.append(f"commit {short(cid)}: parent {short(p)} is missing")
             elif order[p] >= order[cid]:
@@ -36,13 +36,26 @@ def fsck(store: Store, history: History) -> dict:
 
 
 def _fact_problems(store: Store) -> tuple[list[str], int]:
-    problems, n = [], 0
-    for stored_id, fact, keys in store.fact_rows():
+    """Facts re-hashed against their ids, and their stored matching keys re-derived. In bulk: the
+    content is written out as JSON by DuckDB and hashed here, and only a fact whose text does not
+    hash to its id is checked again from the fact itself (`Store.fact_hashes`); the matching keys
+    are derived once per distinct subject, relation and object."""
+    n, suspects = 0, []
+    for stored_id, text in store.fact_hashes():
         n += 1
+        if sha256_hex("fact\0" + text) != stored_id:
+            suspects.append(stored_id)
+    problems, bad = [], set()
+    for stored_id, fact, _ in store.fact_rows(suspects) if suspects else ():
         if fact_id(fact.to_dict()) != stored_id:
             problems.append(f"fact {short(stored_id)}: content does not match its id")
-        elif keys != (normalize(fact.subject), relation_key(fact.relation), normalize(fact.target)):
-            problems.append(f"fact {short(stored_id)}: its stored matching keys do not match its content")
+            bad.add(stored_id)
+    derive = {"subject": normalize, "relation": relation_key, "target": normalize}
+    wrong = set()
+    for column, text, key in store.key_pairs():
+        if derive[column](text) != key:
+            wrong.update(f for f in store.facts_with_key(column, text, key) if f not in bad)
+    problems += [f"fact {short(f)}: its stored matching keys do not match its content" for f in sorted(wrong)]
     return problems, n
 
 
@@ -96,6 +109,6 @@ def _constraint_problems(store: Store, commits: dict) -> list[str]:
     for cid, c in commits.items():
         if isinstance(hashes[cid], KledgerError):
             out.append(f"commit {short(cid)}: stored constraints cannot be read ({hashes[cid].message})")
-        elif (c.constraints or None) != hashes[cid]:
+        elif (c["constraints"] or None) != hashes[cid]:
             out.append(f"commit {short(cid)}: stored constraints do not match its constraints hash")
     return out

@@ -145,3 +145,26 @@ def test_counts_in_force_are_recorded_checked_and_optional(tmp_path):
         rw.add([Fact.create("New one plays the", "piano", subject="New one")])
         cid = rw.commit("after", author="t <t@x.invalid>")
         assert rw.store.counts_in([cid]) == {cid: 12} and rw.fsck()["ok"]
+
+
+def test_fsck_in_bulk_is_exact_on_unusual_content(tmp_path):
+    """fsck hashes the facts from DuckDB's JSON and re-checks from the fact itself only where that
+    text differs from the canonical one (numbers like 1e+20, control characters): no false alarm on
+    such facts, and damage to either kind, or to a matching key, is found."""
+    lg = Ledger.init(tmp_path, model="none")
+    odd = [Fact.create(f"{w} plays the", "piano", subject=w, extra={"y": 1e20, "z": [0.1, None]})
+           for w in ("Ctl\x01\x1f one", "Quote \" two", "Zoë three")]
+    plain = [Fact.create(f"Plain {i} plays the", "guitar", subject=f"Plain {i}") for i in range(3)]
+    lg.add(odd + plain)
+    lg.commit("facts", author="t <t@x.invalid>")
+    assert lg.fsck()["ok"]
+    con = lg.store.con
+    con.execute("UPDATE facts SET target = 'violin' WHERE id = ?", [odd[0].id])
+    con.execute("UPDATE facts SET prompt = 'Plain 1 plays a' WHERE id = ?", [plain[1].id])
+    con.execute("UPDATE facts SET subject_key = 'someone else' WHERE id = ?", [plain[2].id])
+    problems = lg.fsck()["problems"]
+    assert f"fact {odd[0].id[:10]}: content does not match its id" in problems
+    assert f"fact {plain[1].id[:10]}: content does not match its id" in problems
+    assert f"fact {plain[2].id[:10]}: its stored matching keys do not match its content" in problems
+    assert len(problems) == 3
+    lg.close()

@@ -3,6 +3,7 @@ staged ops, C0 matrices against their checksums. A mixin of `Store` (it uses its
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 from ..records import Fact, blob_digest
@@ -11,12 +12,40 @@ from .sql import FACT_COLS
 
 
 class Scans:
-    def fact_rows(self) -> Iterator[tuple[str, Fact, tuple[str, str, str]]]:
-        """Every fact: (stored id, the fact, its stored matching keys (subject, relation, object))."""
-        cur = self.con.execute(f"SELECT {', '.join(FACT_COLS)}, subject_key, relation_key, object_key FROM facts")
+    def fact_rows(self, ids: list[str] | None = None) -> Iterator[tuple[str, Fact, tuple[str, str, str]]]:
+        """Every fact (or those `ids`): (stored id, the fact, its stored matching keys (subject,
+        relation, object))."""
+        sql = f"SELECT {', '.join(FACT_COLS)}, subject_key, relation_key, object_key FROM facts"
+        cur = self.con.execute(sql) if ids is None else self.con.execute(sql + " WHERE id = ANY(?::VARCHAR[])", [ids])
         while batch := cur.fetchmany(5000):
             for r in batch:
                 yield r[0], fact_from_row(r), (r[-3], r[-2], r[-1])
+
+    def fact_hashes(self) -> Iterator[tuple[str, str]]:
+        """Every fact as (stored id, its content as DuckDB writes it in JSON with sorted keys and no
+        spaces). This is the canonical form ids are hashed over (records.canonical_json) except in
+        rare spellings (numbers in `extra` such as 1e+20, upper-case \\u escapes): a row whose
+        text does not hash to its id is to be checked again from the fact itself."""
+        cur = self.con.execute(
+            "SELECT id, json_object('extra', json(extra), 'neighborhood', neighborhood, 'paraphrases', paraphrases, "
+            "'prompt', prompt, 'relation', relation, 'subject', subject, 'target', target, "
+            "'target_true', target_true)::VARCHAR FROM facts")
+        while batch := cur.fetchmany(20000):
+            yield from batch
+
+    def key_pairs(self) -> Iterator[tuple[str, str, str]]:
+        """The distinct (column, text, stored matching key) pairs of the facts' subjects,
+        relations and objects: one row per distinct pair, not per fact."""
+        yield from self.con.execute(
+            "SELECT DISTINCT 'subject', subject, subject_key FROM facts UNION ALL "
+            "SELECT DISTINCT 'relation', relation, relation_key FROM facts UNION ALL "
+            "SELECT DISTINCT 'target', target, object_key FROM facts").fetchall()
+
+    def facts_with_key(self, column: str, text: str, key: str) -> list[str]:
+        """Ids of the facts whose `column` (subject, relation or target) is `text` with stored key `key`."""
+        key_col = {"subject": "subject_key", "relation": "relation_key", "target": "object_key"}[column]
+        return [r[0] for r in self.con.execute(
+            f"SELECT id FROM facts WHERE {column} = ? AND {key_col} = ? ORDER BY id", [text, key]).fetchall()]
 
     def dangling_staged(self) -> list[str]:
         """Staged fact ids with no stored fact."""
@@ -40,3 +69,14 @@ class Scans:
         return self.con.execute(
             "SELECT commit_id, fact_id FROM commit_ops o WHERE NOT EXISTS "
             "(SELECT 1 FROM facts f WHERE f.id = o.fact_id) LIMIT 20").fetchall()
+
+    def commit_payloads(self) -> Iterator[tuple[str, dict]]:
+        """Every commit as (stored id, the payload its id is hashed over: records.Commit.payload),
+        its ops gathered in the same query, without building a Commit per row."""
+        cur = self.con.execute(
+            "SELECT c.id, c.parents, c.message, c.author, c.timestamp, c.constraints, c.meta, "
+            "(SELECT list([o.op, o.fact_id] ORDER BY o.pos) FROM commit_ops o WHERE o.commit_id = c.id) FROM commits c")
+        while batch := cur.fetchmany(5000):
+            for cid, parents, message, author, timestamp, constraints, meta, ops in batch:
+                yield cid, {"parents": list(parents), "ops": ops or [], "message": message, "author": author,
+                            "timestamp": timestamp, "constraints": constraints, "meta": json.loads(meta)}
