@@ -80,9 +80,16 @@ def new_commit(lg: "Ledger", parents: list[str], ops: list[Op], message: str, au
                     timestamp=lg.env.now(),
                     meta=meta or {}, constraints=constraints)
     cid = lg.store.put_commit(commit)
-    lg.history.record_count(cid)
+    record_derived(lg, cid)
     move_head(lg, cid)
     return cid
+
+
+def record_derived(lg: "Ledger", cid: str) -> None:
+    """What is recorded with a new commit, derived from it and its parent: the number of facts in
+    force and the conflict candidates (kledger.store.sql.DERIVED)."""
+    lg.history.record_count(cid)
+    lg.decisions.record_candidates(cid)
 
 
 def refuse(lg: "Ledger", found: list[Conflict]) -> None:
@@ -247,7 +254,7 @@ def put_measured(lg: "Ledger", commit: Commit, progress=None, skip_known: bool =
         digest, rows = model_side.measure(lg, parent, [added[o.fact_id] for o in commit.ops if o.op == OP_ADD],
                                           progress=progress, skip_known=skip_known)
     cid = lg.store.put_commit(replace(commit, constraints=digest))
-    lg.history.record_count(cid)
+    record_derived(lg, cid)
     model_side.store_constraints(lg, cid, rows)
     return cid
 

@@ -275,16 +275,52 @@ class Decisions:
             after = apply_ops(pf.base, pf.ops)
             pf.n_facts = len(after)
             return self.conflicts_in(after, involving=pf.involving)
-        # not loaded: the facts in force, the ops and the candidates in one query
+        # not loaded: the candidates recorded at the commit, and those near what the ops add
         last = {o.fact_id: o.op for o in pf.ops}  # a fact's last op decides (as in apply_ops)
-        pf.n_facts, pf.base = self.store.conflict_candidates_at(
-            self.history.first_parent_chain(pf.commit),
-            added=[f for f, op in last.items() if op == OP_ADD],
-            retracted=[f for f, op in last.items() if op != OP_ADD])
+        added = [f for f, op in last.items() if op == OP_ADD]
+        retracted = {f for f, op in last.items() if op != OP_ADD}
+        chain = self.history.first_parent_chain(pf.commit)
+        base = {f: c for f, c in self.candidates_at(pf.commit).items() if f not in retracted}
+        near = self.store.conflict_candidates_near(chain, added, retracted)
+        pf.base = {f: base[f] if f in base else near[f] for f in self.store.conflict_candidates({**base, **near})}
+        touched = self.store.in_force_of(chain, added + sorted(retracted))
+        pf.n_facts = (self.history.count_in_force(pf.commit) + sum(f not in touched for f in added)
+                      - sum(f in touched for f in retracted))
         soft_among: Iterable[str] = ()
         if self.soft_threshold() is not None:  # soft conflicts compare every fact in force
             soft_among = apply_ops(self.history.state(pf.commit), pf.ops)
         return self._conflicts_among(pf.base, pf.involving, soft_among)
+
+    def candidates_at(self, cid: str | None) -> dict[str, str]:
+        """The facts in force at `cid` that can take part in a hard or inverse contradiction →
+        the commit that put each in force: from the record made with the commit
+        (`record_candidates`) when it was made under the relation rules now in force, else
+        looked for among every fact in force."""
+        if cid is None:
+            return {}
+        chain = self.history.first_parent_chain(cid)
+        recorded = self.store.candidates_recorded(cid, self.store.rules_digest())
+        if recorded is not None:
+            return self.store.in_force_of(chain, recorded)
+        return self.store.conflict_candidates_at(chain)[1]
+
+    def record_candidates(self, cid: str) -> None:
+        """Record the conflict candidates at the new commit `cid` (in the caller's transaction):
+        its parent's that are still in force and those near the facts it adds, narrowed to the
+        ones that still have a partner; from every fact in force when the parent has no record
+        under the current rules."""
+        rules = self.store.rules_digest()
+        parents = self.history.graph()[cid]
+        before = self.store.candidates_recorded(parents[0], rules) if parents else []
+        chain = self.history.first_parent_chain(cid)
+        if before is None:
+            ids = list(self.store.conflict_candidates_at(chain)[1])
+        else:
+            last = {o.fact_id: o.op for o in self.store.commit(cid).ops}
+            near = self.store.conflict_candidates_near(chain, [f for f, op in last.items() if op == OP_ADD],
+                                                       [f for f, op in last.items() if op != OP_ADD])
+            ids = self.store.conflict_candidates(set(self.store.in_force_of(chain, before)) | set(near))
+        self.store.put_candidates(cid, rules, sorted(ids))
 
     # ---------------------------------------------------------------- remembered decisions
     def replay(self, base: Iterable[str], ops: list[Op], involving: Iterable[str] | None,

@@ -69,6 +69,17 @@ def test_targeted_queries_match_the_full_ones(tmp_path_factory, batches, branch_
             parents = h.graph()[cid]
             before = set(h.store.in_force(h.first_parent_chain(parents[0]))) if parents else set()
             assert h.delta(cid) == (set(full) - before, before - set(full))
+        d = lg.decisions
+        for flip in (False, True):
+            if flip:  # the relation rules change: the records no longer apply, and are not used
+                lg.set_multi("{} is the capital of", True)
+            for cid in h.graph():
+                full = h.store.conflict_candidates_at(h.first_parent_chain(cid))[1]
+                assert d.candidates_at(cid) == full
+                pf = d.proposed(cid, lazy=True)
+                got = d.conflicts_of(pf)
+                assert sorted(c.key for c in got) == sorted(c.key for c in d.conflicts_in(h.state(cid)))
+                assert pf.n_facts == len(h.state(cid))
         head = lg.head()
         state = h.state(head)
         in_force = sorted(state)

@@ -21,7 +21,7 @@ from ..records import ById, Commit, Constraint, Fact, Op, blob_digest, normalize
 from .chains import Chains
 from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
 from .scans import Scans
-from .sql import COLUMNS, DERIVED, FACT_COLS, MIGRATIONS, SCHEMA
+from .sql import COLUMNS, DERIVED, DERIVED_TABLES, FACT_COLS, MIGRATIONS, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -161,8 +161,9 @@ class Store(Chains, Scans):
         (`ref_log`) and the C0 checksums (trust on first write, like a migration). Ledgers that
         record C0 checksums say so in meta `stats_checksums`; there a missing one is damage. And
         the DERIVED indexes and table, where a ledger from before them lacks them."""
-        if not self.con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'in_force_counts' "
-                                "AND database_name = current_database()").fetchone():
+        have = self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ANY(?::VARCHAR[]) "
+                                "AND database_name = current_database()", [list(DERIVED_TABLES)]).fetchone()[0]
+        if have < len(DERIVED_TABLES):
             with self.transaction():
                 self.con.execute(DERIVED)
         if self.meta(REF_LOG) is None:  # a ledger from before the branch record: record the branches as they are
@@ -465,6 +466,25 @@ class Store(Chains, Scans):
 
     def put_count(self, commit_id: str, n: int) -> None:
         self.con.execute("INSERT OR REPLACE INTO in_force_counts VALUES (?, ?)", [commit_id, n])
+
+    def rules_digest(self) -> str:
+        """A hash of the relation rules (multi-valued relations, inverse pairs): what decides which
+        facts can contradict each other."""
+        rows = self.con.execute("SELECT relation_key, multi, inverse_of FROM relations ORDER BY relation_key").fetchall()
+        return blob_digest(json.dumps(rows).encode())[:16]
+
+    def candidates_recorded(self, commit_id: str, rules: str) -> list[str] | None:
+        """The conflict candidates recorded at `commit_id` under the rules `rules` (None: none
+        recorded, or recorded under other rules, or a ledger from before the record)."""
+        try:
+            row = self.con.execute("SELECT fact_ids FROM candidates_at WHERE commit_id = ? AND rules = ?",
+                                   [commit_id, rules]).fetchone()
+        except duckdb.CatalogException:
+            return None
+        return None if row is None else list(row[0])
+
+    def put_candidates(self, commit_id: str, rules: str, fact_ids: list[str]) -> None:
+        self.con.execute("INSERT OR REPLACE INTO candidates_at VALUES (?, ?, ?)", [commit_id, rules, fact_ids])
 
     def put_resolution(self, key: str, body: dict, created: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?)",

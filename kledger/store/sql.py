@@ -39,14 +39,19 @@ CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NUL
 # Derived from the tables above and rebuilt from them at will, so not part of the schema version:
 # made with a new ledger, and on a ledger from before them when it is first opened for writing
 # (readers of such a ledger work without them). Indexes for the reads that follow one change (the
-# ops of a few facts, the facts about a few subjects or objects), and the number of facts in force
-# at each commit, so that `status` does not count them over the whole chain.
+# ops of a few facts, the facts about a few subjects or objects); per commit, the number of facts in
+# force (so that `status` does not count them over the whole chain) and the facts in force there
+# that can take part in a contradiction under the relation rules `rules` names (so that `check`
+# looks at those and at what changed since, not at every fact in force).
 DERIVED = """
 CREATE INDEX IF NOT EXISTS commit_ops_fact ON commit_ops (fact_id);
 CREATE INDEX IF NOT EXISTS facts_subject ON facts (subject_key);
 CREATE INDEX IF NOT EXISTS facts_object ON facts (object_key);
 CREATE TABLE IF NOT EXISTS in_force_counts (commit_id VARCHAR PRIMARY KEY, n BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates_at (commit_id VARCHAR PRIMARY KEY, rules VARCHAR NOT NULL,
+    fact_ids VARCHAR[] NOT NULL);
 """
+DERIVED_TABLES = ("in_force_counts", "candidates_at")
 
 MIGRATIONS: dict[int, str] = {}  # from each older schema version, the SQL that brings it up one; none yet
 # (table, column) of every column in the schema, checked when a ledger is opened
