@@ -138,8 +138,12 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
     for mode in modes:
         hpm = hp.with_(mode=mode)
         restore(lm, W0)
-        state = None if state_dir is None else Path(state_dir) / f"{kind}-{mode}-n{n}-b{batch}-s{start}.pt"
+        # not keyed on n: the first edits are the same for any n, so a run at 300 goes on to 1,000
+        state = None if state_dir is None else Path(state_dir) / f"{kind}-{mode}-b{batch}-s{start}.pt"
         stored, curve, edit_s = _resume(state, lm, hpm, W0, c0, log)
+        if len(stored) * batch > n:
+            raise SystemExit(f"{state} holds {len(stored) * batch} edits, more than --n {n}: give a larger --n "
+                             "or another --state folder")
         for i in range(len(stored) * batch, n, batch):
             t = time.time()
             prior = {la: [c[la] for c in stored] for la in hp.layers}
@@ -291,6 +295,8 @@ def main() -> None:
                     help="Score only after these numbers of edits, e.g. 100,300,1000 (default: every batch).")
     ap.add_argument("--state", default=None,
                     help="Keep each mode's progress in this folder and go on from it when run again.")
+    ap.add_argument("--no-one-shot", action="store_true",
+                    help="skip the one-shot edit of all N at once (it costs as much as a mode)")
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="Write the page from results saved with --json (runs nothing).")
     a = ap.parse_args()
@@ -299,7 +305,15 @@ def main() -> None:
         results, seconds = [], 0.0
         for f in a.render:
             saved = json.loads(Path(f).read_text())
-            results += saved["results"]
+            for r in saved["results"]:  # runs of other modes on the same records join one section
+                same = next((o for o in results if (o["kind"], o["records"], o["batch"]) == (r["kind"], r["records"], r["batch"])), None)
+                if same is None:
+                    results.append(r)
+                else:
+                    same["modes"].update(r["modes"])
+                    same["command"] += "\n" + r["command"]
+                    if "one_shot" in r:
+                        same["one_shot"] = r["one_shot"]
             seconds = None if seconds is None or saved.get("seconds") is None else seconds + saved["seconds"]
         cmd = "\n".join(r["command"] for r in results) + "\n" + "python bench/paper.py --render " + " ".join(a.render)
     else:
@@ -308,7 +322,8 @@ def main() -> None:
         if a.state:
             Path(a.state).mkdir(parents=True, exist_ok=True)
         results = [run(k, a.n, a.batch, a.modes.split(","), start=a.start, ppl_tokens=a.ppl_tokens, lm=lm,
-                       log=lambda s: print(s, file=sys.stderr, flush=True), curve_at=curve_at, state_dir=a.state)
+                       log=lambda s: print(s, file=sys.stderr, flush=True), curve_at=curve_at, state_dir=a.state,
+                       one_shot=not a.no_one_shot)
                    for k in a.data.split(",")]
         seconds = time.time() - t0
         cmd = ("OMP_NUM_THREADS=1 python bench/paper.py " + " ".join(sys.argv[1:])).strip()
