@@ -207,6 +207,8 @@ def table(a: argparse.Namespace) -> None:
     for d in sorted(Path(a.settings_dir).iterdir()):
         if not (d / "result.json").exists() or not (d / "scores.json").exists():
             continue
+        if a.only and d.name not in a.only.split(","):
+            continue
         res, sc = json.loads((d / "result.json").read_text()), json.loads((d / "scores.json").read_text())
         for n in res["checkpoints"]:
             if str(n) not in sc:
@@ -238,7 +240,8 @@ def main() -> None:
     for p in (e, sub.add_parser("score"), sub.add_parser("table")):
         p.add_argument("--settings-dir", default=str(OUT))
     sub.choices["score"].add_argument("--base", action="store_true", help="also score the unedited model")
-    sub.choices["score"].add_argument("--only", default=None, help="only these settings (folder names, comma-separated)")
+    for name in ("score", "table"):
+        sub.choices[name].add_argument("--only", default=None, help="only these settings (folder names, comma-separated)")
     a = ap.parse_args()
     {"edit": edit, "score": score, "table": table}[a.cmd](a)
 

@@ -4,7 +4,8 @@
 
 For each size it builds (or, with --reuse, opens) a facts-only ledger (`--model none`: no model is
 loaded) like bench/ledger_bench.py's: synthetic facts in commits of 100, a branch at the middle,
-open contradictions every 50th commit. Then
+and the same number of open contradictions at every size (9 commits with 2 each), so that `check`
+reports the same at both sizes and only the ledger around them grows. Then
 it times each command through the library, in process (so the ~0.3 s of a fresh process's
 start-up does not hide how the work itself grows), median of --repeat runs, each on a change of one
 fact:
@@ -37,6 +38,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from ledger_bench import build  # noqa: E402
+
+CONFLICT_COMMITS = 9  # commits with open contradictions in every ledger, whatever its size (18 open conflicts)
 
 
 def build_side(lg, name: str, n: int) -> list[str]:
@@ -121,7 +124,7 @@ def main() -> None:
                 shutil.rmtree(d / ".kledger")
             d.mkdir(parents=True, exist_ok=True)
             commits = max(1, n // a.per_commit)
-            s = build(d, n, commits)
+            s = build(d, n, commits, conflict_every=max(1, commits // CONFLICT_COMMITS))
             print(f"build {n:,} facts in {commits:,} commits: {s:.1f} s ({s / commits * 1000:.0f} ms per commit)")
         results[n] = measure(d, a.repeat, tag=f"{time.time_ns()}")
     lo, hi = sizes[0], sizes[-1]
