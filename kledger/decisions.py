@@ -120,6 +120,7 @@ class Decisions:
         self.history = history
         self.has_model = has_model
         self._extra_keys: dict = {}  # fact id → first-layer key measured by a commit in progress
+        self._near_seen: tuple | None = None  # (parent, ops, rules, candidates) of the last conflicts_after
 
     # ---------------------------------------------------------------- relations
     def relation_rules(self) -> tuple[set[str], dict[str, str]]:
@@ -236,6 +237,9 @@ class Decisions:
         near = self.store.conflict_candidates_near(
             self.history.first_parent_chain(parent) if parent else [], added,
             [f for f, op in last.items() if op != OP_ADD])
+        # the same ops on the same parent under the same rules give the same facts: kept for
+        # record_candidates, which the commit calls next
+        self._near_seen = (parent, tuple(sorted(last.items())), self.store.rules_digest(), near)
         return self._conflicts_among(near, set(involving))
 
     def _conflicts_among(self, candidates: Iterable[str], involving: Iterable[str] | None = None,
@@ -317,8 +321,12 @@ class Decisions:
             ids = list(self.store.conflict_candidates_at(chain)[1])
         else:
             last = {o.fact_id: o.op for o in self.store.commit(cid).ops}
-            near = self.store.conflict_candidates_near(chain, [f for f, op in last.items() if op == OP_ADD],
-                                                       [f for f, op in last.items() if op != OP_ADD])
+            key = (parents[0] if parents else None, tuple(sorted(last.items())), rules)
+            if self._near_seen is not None and self._near_seen[:3] == key:
+                near = self._near_seen[3]
+            else:
+                near = self.store.conflict_candidates_near(chain, [f for f, op in last.items() if op == OP_ADD],
+                                                           [f for f, op in last.items() if op != OP_ADD])
             ids = self.store.conflict_candidates(set(self.store.in_force_of(chain, before)) | set(near))
         self.store.put_candidates(cid, rules, sorted(ids))
 

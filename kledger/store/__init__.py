@@ -21,7 +21,7 @@ from ..records import ById, Commit, Constraint, Fact, Op, blob_digest, normalize
 from .chains import Chains
 from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
 from .scans import Scans
-from .sql import COLUMNS, DERIVED, DERIVED_TABLES, FACT_COLS, MIGRATIONS, SCHEMA
+from .sql import COLUMNS, DERIVED, DERIVED_INDEXES, DERIVED_TABLES, FACT_COLS, MIGRATIONS, SCHEMA
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -161,9 +161,12 @@ class Store(Chains, Scans):
         (`ref_log`) and the C0 checksums (trust on first write, like a migration). Ledgers that
         record C0 checksums say so in meta `stats_checksums`; there a missing one is damage. And
         the DERIVED indexes and table, where a ledger from before them lacks them."""
-        have = self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ANY(?::VARCHAR[]) "
-                                "AND database_name = current_database()", [list(DERIVED_TABLES)]).fetchone()[0]
-        if have < len(DERIVED_TABLES):
+        have = self.con.execute(
+            "SELECT (SELECT count(*) FROM duckdb_tables() WHERE table_name = ANY(?::VARCHAR[]) "
+            "AND database_name = current_database()) + (SELECT count(*) FROM duckdb_indexes() "
+            "WHERE index_name = ANY(?::VARCHAR[]) AND database_name = current_database())",
+            [list(DERIVED_TABLES), list(DERIVED_INDEXES)]).fetchone()[0]
+        if have < len(DERIVED_TABLES) + len(DERIVED_INDEXES):
             with self.transaction():
                 self.con.execute(DERIVED)
         if self.meta(REF_LOG) is None:  # a ledger from before the branch record: record the branches as they are
@@ -361,12 +364,12 @@ class Store(Chains, Scans):
             return {}
         rows = self.con.execute(
             "SELECT id, parents, message, author, timestamp, constraints, meta FROM commits "
-            "WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()
+            "WHERE id = ANY(?::VARCHAR[])", [ids]).fetchall()
         ops: dict[str, list[Op]] = {}
         if with_ops:
             for cid, op, fid in self.con.execute(
-                    "SELECT commit_id, op, fact_id FROM commit_ops WHERE commit_id IN "
-                    "(SELECT unnest(?::VARCHAR[])) ORDER BY commit_id, pos", [ids]).fetchall():
+                    "SELECT commit_id, op, fact_id FROM commit_ops WHERE commit_id = ANY(?::VARCHAR[]) "
+                    "ORDER BY commit_id, pos", [ids]).fetchall():
                 ops.setdefault(cid, []).append(Op(op, fid))
         return ById("commit", ((r[0], Commit(parents=tuple(r[1]), ops=tuple(ops.get(r[0], ())), message=r[2],
                                                 author=r[3], timestamp=r[4], constraints=r[5], meta=json.loads(r[6])))

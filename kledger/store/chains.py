@@ -64,7 +64,7 @@ class Chains:
         """Every stored fact that could be in a contradiction with one of the facts `ids` (as
         CANDIDATES finds them): the same matching subject and relation; or, through a declared
         inverse pair r ↔ r2, for a fact (s, r, o), a fact stating the slot (o, r2) it implies, or
-        a fact (x, r2, s) whose implied slot (s, r) it states. Two filtered reads of `facts`."""
+        a fact (x, r2, s) whose implied slot (s, r) it states. Reads `facts` through its key indexes."""
         inv: dict[str, set[str]] = {}
         for r, rule in self.relations().items():
             if r2 := rule["inverse_of"]:
@@ -77,9 +77,11 @@ class Chains:
         backs = {(r2, s) for s, r, o in mine for r2 in inv.get(r, ())}  # (relation, object) implying their slot
         subjects = sorted({s for s, _ in same | slots})
         objects = sorted({o for _, o in backs})
-        rows = self.con.execute(
-            "SELECT id, subject_key, relation_key, object_key FROM facts "
-            "WHERE subject_key = ANY(?::VARCHAR[]) OR object_key = ANY(?::VARCHAR[])", [subjects, objects]).fetchall()
+        rows = []
+        for column, keys in (("subject_key", subjects), ("object_key", objects)):  # one index each
+            if keys:
+                rows += self.con.execute("SELECT id, subject_key, relation_key, object_key FROM facts "
+                                         f"WHERE {column} = ANY(?::VARCHAR[])", [keys]).fetchall()
         return {f for f, s, r, o in rows if (s, r) in same or (s, r) in slots or (r, o) in backs}
 
     def in_force(self, chain: list[str]) -> dict[str, str]:

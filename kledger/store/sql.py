@@ -45,6 +45,7 @@ CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NUL
 # looks at those and at what changed since, not at every fact in force).
 DERIVED = """
 CREATE INDEX IF NOT EXISTS commit_ops_fact ON commit_ops (fact_id);
+CREATE INDEX IF NOT EXISTS commit_ops_commit ON commit_ops (commit_id);
 CREATE INDEX IF NOT EXISTS facts_subject ON facts (subject_key);
 CREATE INDEX IF NOT EXISTS facts_object ON facts (object_key);
 CREATE TABLE IF NOT EXISTS in_force_counts (commit_id VARCHAR PRIMARY KEY, n BIGINT NOT NULL);
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS candidates_at (commit_id VARCHAR PRIMARY KEY, rules V
     fact_ids VARCHAR[] NOT NULL);
 """
 DERIVED_TABLES = ("in_force_counts", "candidates_at")
+DERIVED_INDEXES = tuple(re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", DERIVED))
 
 MIGRATIONS: dict[int, str] = {}  # from each older schema version, the SQL that brings it up one; none yet
 # (table, column) of every column in the schema, checked when a ledger is opened
