@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from .errors import KledgerError
 from .history import History, check_branch_name
 from .records import commit_id, constraints_hash, fact_id, normalize, relation_key, sha256_hex, short
@@ -40,12 +42,18 @@ def _fact_problems(store: Store) -> tuple[list[str], int]:
     content is written out as JSON by DuckDB and hashed here, and only a fact whose text does not
     hash to its id is checked again from the fact itself (`Store.fact_hashes`); the matching keys
     are derived once per distinct subject, relation and object."""
-    n, suspects = 0, []
-    for stored_id, text in store.fact_hashes():
+    n, suspects, problems, bad = 0, [], [], set()
+    for stored_id, text, extra in store.fact_hashes():
         n += 1
+        if extra != "{}":  # what every command will parse, with Python's stricter reader
+            try:
+                json.loads(extra)
+            except ValueError:
+                problems.append(f"fact {short(stored_id)}: its stored extra fields are not valid JSON")
+                bad.add(stored_id)
+                continue
         if sha256_hex("fact\0" + text) != stored_id:
             suspects.append(stored_id)
-    problems, bad = [], set()
     for stored_id, fact, _ in store.fact_rows(suspects) if suspects else ():
         if fact_id(fact.to_dict()) != stored_id:
             problems.append(f"fact {short(stored_id)}: content does not match its id")
@@ -60,15 +68,23 @@ def _fact_problems(store: Store) -> tuple[list[str], int]:
 
 
 def _count_problems(store: Store, history: History, g: dict) -> list[str]:
-    """The recorded number of facts in force at HEAD and at each branch tip against a count over
-    the whole chain (what `status` reports starts from these records)."""
+    """What is recorded per commit at HEAD and at each branch tip against the same computed over
+    the whole chain: the number of facts in force (`status` starts from it) and the conflict
+    candidates under the rules in force (`check` starts from them; a commit's record is built on
+    its parent's, so a damaged record would hide a contradiction from every later check)."""
     tips = {c for c in store.refs().values() if c in g}
     head = store.head()
     tips |= {head} if head in g else set()
     recorded = store.counts_in(sorted(tips))
-    return [f"commit {short(c)}: recorded {n} facts in force, but {real} are"
-            for c, n in sorted(recorded.items())
-            if n != (real := store.count_in_force(history.first_parent_chain(c)))]
+    out = [f"commit {short(c)}: recorded {n} facts in force, but {real} are"
+           for c, n in sorted(recorded.items())
+           if n != (real := store.count_in_force(history.first_parent_chain(c)))]
+    rules = store.rules_digest()
+    for c in sorted(tips):
+        kept = store.candidates_recorded(c, rules)
+        if kept is not None and set(kept) != set(store.conflict_candidates_at(history.first_parent_chain(c))[1]):
+            out.append(f"commit {short(c)}: its recorded contradiction candidates do not match its facts")
+    return out
 
 
 def _ref_problems(store: Store, g: dict) -> list[str]:

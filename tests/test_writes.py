@@ -179,3 +179,22 @@ def test_fsck_in_bulk_is_exact_on_unusual_content(tmp_path):
     assert f"fact {plain[2].id[:10]}: its stored matching keys do not match its content" in problems
     assert len(problems) == 3
     lg.close()
+
+
+def test_fsck_finds_damaged_records_and_lenient_json(tmp_path):
+    """A wrong conflict-candidate record at a branch tip, and an `extra` field DuckDB would read but
+    Python would not (a trailing comma), are found."""
+    lg = Ledger.init(tmp_path, model="none")
+    lg.add([fact(2, 0, 0), Fact.create("Plain plays the", "piano", subject="Plain", extra={"case_id": 7})])
+    lg.commit("one", author="t <t@x.invalid>")
+    lg.add([fact(2, 0, 1)])
+    lg.commit("contradiction", author="t <t@x.invalid>", allow_conflicts=True)
+    assert lg.fsck()["ok"] and lg.check()["unresolved"] == 1
+    head = lg.head()
+    lg.store.put_candidates(head, lg.store.rules_digest(), [])  # damage: the contradiction is hidden
+    assert lg.check()["unresolved"] == 0
+    assert f"commit {head[:10]}: its recorded contradiction candidates do not match its facts" in lg.fsck()["problems"]
+    plain = Fact.create("Plain plays the", "piano", subject="Plain", extra={"case_id": 7})
+    lg.store.con.execute("UPDATE facts SET extra = '{\"case_id\": 7,}' WHERE id = ?", [plain.id])
+    assert f"fact {plain.id[:10]}: its stored extra fields are not valid JSON" in lg.fsck()["problems"]
+    lg.close()

@@ -461,7 +461,8 @@ class Store(Chains, Scans):
     def counts_in(self, commit_ids: list[str]) -> dict[str, int]:
         """commit id → the number of facts in force there, for those of `commit_ids` recorded
         (`put_count`); none on a ledger from before the record, opened for reading."""
-        try:
+        try:  # (the table is missing only on a store opened for reading, never inside a transaction,
+            # which the CatalogException would abort; a write open makes it first)
             return dict(self.con.execute("SELECT commit_id, n FROM in_force_counts "
                                          "WHERE commit_id = ANY(?::VARCHAR[])", [commit_ids]).fetchall())
         except duckdb.CatalogException:
@@ -479,7 +480,7 @@ class Store(Chains, Scans):
     def candidates_recorded(self, commit_id: str, rules: str) -> list[str] | None:
         """The conflict candidates recorded at `commit_id` under the rules `rules` (None: none
         recorded, or recorded under other rules, or a ledger from before the record)."""
-        try:
+        try:  # (missing only on a store opened for reading: see counts_in)
             row = self.con.execute("SELECT fact_ids FROM candidates_at WHERE commit_id = ? AND rules = ?",
                                    [commit_id, rules]).fetchone()
         except duckdb.CatalogException:

@@ -21,15 +21,17 @@ class Scans:
             for r in batch:
                 yield r[0], fact_from_row(r), (r[-3], r[-2], r[-1])
 
-    def fact_hashes(self) -> Iterator[tuple[str, str]]:
+    def fact_hashes(self) -> Iterator[tuple[str, str, str]]:
         """Every fact as (stored id, its content as DuckDB writes it in JSON with sorted keys and no
-        spaces). This is the canonical form ids are hashed over (records.canonical_json) except in
-        rare spellings (numbers in `extra` such as 1e+20, upper-case \\u escapes): a row whose
-        text does not hash to its id is to be checked again from the fact itself."""
+        spaces, its stored `extra` text). The JSON is the canonical form ids are hashed over
+        (records.canonical_json) except in rare spellings (numbers in `extra` such as 1e+20,
+        upper-case \\u escapes): a row whose text does not hash to its id is to be checked again
+        from the fact itself. DuckDB reads JSON more leniently than Python (a trailing comma, for
+        one), so the caller also parses `extra` as every command will."""
         cur = self.con.execute(
             "SELECT id, json_object('extra', json(extra), 'neighborhood', neighborhood, 'paraphrases', paraphrases, "
             "'prompt', prompt, 'relation', relation, 'subject', subject, 'target', target, "
-            "'target_true', target_true)::VARCHAR FROM facts")
+            "'target_true', target_true)::VARCHAR, extra FROM facts")
         while batch := cur.fetchmany(20000):
             yield from batch
 
