@@ -28,7 +28,7 @@ from .conflicts import (
     soft_edges,
 )
 from .errors import InputError, UsageError
-from .history import History, apply_ops
+from .history import History, apply_ops, net_ops
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id, normalize, relation_key
 from .store import Store
 
@@ -232,14 +232,12 @@ class Decisions:
         conflicts are on (they compare keys across every fact in force: use conflicts_in)."""
         if self.soft_threshold() is not None:
             return None
-        last = {o.fact_id: o.op for o in ops}  # a fact's last op decides (as in apply_ops)
-        added = [f for f, op in last.items() if op == OP_ADD]
+        added, retracted = net_ops(ops)
         near = self.store.conflict_candidates_near(
-            self.history.first_parent_chain(parent) if parent else [], added,
-            [f for f, op in last.items() if op != OP_ADD])
+            self.history.first_parent_chain(parent) if parent else [], added, retracted)
         # the same ops on the same parent under the same rules give the same facts: kept for
         # record_candidates, which the commit calls next
-        self._near_seen = (parent, tuple(sorted(last.items())), self.store.rules_digest(), near)
+        self._near_seen = (parent, (added, retracted), self.store.rules_digest(), near)
         return self._conflicts_among(near, set(involving))
 
     def _conflicts_among(self, candidates: Iterable[str], involving: Iterable[str] | None = None,
@@ -280,9 +278,8 @@ class Decisions:
             pf.n_facts = len(after)
             return self.conflicts_in(after, involving=pf.involving)
         # not loaded: the candidates recorded at the commit, and those near what the ops add
-        last = {o.fact_id: o.op for o in pf.ops}  # a fact's last op decides (as in apply_ops)
-        added = [f for f, op in last.items() if op == OP_ADD]
-        retracted = {f for f, op in last.items() if op != OP_ADD}
+        added, retracted_ids = net_ops(pf.ops)
+        retracted = set(retracted_ids)
         chain = self.history.first_parent_chain(pf.commit)
         base = {f: c for f, c in self.candidates_at(pf.commit).items() if f not in retracted}
         near = self.store.conflict_candidates_near(chain, added, retracted)
@@ -306,7 +303,7 @@ class Decisions:
         recorded = self.store.candidates_recorded(cid, self.store.rules_digest())
         if recorded is not None:
             return self.store.in_force_of(chain, recorded)
-        return self.store.conflict_candidates_at(chain)[1]
+        return self.store.conflict_candidates_at(chain)
 
     def record_candidates(self, cid: str) -> None:
         """Record the conflict candidates at the new commit `cid` (in the caller's transaction):
@@ -318,15 +315,13 @@ class Decisions:
         before = self.store.candidates_recorded(parents[0], rules) if parents else []
         chain = self.history.first_parent_chain(cid)
         if before is None:
-            ids = list(self.store.conflict_candidates_at(chain)[1])
+            ids = list(self.store.conflict_candidates_at(chain))
         else:
-            last = {o.fact_id: o.op for o in self.store.commit(cid).ops}
-            key = (parents[0] if parents else None, tuple(sorted(last.items())), rules)
-            if self._near_seen is not None and self._near_seen[:3] == key:
+            changes = net_ops(self.store.commit(cid).ops)
+            if self._near_seen is not None and self._near_seen[:3] == (parents[0] if parents else None, changes, rules):
                 near = self._near_seen[3]
             else:
-                near = self.store.conflict_candidates_near(chain, [f for f, op in last.items() if op == OP_ADD],
-                                                           [f for f, op in last.items() if op != OP_ADD])
+                near = self.store.conflict_candidates_near(chain, *changes)
             ids = self.store.conflict_candidates(set(self.store.in_force_of(chain, before)) | set(near))
         self.store.put_candidates(cid, rules, sorted(ids))
 

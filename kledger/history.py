@@ -53,6 +53,12 @@ class FactChange:
     before_id: str | None = None
 
 
+def net_ops(ops: Iterable[Op]) -> tuple[list[str], list[str]]:
+    """(facts `ops` add, facts they retract), a fact's last op deciding, as in `apply_ops`."""
+    last = {o.fact_id: o.op for o in ops}
+    return [f for f, op in last.items() if op == OP_ADD], [f for f, op in last.items() if op != OP_ADD]
+
+
 def pair_changes(added: list[str], removed: list[str], facts: dict[str, Fact]):
     """Pair added and removed facts with the same matching (subject, relation) as changes:
     (added alone, removed alone, [(old, new)])."""

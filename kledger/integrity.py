@@ -82,7 +82,7 @@ def _count_problems(store: Store, history: History, g: dict) -> list[str]:
     rules = store.rules_digest()
     for c in sorted(tips):
         kept = store.candidates_recorded(c, rules)
-        if kept is not None and set(kept) != set(store.conflict_candidates_at(history.first_parent_chain(c))[1]):
+        if kept is not None and set(kept) != set(store.conflict_candidates_at(history.first_parent_chain(c))):
             out.append(f"commit {short(c)}: its recorded contradiction candidates do not match its facts")
     return out
 

@@ -24,23 +24,16 @@ class Chains:
             f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {CANDIDATES} SELECT id FROM candidates",
             [ids]).fetchall()]
 
-    def conflict_candidates_at(self, chain: list[str], added: Iterable[str] = (),
-                               retracted: Iterable[str] = ()) -> tuple[int, dict[str, str | None]]:
-        """`conflict_candidates` of the facts in force at chain[0] (see `in_force`) less `retracted`
-        plus `added`, in one query: (number of those facts, candidate fact id → the commit that put
-        it in force, None for an added one)."""
-        added, retracted = list(added), list(retracted)
-        if not chain and not added:
-            return 0, {}
-        n, pairs = self.con.execute(
-            f"""WITH {IN_FORCE},
-                ids AS MATERIALIZED (SELECT id FROM in_force WHERE id NOT IN (SELECT unnest(?::VARCHAR[]))
-                                     UNION SELECT unnest(?::VARCHAR[])),
-                {CANDIDATES}
-            SELECT (SELECT count(*) FROM ids),
-                   (SELECT list([c.id, f.commit_id]) FROM candidates c LEFT JOIN in_force f ON f.id = c.id)""",
-            [chain, chain, OP_ADD, retracted, added]).fetchone()
-        return n, {f: c for f, c in pairs or ()}
+    def conflict_candidates_at(self, chain: list[str]) -> dict[str, str]:
+        """`conflict_candidates` of the facts in force at chain[0] (see `in_force`), in one query:
+        candidate fact id → the commit that put it in force."""
+        if not chain:
+            return {}
+        pairs = self.con.execute(
+            f"""WITH {IN_FORCE}, ids AS (SELECT id FROM in_force), {CANDIDATES}
+            SELECT list([c.id, f.commit_id]) FROM candidates c JOIN in_force f ON f.id = c.id""",
+            [chain, chain, OP_ADD]).fetchone()[0]
+        return {f: c for f, c in pairs or ()}
 
     def conflict_candidates_near(self, chain: list[str], added: Iterable[str], retracted: Iterable[str] = ()
                                  ) -> dict[str, str | None]:

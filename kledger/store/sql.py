@@ -36,8 +36,8 @@ CREATE TABLE pending (kind VARCHAR NOT NULL, body VARCHAR NOT NULL);
 CREATE TABLE resolutions (conflict_key VARCHAR PRIMARY KEY, body VARCHAR NOT NULL, created VARCHAR NOT NULL);
 """
 
-# Derived from the tables above and rebuilt from them at will, so not part of the schema version:
-# made with a new ledger, and on a ledger from before them when it is first opened for writing
+# Derived from the tables above (fsck checks the records at HEAD and the branch tips), so not part of
+# the schema version: made with a new ledger, and on a ledger from before them when it is first opened for writing
 # (readers of such a ledger work without them). Indexes for the reads that follow one change (the
 # ops of a few facts, the facts about a few subjects or objects); per commit, the number of facts in
 # force (so that `status` does not count them over the whole chain) and the facts in force there
@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS in_force_counts (commit_id VARCHAR PRIMARY KEY, n BIG
 CREATE TABLE IF NOT EXISTS candidates_at (commit_id VARCHAR PRIMARY KEY, rules VARCHAR NOT NULL,
     fact_ids VARCHAR[] NOT NULL);
 """
-DERIVED_TABLES = ("in_force_counts", "candidates_at")
+DERIVED_TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", DERIVED))
 DERIVED_INDEXES = tuple(re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", DERIVED))
 
 MIGRATIONS: dict[int, str] = {}  # from each older schema version, the SQL that brings it up one; none yet
