@@ -303,7 +303,7 @@ class Decisions:
         recorded = self.store.candidates_recorded(cid, self.store.rules_digest())
         if recorded is not None:
             return self.store.in_force_of(chain, recorded)
-        return self.store.conflict_candidates_at(chain)
+        return self.store.conflict_candidates_at(chain)[1]
 
     def record_candidates(self, cid: str) -> None:
         """Record the conflict candidates at the new commit `cid` (in the caller's transaction):
@@ -315,7 +315,7 @@ class Decisions:
         before = self.store.candidates_recorded(parents[0], rules) if parents else []
         chain = self.history.first_parent_chain(cid)
         if before is None:
-            ids = list(self.store.conflict_candidates_at(chain))
+            ids = list(self.store.conflict_candidates_at(chain)[1])
         else:
             changes = net_ops(self.store.commit(cid).ops)
             if self._near_seen is not None and self._near_seen[:3] == (parents[0] if parents else None, changes, rules):

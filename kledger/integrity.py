@@ -75,14 +75,15 @@ def _count_problems(store: Store, history: History, g: dict) -> list[str]:
     tips = {c for c in store.refs().values() if c in g}
     head = store.head()
     tips |= {head} if head in g else set()
-    recorded = store.counts_in(sorted(tips))
-    out = [f"commit {short(c)}: recorded {n} facts in force, but {real} are"
-           for c, n in sorted(recorded.items())
-           if n != (real := store.count_in_force(history.first_parent_chain(c)))]
-    rules = store.rules_digest()
+    counts, rules, out = store.counts_in(sorted(tips)), store.rules_digest(), []
     for c in sorted(tips):
         kept = store.candidates_recorded(c, rules)
-        if kept is not None and set(kept) != set(store.conflict_candidates_at(history.first_parent_chain(c))):
+        if c not in counts and kept is None:
+            continue
+        n, candidates = store.conflict_candidates_at(history.first_parent_chain(c))  # one pass over the chain
+        if c in counts and counts[c] != n:
+            out.append(f"commit {short(c)}: recorded {counts[c]} facts in force, but {n} are")
+        if kept is not None and set(kept) != set(candidates):
             out.append(f"commit {short(c)}: its recorded contradiction candidates do not match its facts")
     return out
 

@@ -24,16 +24,17 @@ class Chains:
             f"WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id), {CANDIDATES} SELECT id FROM candidates",
             [ids]).fetchall()]
 
-    def conflict_candidates_at(self, chain: list[str]) -> dict[str, str]:
+    def conflict_candidates_at(self, chain: list[str]) -> tuple[int, dict[str, str]]:
         """`conflict_candidates` of the facts in force at chain[0] (see `in_force`), in one query:
-        candidate fact id → the commit that put it in force."""
+        (the number of facts in force, candidate fact id → the commit that put it in force)."""
         if not chain:
-            return {}
-        pairs = self.con.execute(
+            return 0, {}
+        n, pairs = self.con.execute(
             f"""WITH {IN_FORCE}, ids AS (SELECT id FROM in_force), {CANDIDATES}
-            SELECT list([c.id, f.commit_id]) FROM candidates c JOIN in_force f ON f.id = c.id""",
-            [chain, chain, OP_ADD]).fetchone()[0]
-        return {f: c for f, c in pairs or ()}
+            SELECT (SELECT count(*) FROM in_force),
+                   (SELECT list([c.id, f.commit_id]) FROM candidates c JOIN in_force f ON f.id = c.id)""",
+            [chain, chain, OP_ADD]).fetchone()
+        return n, {f: c for f, c in pairs or ()}
 
     def conflict_candidates_near(self, chain: list[str], added: Iterable[str], retracted: Iterable[str] = ()
                                  ) -> dict[str, str | None]:
