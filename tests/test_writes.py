@@ -74,7 +74,7 @@ def test_targeted_queries_match_the_full_ones(tmp_path_factory, batches, branch_
             if flip:  # the relation rules change: the records no longer apply, and are not used
                 lg.set_multi("{} is the capital of", True)
             for cid in h.graph():
-                full = h.store.conflict_candidates_at(h.first_parent_chain(cid))
+                full = h.store.conflict_candidates_at(h.first_parent_chain(cid))[1]
                 assert d.candidates_at(cid) == full
                 pf = d.proposed(cid, lazy=True)
                 got = d.conflicts_of(pf)
