@@ -113,7 +113,8 @@ def run(kind: str, n: int, batch: int, modes: Sequence[str], *, start: int = 0, 
     W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     t = time.time()
     if corpus_text is None:
-        corpus_text = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, cache_dir=corpus_cache_root(Settings.from_env()))
+        corpus_text = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, sampler=hp.c0_sampler,
+                                     cache_dir=corpus_cache_root(Settings.from_env()))
     text = corpus_text
     c0, n_c0 = compute_c0(lm, hp.layers, text, n_tokens=c0_tokens or SAMPLED_TOKENS, seq_len=hp.c0_seq_len, bos=hp.bos)
     log(f"C0 on {n_c0} tokens: {time.time() - t:.0f} s")

@@ -94,7 +94,7 @@ def c0_for(lm: Any, hp: Any) -> dict:
     from kledger.edit.weights import corpus_cache_root
     from kledger.settings import Settings
 
-    text = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, cache_dir=corpus_cache_root(Settings.from_env()))
+    text = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, sampler=hp.c0_sampler, cache_dir=corpus_cache_root(Settings.from_env()))
     c0, _ = compute_c0(lm, hp.layers, text, n_tokens=hp.c0_tokens, seq_len=hp.c0_seq_len, bos=hp.bos)
     return c0
 

@@ -11,6 +11,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from conftest_edit import one_thread, tiny_lm, word_corpus  # noqa: E402,F401
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from kledger.edit.engine import EditRequest, compute_constraints, context_prefixes, optimise_values, tokenize_request  # noqa: E402
 from kledger.edit.hooks import boundary_token  # noqa: E402
@@ -206,8 +208,53 @@ def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
     text = default_corpus(lm, 40, seed=1, cache_dir=str(tmp_path))
     assert len(list(tmp_path.iterdir())) == 1
     assert default_corpus(lm, 40, seed=1, cache_dir=str(tmp_path)) == text
+    old = default_corpus(lm, 40, seed=1, sampler=1, cache_dir=str(tmp_path))  # sampler 1: its own file
+    assert len(list(tmp_path.iterdir())) == 2 and old == sample_corpus(lm, 40, seed=1, sampler=1)
+    with pytest.raises(InputError, match="sampler"):
+        sample_corpus(lm, 40, sampler=7)
     c0, n = compute_c0(lm, [1], text, n_tokens=30, seq_len=16)
     assert n > 0 and c0[1].shape == (48, 48)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
+    """The nucleus by a full sort (the definition)."""
+    p, order = probs.double().sort(descending=True)
+    return set(order[(p.cumsum(0) - p) < top_p].tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.05, 8.0), st.sampled_from([0.5, 0.9, 0.95, 0.99]))
+def test_nucleus_draw_stays_in_the_nucleus(seed, scale, top_p):
+    """Every draw lies in the nucleus (the tokens ranked before it hold less than top_p), whatever
+    the shape of the distribution (flat or peaked), and the same generator seed gives the same draws."""
+    from kledger.edit.stats import nucleus_draw
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(16, 3000, generator=g) * scale
+    logits[0, :5] = 40.0  # one row with a few tokens holding nearly all the mass
+    a = nucleus_draw(logits, top_p, torch.Generator().manual_seed(seed))
+    assert torch.equal(a, nucleus_draw(logits, top_p, torch.Generator().manual_seed(seed)))
+    probs = torch.softmax(logits.float(), -1).double()
+    for r in range(len(a)):
+        j = int(a[r])  # in the nucleus under some order of equal probabilities (row 0 has ties)
+        assert float(probs[r][probs[r] > probs[r, j]].sum()) < top_p
+
+
+def test_nucleus_draw_follows_the_renormalised_nucleus():
+    """Drawn 20,000 times from one distribution, the frequencies match the nucleus's renormalised
+    probabilities (total variation within sampling noise) and nothing outside it is drawn."""
+    from kledger.edit.stats import nucleus_draw
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(1, 200, generator=g) * 2).repeat(20_000, 1)
+    draws = nucleus_draw(logits, 0.9, g)
+    probs = torch.softmax(logits[0].double(), -1)
+    keep = sorted(_nucleus(probs, 0.9))
+    assert set(draws.tolist()) <= set(keep)
+    want = torch.zeros(200, dtype=torch.float64)
+    want[keep] = probs[keep] / probs[keep].sum()
+    got = torch.bincount(draws, minlength=200).double() / len(draws)
+    assert 0.5 * (got - want).abs().sum() < 0.06  # at most about 0.03 expected from 20,000 draws
 
 
 @pytest.mark.parametrize("mode", ["no-history", "alphaedit", "alphaedit-no-history"])

@@ -21,7 +21,7 @@ def test_round_trip_and_fingerprint():
 
 @pytest.mark.parametrize("bad", [dict(layers=()), dict(layers=(5, 4)), dict(layers=(3, 3)),
                                  dict(layers=(-1,)), dict(lam=0.0), dict(lr=-1.0),
-                                 dict(bos="sometimes"), dict(steps=0)])
+                                 dict(bos="sometimes"), dict(steps=0), dict(c0_sampler=3)])
 def test_validation(bad):
     with pytest.raises(InputError):
         HParams(**bad)
@@ -47,6 +47,11 @@ def test_defaults_are_versioned_and_a_ledger_keeps_its_version(tmp_path):
     assert defaults_for("llama", 30, 2) == HParams(layers=(3, 4, 5, 6, 7), lam=1500.0, lr=1.0)
     assert defaults_for("gpt2", 12, 2) == defaults_for("gpt2", 12, 1)  # measured on Llama only
     assert defaults_for("llama", 30, 1).fingerprint() != defaults_for("llama", 30, 2).fingerprint()
+    # version 3: the edit settings of 2, the default corpus drawn by the faster sampler, for every model
+    assert defaults_for("llama", 30, 3) == defaults_for("llama", 30, 2).with_(c0_sampler=2)
+    assert defaults_for("gpt2", 12, 3) == defaults_for("gpt2", 12, 1).with_(c0_sampler=2)
+    assert "c0_sampler" not in defaults_for("llama", 30, 2).to_dict()  # older fingerprints unchanged
+    assert defaults_for("llama", 30, 3).to_dict()["c0_sampler"] == 2
     with pytest.raises(InputError, match="version 99"):
         defaults_for("llama", 30, 99)
     lg = Ledger.init(tmp_path / "new")

@@ -163,8 +163,10 @@ class Editor:
 
         hp = self.hparams
         if self.corpus_path is None:
-            return sha256_hex(canonical_json(["model-sampled", self._base_fp(), hp.seed, SAMPLED_TOKENS,
-                                              hp.c0_seq_len])), None
+            what = ["model-sampled", self._base_fp(), hp.seed, SAMPLED_TOKENS, hp.c0_seq_len]
+            if hp.c0_sampler != 1:  # sampler 1's identities keep their first form
+                what.append(f"sampler{hp.c0_sampler}")
+            return sha256_hex(canonical_json(what)), None
         try:
             text = self.corpus_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -178,7 +180,7 @@ class Editor:
         from .weights import corpus_cache_root
 
         self._ensure_base_weights()
-        return default_corpus(self.lm, SAMPLED_TOKENS, seed=self.hparams.seed,
+        return default_corpus(self.lm, SAMPLED_TOKENS, seed=self.hparams.seed, sampler=self.hparams.c0_sampler,
                               cache_dir=corpus_cache_root(self.env), progress=self.progress)
 
     def _base_fp(self) -> str:

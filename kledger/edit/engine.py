@@ -35,6 +35,7 @@ from .hooks import (
     logits_at,
     pad_batch,
     pad_id_of,
+    returned_cache,
     run_until,
     split_target,
 )
@@ -219,7 +220,7 @@ def _prefix_cache(model: Any, spec: Any, toks: Sequence[_Tokens], pad_id: int,
     P = max(max(*t.subj, t.kl_subj) for t in toks)  # the longest cut (= the cut layout's prefix)
     base = get_module(model, spec.layers.rsplit(".", 1)[0])
     out = base(input_ids=full.ids, attention_mask=full.mask, use_cache=True)
-    pkv = getattr(out, "past_key_values", None)
+    pkv = returned_cache(out)
     layers = getattr(pkv, "layers", None)
     if not layers or not all(hasattr(la, "keys") and getattr(la, "keys", None) is not None for la in layers):
         return None

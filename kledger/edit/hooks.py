@@ -5,6 +5,7 @@ d the residual width."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -90,6 +91,22 @@ def run_until(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
         return None
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands an attention cache to `model`'s forward: `cache` in transformers 5.x
+    (where `past_key_values` is deprecated), `past_key_values` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def returned_cache(out: Any) -> Any:
+    """The attention cache a forward returned (`cache` in transformers 5.x, `past_key_values` before)."""
+    got = out.get("cache") if hasattr(out, "get") else None
+    return got if got is not None else getattr(out, "past_key_values", None)
+
+
 def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               rows: torch.Tensor, cols: torch.Tensor, *, position_ids: torch.Tensor | None = None,
               past_key_values: Any = None) -> torch.Tensor:
@@ -104,7 +121,7 @@ def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mas
     if position_ids is not None:
         extra["position_ids"] = position_ids.to(dev)
     if past_key_values is not None:
-        extra["past_key_values"] = past_key_values
+        extra.update(cache_kwargs(base, past_key_values))
     h = base(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **extra).last_hidden_state
     logits = get_module(model, spec.lm_head)(h[rows.to(dev), cols.to(dev)])  # [M, V]
     cap = getattr(model.config, "final_logit_softcapping", None)
