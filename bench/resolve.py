@@ -70,7 +70,7 @@ def main() -> None:
     if a.at % res["batch"] or a.at > len(saved["stored"]) * res["batch"]:
         raise SystemExit(f"--at must be a multiple of {res['batch']} up to {len(saved['stored']) * res['batch']}")
     batches = saved["stored"][:a.at // res["batch"]]
-    lm, hp = load(res["defaults_version"])
+    lm, hp = load(res.get("defaults_version", 1))
     hp = hp.with_(**{k: v for k, v in res["hparams"].items() if k in ("lam", "layers", "bos", "c0_seq_len", "seed")})
     lam = a.lam or hp.lam
     name = a.name or f"{a.run}-lam{lam:g}-{a.corpus.replace(':', '')}"

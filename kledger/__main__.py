@@ -1,3 +1,3 @@
-from kledger.cli.main import run
+from kledger.cli import run
 
 run()

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
 from .app import JSON_OPT, RELATION_OPT, app, open_ledger, want_json
 from .output import emit_json, escape, out, short
-
-
-def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
-    names = [("HEAD -> " + n) if n == branch else n for n in sorted(entry["refs"], key=lambda n: n != branch)]
-    if entry["id"] == head and branch is None:
-        names.insert(0, "HEAD")
-    return f" ({', '.join(names)})" if names else ""
+from .reads import log_lines, print_lines, read_log
 
 
 @app.command()
@@ -31,40 +23,11 @@ def log(rev: str | None = typer.Argument(None, help="Start from this revision (d
         from ..errors import UsageError
         raise UsageError("give REV or --all, not both", "--all starts from every branch")
     with open_ledger() as ledger:
-        head, branch = ledger.head(), ledger.current_branch()
-        if head is None and rev is None and not all_:
-            entries = []
-        else:
-            entries = ledger.log(rev, limit=limit, subject=subject, relation=relation, all_refs=all_)
+        head, branch, entries = read_log(ledger, rev, limit, subject, relation, all_)
     if json_:
         emit_json("log", {"head": head, "branch": branch, "commits": entries})
         return
-    if not entries:
-        out.print("No commits yet" if head is None else "No matching commits")
-    lines: list[tuple[str, str, str]] = []  # (text, dim suffix, colour), as print_lines takes them
-    for e in entries:
-        label = _refs_label(e, head, branch)
-        counts = f"+{e['added']}/-{e['retracted']}"
-        if oneline:
-            lines.append((f"{short(e['id'])}{label} {(e['message'].splitlines() or [''])[0]}", f" ({counts})", "default"))
-            continue
-        lines.append((f"commit {e['id']}{label}", "", "yellow"))
-        if len(e["parents"]) > 1:
-            lines.append(("Merge:  " + " ".join(short(p) for p in e["parents"]), "", "default"))
-        lines += [(f"Author: {e['author']}", "", "default"), (f"Date:   {e['timestamp']}", "", "default"),
-                  ("", "", "default")]
-        lines += [("    " + line, "", "default") for line in e["message"].splitlines()]
-        lines += [("", f"    ({counts} facts)", "default"), ("", "", "default")]
-    print_lines(lines)
-
-
-def print_lines(lines: list[tuple[str, str, str]]) -> None:
-    """(main text, dim suffix, colour) lines: coloured on a terminal, plain text fast when piped."""
-    if not out.is_terminal:
-        sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
-        return
-    for a, b, colour in lines:
-        out.print(f"[{colour}]{escape(a)}[/][dim]{escape(b)}[/]")
+    print_lines(log_lines(entries, head, branch, oneline))
 
 
 def _fact_line(sign: str, f: dict, colour: str) -> str:

@@ -5,35 +5,16 @@ documented in docs/json.md and only change with a new version number."""
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-JSON_VERSION = 1
+from .reads import JSON_VERSION, _emitted, emit_json, short  # noqa: F401  (the JSON and id helpers live there)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-_emitted = {"json": False}
-
-
-def emit_json(command: str, data: dict[str, Any]) -> None:
-    _emitted["json"] = True
-    doc = {"version": JSON_VERSION, "command": command, **data}
-    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2, default=_default) + "\n")
-    sys.stdout.flush()
-
-
-def _default(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 PLAIN_EVERY_S = 10.0  # seconds between plain progress lines of one stage
@@ -91,10 +72,6 @@ def _plain_progress():
 def say(message: str) -> None:
     """A message for the person at the terminal (stderr)."""
     err.print(message)
-
-
-def short(cid: str | None) -> str:
-    return cid[:10] if cid else "(none)"
 
 
 def note_resolved(meta: dict) -> None:

@@ -8,7 +8,8 @@ import typer
 
 from .app import JSON_OPT, RELATION_OPT, app, ledger_dir, open_ledger, want_json
 from .app import settings as env
-from .output import emit_json, escape, note_collisions, note_resolved, out, progress_bar, say, short
+from .output import emit_json, escape, note_collisions, note_resolved, progress_bar, say, short
+from .reads import print_lines, status_lines
 
 
 @app.command()
@@ -139,24 +140,7 @@ def status(json_: bool = JSON_OPT) -> None:
     if json_:
         emit_json("status", st)
         return
-    where = f"On branch {st['branch']}" if st["branch"] else f"HEAD detached at {short(st['head'])}"
-    out.print(escape(where))
-    if st["head"] is None:
-        out.print("No commits yet")
-    out.print(f"{st['facts_in_force']} fact(s) in force; model {escape(st['model'])}")
-    if st["pending"]:
-        p = st["pending"]
-        out.print(f"[yellow]A {p['kind']} of {short(p['theirs'])} stopped on {len(p.get('conflicts', []))} "
-                  f"conflict(s): run `kledger conflicts`, then `kledger resolve` or `kledger {p['kind']} --abort`[/]")
-    if st["staged"]:
-        out.print(f"Staged ({len(st['staged'])}):")
-        for s in st["staged"][:50]:
-            sign = "+" if s["op"] == "add" else "-"
-            out.print(f"  {sign} {escape(s['prompt'])} → {escape(s['target'])}  [dim]({escape(s['subject'])})[/]")
-        if len(st["staged"]) > 50:
-            out.print(f"  … and {len(st['staged']) - 50} more (use --json for all)")
-    else:
-        out.print("Nothing staged")
+    print_lines(status_lines(st))
 
 
 @app.command()

@@ -1,0 +1,112 @@
+"""What `status` and `log` print, as (text, dim suffix, colour) lines, and the one place those are
+written; also JSON output. Nothing here imports typer or rich at module level: these are the
+commands people run most, and the fast path (`kledger.cli.fast`) prints them without the cost of
+either. On a terminal the lines are coloured through rich; piped, they are plain text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+JSON_VERSION = 1
+_emitted = {"json": False}
+
+Line = tuple[str, str, str]  # (main text, dim suffix, colour)
+
+
+def emit_json(command: str, data: dict[str, Any]) -> None:
+    _emitted["json"] = True
+    doc = {"version": JSON_VERSION, "command": command, **data}
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2, default=_default) + "\n")
+    sys.stdout.flush()
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def short(cid: str | None) -> str:
+    return cid[:10] if cid else "(none)"
+
+
+def print_lines(lines: list[Line]) -> None:
+    """Coloured on a terminal (rich), plain text when piped."""
+    from .output import out  # rich: only needed, and only imported, for a terminal
+
+    if not out.is_terminal:
+        sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
+        return
+    from rich.markup import escape
+
+    for a, b, colour in lines:
+        out.print(f"[{colour}]{escape(a)}[/][dim]{escape(b)}[/]")
+
+
+def write_lines(lines: list[Line]) -> None:
+    """`print_lines`, without importing rich when stdout is not a terminal."""
+    if not sys.stdout.isatty():
+        sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
+        sys.stdout.flush()
+        return
+    print_lines(lines)
+
+
+def status_lines(st: dict) -> list[Line]:
+    lines: list[Line] = [(f"On branch {st['branch']}" if st["branch"] else f"HEAD detached at {short(st['head'])}",
+                          "", "default")]
+    if st["head"] is None:
+        lines.append(("No commits yet", "", "default"))
+    lines.append((f"{st['facts_in_force']} fact(s) in force; model {st['model']}", "", "default"))
+    if st["pending"]:
+        p = st["pending"]
+        lines.append((f"A {p['kind']} of {short(p['theirs'])} stopped on {len(p.get('conflicts', []))} conflict(s): "
+                      f"run `kledger conflicts`, then `kledger resolve` or `kledger {p['kind']} --abort`", "", "yellow"))
+    if st["staged"]:
+        lines.append((f"Staged ({len(st['staged'])}):", "", "default"))
+        for s in st["staged"][:50]:
+            sign = "+" if s["op"] == "add" else "-"
+            lines.append((f"  {sign} {s['prompt']} → {s['target']}", f"  ({s['subject']})", "default"))
+        if len(st["staged"]) > 50:
+            lines.append((f"  … and {len(st['staged']) - 50} more (use --json for all)", "", "default"))
+    else:
+        lines.append(("Nothing staged", "", "default"))
+    return lines
+
+
+def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
+    names = [("HEAD -> " + n) if n == branch else n for n in sorted(entry["refs"], key=lambda n: n != branch)]
+    if entry["id"] == head and branch is None:
+        names.insert(0, "HEAD")
+    return f" ({', '.join(names)})" if names else ""
+
+
+def log_lines(entries: list[dict], head: str | None, branch: str | None, oneline: bool) -> list[Line]:
+    lines: list[Line] = []
+    if not entries:
+        lines.append(("No commits yet" if head is None else "No matching commits", "", "default"))
+    for e in entries:
+        label = _refs_label(e, head, branch)
+        counts = f"+{e['added']}/-{e['retracted']}"
+        if oneline:
+            lines.append((f"{short(e['id'])}{label} {(e['message'].splitlines() or [''])[0]}", f" ({counts})", "default"))
+            continue
+        lines.append((f"commit {e['id']}{label}", "", "yellow"))
+        if len(e["parents"]) > 1:
+            lines.append(("Merge:  " + " ".join(short(p) for p in e["parents"]), "", "default"))
+        lines += [(f"Author: {e['author']}", "", "default"), (f"Date:   {e['timestamp']}", "", "default"),
+                  ("", "", "default")]
+        lines += [("    " + line, "", "default") for line in e["message"].splitlines()]
+        lines += [("", f"    ({counts} facts)", "default"), ("", "", "default")]
+    return lines
+
+
+def read_log(ledger: Any, rev: str | None, limit: int | None, subject: str | None, relation: str | None,
+             all_refs: bool) -> tuple[str | None, str | None, list[dict]]:
+    """(HEAD, branch, log entries) as `log` shows them."""
+    head, branch = ledger.head(), ledger.current_branch()
+    if head is None and rev is None and not all_refs:
+        return head, branch, []
+    return head, branch, ledger.log(rev, limit=limit, subject=subject, relation=relation, all_refs=all_refs)
