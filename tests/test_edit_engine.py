@@ -216,6 +216,28 @@ def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
     assert n > 0 and c0[1].shape == (48, 48)
 
 
+def test_growing_cache_decodes_as_the_models_own_cache():
+    """The growing attention cache hands attention the same keys and values as transformers' own
+    cache: token by token, the logits are equal, bit for bit."""
+    from kledger.edit.hooks import cache_kwargs, growing_cache, returned_cache
+
+    lm = tiny_lm("llama")
+    cache = growing_cache(lm.model)
+    if cache is None:
+        pytest.skip("this transformers has no per-layer cache classes")
+    logits = []
+    for past in (None, cache):
+        ids, got = torch.tensor([[1], [2], [3]]), []
+        with torch.no_grad():
+            for _ in range(40):  # past the first buffer size: it grows twice
+                out = lm.model(input_ids=ids, use_cache=True, **cache_kwargs(lm.model, past))
+                past = returned_cache(out)
+                got.append(out.logits[:, -1])
+                ids = got[-1].argmax(-1, keepdim=True)
+        logits.append(torch.stack(got))
+    assert torch.equal(logits[0], logits[1])
+
+
 def _nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
     """The nucleus by a full sort (the definition)."""
     p, order = probs.double().sort(descending=True)

@@ -101,6 +101,50 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
+def growing_cache(model: Any) -> Any:
+    """An empty attention cache for token-by-token decoding that grows its key and value buffers
+    by doubling and hands attention views of them, instead of concatenating the whole cache at
+    every token (a fifth of a decoding step on the CPU at 128 tokens). The same keys and values
+    as transformers' DynamicCache, so the same outputs. None where this transformers has no
+    per-layer cache classes (before 5.x): the model then makes its own cache."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+
+    class _Growing(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._used, self._bufs = 0, None
+            n = self._used + key_states.shape[-2]
+            if self._bufs is None or n > self._bufs[0].shape[-2]:
+                grown = []
+                for old, new in zip(self._bufs or (None, None), (key_states, value_states)):
+                    shape = list(new.shape)
+                    shape[-2] = max(2 * n, 16)
+                    buf = new.new_empty(shape)
+                    if old is not None:
+                        buf[..., :self._used, :] = old[..., :self._used, :]
+                    grown.append(buf)
+                self._bufs = tuple(grown)
+            self._bufs[0][..., self._used:n, :] = key_states
+            self._bufs[1][..., self._used:n, :] = value_states
+            self._used = n
+            self.keys, self.values = self._bufs[0][..., :n, :], self._bufs[1][..., :n, :]
+            return self.keys, self.values
+
+    try:
+        cache = DynamicCache(config=model.config)
+        if any(type(la) is not DynamicLayer for la in cache.layers):  # sliding windows & co.: left as they are
+            return None
+        for la in cache.layers:
+            la.__class__ = _Growing
+        return cache
+    except Exception:  # another cache layout: the model makes its own
+        return None
+
+
 def returned_cache(out: Any) -> Any:
     """The attention cache a forward returned (`cache` in transformers 5.x, `past_key_values` before)."""
     got = out.get("cache") if hasattr(out, "get") else None
