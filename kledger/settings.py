@@ -48,6 +48,14 @@ def report(progress: Progress | None, stage: str, done: int, total: int) -> None
         progress(stage, done, total)
 
 
+def note(progress: Progress | None, stage: str, text: str) -> None:
+    """Say why a stage ends where it does (a step budget not used up), if the progress callback
+    can show it (its `note` attribute)."""
+    show = getattr(progress, "note", None)
+    if show is not None:
+        show(stage, text)
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise UsageError(f"unknown solver mode {mode!r}", f"choose one of {', '.join(MODES)}")

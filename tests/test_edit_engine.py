@@ -106,6 +106,30 @@ def test_batched_values_match_one_at_a_time():
         assert torch.allclose(z_one[0], z_batch[i], rtol=1e-4, atol=1e-4)
 
 
+def test_a_value_optimisation_that_stops_early_says_why():
+    """Progress of the value optimisation ends where it stops, with a note saying why, so that a
+    bar at 5/12 does not look cut short; one that uses its whole budget ends at the budget."""
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    toks = [tokenize_request(tok, EditRequest("the city of Louvre", "Louvre", "Berlin"), context_prefixes(HP),
+                             boundary_token(tok, HP.bos))]
+    for stop, early in ((0.2, True), (0.9999, False)):
+        seen, notes = [], []
+
+        def progress(stage, done, total):
+            seen.append((stage, done, total))
+
+        progress.note = lambda stage, text: notes.append((stage, text))
+        hp = HP.with_(steps=12, lr=0.5, clamp=4.0, early_stop_prob=stop)
+        _, info = optimise_values(lm, toks, hp, progress=progress)
+        stopped = info["steps"][0]
+        assert (stopped < 12) == early
+        if early:
+            assert notes and "stopped after" in notes[0][1] and seen[-1] == ("values", stopped, stopped)
+        else:
+            assert not notes and seen[-1] == ("values", 12, 12)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
 def test_reused_prefix_equals_whole_sequences(kind):
     """Feeding only the tokens from the subject's last token on, with the attention cache of what

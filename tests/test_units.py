@@ -306,7 +306,12 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
         update("layers", 0, 5)
         update("values", 0, 25)  # the stage runs again (the next commit of a replay): said again
         update("values", 25, 25)
+        update("values", 0, 25)
+        update.note("values", "stopped after 9 of 25 steps")  # a stage that ends early says why
+        update("values", 9, 9)
     lines = capsys.readouterr().err.splitlines()
     assert [ln.split(" (")[0] for ln in lines] == ["kledger: values 0/25", "kledger: values 25/25",
                                                    "kledger: layers 0/5", "kledger: values 0/25",
-                                                   "kledger: values 25/25"]
+                                                   "kledger: values 25/25", "kledger: values 0/25",
+                                                   "kledger: values: stopped after 9 of 25 steps",
+                                                   "kledger: values 9/9"]

@@ -45,6 +45,11 @@ def progress_bar() -> Iterator:
                 tasks[stage] = bar.add_task(stage, total=max(total, 1))
             bar.update(tasks[stage], completed=done, total=max(total, 1))
 
+        def note(stage: str, text: str) -> None:  # a bar that ends early says why
+            if stage in tasks:
+                bar.update(tasks[stage], description=f"{stage} ({escape(text)})")
+
+        update.note = note  # type: ignore[attr-defined]
         yield update
 
 
@@ -66,6 +71,10 @@ def _plain_progress():
             print(f"kledger: {stage} {done}/{total} ({now - started[stage]:.0f} s)", file=sys.stderr, flush=True)
             last[stage] = -1.0 if end else now
 
+    def note(stage: str, text: str) -> None:
+        print(f"kledger: {stage}: {text}", file=sys.stderr, flush=True)
+
+    update.note = note  # type: ignore[attr-defined]
     return update
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import torch
 
 from ..errors import InputError, ModelError
-from ..settings import Progress, report
+from ..settings import Progress, note, report
 from .device import device_of
 from .hooks import (
     add_to_residual,
@@ -341,6 +341,10 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                 kl_init = kl_lp.detach().clone()
             loss_each = _loss(seq_lp, kl_lp, kl_init[lay.facts], delta[lay.facts], h0[lay.facts], hp)
             active &= prob < hp.early_stop_prob
+            if not active.any() and step < hp.steps:  # the bar ends early: say why
+                note(progress, "values", f"stopped after {step} of {hp.steps} steps: every fact's target "
+                                         f"probability passed {hp.early_stop_prob:g}")
+                report(progress, "values", step, step)
             if step == hp.steps or not active.any():
                 break
             steps_done += active.long()
