@@ -341,17 +341,23 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                 kl_init = kl_lp.detach().clone()
             loss_each = _loss(seq_lp, kl_lp, kl_init[lay.facts], delta[lay.facts], h0[lay.facts], hp)
             active &= prob < hp.early_stop_prob
-            if not active.any() and step < hp.steps:  # the bar ends early: say why
-                note(progress, "values", f"stopped after {step} of {hp.steps} steps: every fact's target "
-                                         f"probability passed {hp.early_stop_prob:g}")
-                report(progress, "values", step, step)
-            if step == hp.steps or not active.any():
+            if _done(progress, step, hp, bool(active.any())):
                 break
             steps_done += active.long()
             _descend(opt, delta, active, loss_each[active[lay.facts]].sum(), hp.clamp * h0.norm(dim=1, keepdim=True))
             if int(active.sum()) < n:
                 lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad, dev, cut)
     return _targets(h0, delta.detach(), prob, steps_done)
+
+
+def _done(progress: Progress | None, step: int, hp: HParams, any_active: bool) -> bool:
+    """Whether the value optimisation ends after `step`; one that ends before its step budget says
+    why, and its progress ends there (not at step/budget, as if cut short)."""
+    if not any_active and step < hp.steps:
+        note(progress, "values", f"stopped after {step} of {hp.steps} steps: every fact's target "
+                                 f"probability passed {hp.early_stop_prob:g}")
+        report(progress, "values", step, step)
+    return step == hp.steps or not any_active
 
 
 def _loss(seq_lp: torch.Tensor, kl_lp: torch.Tensor, ref: torch.Tensor, delta: torch.Tensor, h0: torch.Tensor,
