@@ -48,6 +48,12 @@ def report(progress: Progress | None, stage: str, done: int, total: int) -> None
         progress(stage, done, total)
 
 
+def colour_forced(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment asks rich to colour output that is not a terminal."""
+    env = os.environ if env is None else env
+    return any(env.get(v) for v in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"))
+
+
 def note(progress: Progress | None, stage: str, text: str) -> None:
     """Say why a stage ends where it does (a step budget not used up), if the progress callback
     can show it (its `note` attribute)."""

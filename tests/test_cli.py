@@ -458,13 +458,14 @@ def test_cli_modules_import_no_circle():
     assert commands, "no command modules found"
     for name in _cli_modules():
         imported = _cli_imports(name)
-        if name != "main":
+        if name not in ("main", "fast"):  # fast: the entry point's fast path reports errors through main
             assert "main" not in imported, f"kledger/cli/{name}.py imports .main (main imports the commands)"
         if name in commands:
             assert imported <= SHARED, f"command module {name}.py imports {sorted(imported - SHARED)}: " \
                                        f"share through app.py or output.py instead"
         elif name in SHARED:
             assert not imported & commands, f"{name}.py imports command module(s) {sorted(imported & commands)}"
+    assert "fast" not in _cli_imports("main")  # the fast path hands over to main, never the reverse
 
 
 def test_each_cli_module_imports_on_its_own():

@@ -116,10 +116,10 @@ def test_a_value_optimisation_that_stops_early_says_why():
     for stop, early in ((0.2, True), (0.9999, False)):
         seen, notes = [], []
 
-        def progress(stage, done, total):
+        def progress(stage, done, total, seen=seen):
             seen.append((stage, done, total))
 
-        progress.note = lambda stage, text: notes.append((stage, text))
+        progress.note = lambda stage, text, notes=notes: notes.append((stage, text))
         hp = HP.with_(steps=12, lr=0.5, clamp=4.0, early_stop_prob=stop)
         _, info = optimise_values(lm, toks, hp, progress=progress)
         stopped = info["steps"][0]
@@ -284,6 +284,14 @@ def test_nucleus_draw_stays_in_the_nucleus(seed, scale, top_p):
     for r in range(len(a)):
         j = int(a[r])  # in the nucleus under some order of equal probabilities (row 0 has ties)
         assert float(probs[r][probs[r] > probs[r, j]].sum()) < top_p
+
+
+def test_nucleus_draw_refuses_an_empty_nucleus():
+    from kledger.edit.stats import nucleus_draw
+
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(InputError, match="top_p"):
+            nucleus_draw(torch.zeros(2, 10), bad, torch.Generator())
 
 
 def test_nucleus_draw_follows_the_renormalised_nucleus():

@@ -21,7 +21,8 @@ def test_round_trip_and_fingerprint():
 
 @pytest.mark.parametrize("bad", [dict(layers=()), dict(layers=(5, 4)), dict(layers=(3, 3)),
                                  dict(layers=(-1,)), dict(lam=0.0), dict(lr=-1.0),
-                                 dict(bos="sometimes"), dict(steps=0), dict(c0_sampler=3)])
+                                 dict(bos="sometimes"), dict(steps=0), dict(c0_sampler=3),
+                                 dict(c0_sampler=2.0), dict(c0_sampler=True)])
 def test_validation(bad):
     with pytest.raises(InputError):
         HParams(**bad)

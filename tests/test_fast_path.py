@@ -13,17 +13,30 @@ import pytest
 from kledger.cli import fast
 
 
-def _both(k, capsys, *args: str):
-    """(fast path's result, full CLI's result) as (exit code, stdout, stderr)."""
+def _both(k, capsys, *args: str, answered: bool | None = None):
+    """(the entry point's result, the full CLI's result) as (exit code, stdout, stderr); with
+    `answered`, whether the fast path itself answered (rather than handing over) is checked."""
     from kledger.cli import run
 
     capsys.readouterr()
+    took: list[bool] = []
+    real = fast.answer
+
+    def spy(argv):
+        took.append(real(argv))
+        return took[-1]
+
+    fast.answer = spy
     try:
         run(list(args))
         code = 0
     except SystemExit as exc:
         code = exc.code or 0
+    finally:
+        fast.answer = real
     cap = capsys.readouterr()
+    if answered is not None:
+        assert took == [answered]
     full = k(*args)
     return (code, cap.out, cap.err), (full.code, full.out, full.err)
 
@@ -47,7 +60,7 @@ FORMS = [("status",), ("status", "--json"), ("log",), ("log", "-n", "2"), ("log"
 @pytest.mark.parametrize("args", FORMS)
 def test_fast_path_prints_what_the_full_cli_prints(history, capsys, args):
     assert fast._parse(list(args)) is not None  # a form the fast path answers
-    got, want = _both(history, capsys, *args)
+    got, want = _both(history, capsys, *args, answered=True)
     assert got == want
     if "--json" in args:
         assert json.loads(got[1])["version"] == 1
@@ -60,12 +73,36 @@ def test_other_forms_go_to_the_full_cli(args):
     assert fast._parse(list(args)) is None
 
 
-def test_errors_are_reported_by_the_full_cli(k, tmp_path, capsys):
-    """No ledger here: the fast path declines and the full CLI reports the error its own way."""
+def test_errors_are_reported_as_the_full_cli_reports_them(k, tmp_path, capsys):
+    """No ledger here: the error, in text or JSON, and the exit code are the full CLI's."""
     got, want = _both(k, capsys, "status")
     assert got == want and got[0] != 0 and "error" in got[2]
     got, want = _both(k, capsys, "-C", str(tmp_path / "missing"), "log", "--json")
-    assert got == want and got[0] != 0
+    assert got == want and got[0] != 0 and json.loads(got[1])["error"]["exit_code"] == got[0]
+
+
+def test_a_busy_ledger_is_waited_for_once(history, capsys, monkeypatch):
+    """A ledger another process holds for writing: the fast path reports the lock itself rather
+    than handing over to the full CLI, which would wait for it a second time."""
+    from kledger.errors import KledgerError
+    from kledger.ledger import Ledger
+
+    calls = []
+
+    def locked(*a, **k):
+        calls.append(1)
+        raise KledgerError("the ledger is locked by another kledger process", "wait, or set KLEDGER_LOCK_WAIT")
+
+    monkeypatch.setattr(Ledger, "open", classmethod(lambda cls, *a, **k: locked()))
+    got, want = _both(history, capsys, "status")
+    assert got == want and got[0] != 0 and "locked" in got[2]
+    assert len(calls) == 2  # once by the fast path, once by the full CLI run for comparison
+
+
+def test_forced_colour_on_a_pipe_is_left_to_rich(history, capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    got, want = _both(history, capsys, "log", "--oneline", answered=True)
+    assert got == want
 
 
 def test_a_bad_device_setting_is_refused_as_by_the_full_cli(history, capsys, monkeypatch):

@@ -1,14 +1,17 @@
 """The fast path for the most-run reads: `kledger status` and `kledger log` (with --oneline, --all,
 -n/--max-count, --json, and -C/--ledger before the command) answered without importing typer,
 click, pydantic or rich (rich only for colour on a terminal): about a third of a cold command's
-time on a small ledger was their import. Any other form, and any error while reading, goes to
-the full CLI (`kledger.cli.main.run`), which then reports it the one way errors are reported;
-these commands only read, so nothing is done twice that matters."""
+time on a small ledger was their import. Any other form goes to the full CLI
+(`kledger.cli.main.run`); a kledger error while reading is reported by the full CLI's own
+`_fail`, and any other exception sends the command to the full CLI, which reports it (these
+commands only read, so running them again changes nothing)."""
 
 from __future__ import annotations
 
 import re
 import sys
+
+from ..errors import KledgerError
 
 _COUNT = re.compile(r"[1-9][0-9]{0,17}")
 
@@ -70,7 +73,12 @@ def answer(argv: list[str]) -> bool:
                 from .reads import read_log
 
                 result = read_log(ledger, None, opts["limit"], None, None, opts["all"])
-    except Exception:  # the full CLI runs it again and reports the error as every command does
+    except KledgerError as exc:  # reported as the full CLI reports it, without reading again (a lock wait)
+        from .main import _fail, _state
+
+        _state["json"] = "--json" in argv
+        _fail(exc.one_line(), exc.exit_code, exc.kind)
+    except Exception:  # anything else: the full CLI runs it again and reports it as every command does
         return False
     from .reads import emit_json, log_lines, status_lines, write_lines
 
@@ -87,4 +95,8 @@ def answer(argv: list[str]) -> bool:
                 write_lines(log_lines(entries, head, branch, opts["oneline"]))
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as exc:  # while printing: the last line of defence, as in the full CLI
+        from .main import _internal
+
+        _internal(exc)
     return True

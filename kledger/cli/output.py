@@ -41,9 +41,12 @@ def progress_bar() -> Iterator:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
+            size = max(total, 1)
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
+                tasks[stage] = bar.add_task(stage, total=size)
+            if done == 0:  # the stage starts (again): no note from its last run
+                bar.update(tasks[stage], description=stage)
+            bar.update(tasks[stage], completed=size if done >= total else done, total=size)
 
         def note(stage: str, text: str) -> None:  # a bar that ends early says why
             if stage in tasks:

@@ -46,8 +46,11 @@ def print_lines(lines: list[Line]) -> None:
 
 
 def write_lines(lines: list[Line]) -> None:
-    """`print_lines`, without importing rich when stdout is not a terminal."""
-    if not sys.stdout.isatty():
+    """`print_lines`, without importing rich when stdout is not a terminal (and rich would not
+    colour it anyway: the variables that make rich colour a pipe send it to rich)."""
+    from ..settings import colour_forced
+
+    if not sys.stdout.isatty() and not colour_forced():
         sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
         sys.stdout.flush()
         return

@@ -105,33 +105,36 @@ def growing_cache(model: Any) -> Any:
     """An empty attention cache for token-by-token decoding that grows its key and value buffers
     by doubling and hands attention views of them, instead of concatenating the whole cache at
     every token (a fifth of a decoding step on the CPU at 128 tokens). The same keys and values
-    as transformers' DynamicCache, so the same outputs. None where this transformers has no
-    per-layer cache classes (before 5.x): the model then makes its own cache."""
+    as transformers' DynamicCache, so the same outputs. None before transformers 5 (its cache
+    layers differ from version to version) and for layouts other than plain full attention: the
+    model then makes its own cache, with the same outputs, only slower."""
     try:
+        import transformers
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
+        return None
+    if int(transformers.__version__.split(".")[0]) < 5:
         return None
 
     class _Growing(DynamicLayer):
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self._used, self._bufs = 0, None
-            n = self._used + key_states.shape[-2]
-            if self._bufs is None or n > self._bufs[0].shape[-2]:
+            bufs = getattr(self, "_bufs", None)
+            used = getattr(self, "_used", 0)
+            n = used + key_states.shape[-2]
+            if bufs is None or n > bufs[0].shape[-2]:
                 grown = []
-                for old, new in zip(self._bufs or (None, None), (key_states, value_states)):
+                for old, new in zip(bufs or (None, None), (key_states, value_states)):
                     shape = list(new.shape)
                     shape[-2] = max(2 * n, 16)
                     buf = new.new_empty(shape)
                     if old is not None:
-                        buf[..., :self._used, :] = old[..., :self._used, :]
+                        buf[..., :used, :] = old[..., :used, :]
                     grown.append(buf)
-                self._bufs = tuple(grown)
-            self._bufs[0][..., self._used:n, :] = key_states
-            self._bufs[1][..., self._used:n, :] = value_states
-            self._used = n
-            self.keys, self.values = self._bufs[0][..., :n, :], self._bufs[1][..., :n, :]
+                bufs = self._bufs = tuple(grown)
+            bufs[0][..., used:n, :] = key_states
+            bufs[1][..., used:n, :] = value_states
+            self._used, self.device, self.is_initialized = n, key_states.device, True
+            self.keys, self.values = bufs[0][..., :n, :], bufs[1][..., :n, :]
             return self.keys, self.values
 
     try:

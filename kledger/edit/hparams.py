@@ -58,7 +58,7 @@ class HParams:
             if not ok:
                 raise InputError(f"{name} must be a positive, finite number, got {str(getattr(self, name))[:20]}",
                                  f"e.g. --set {name}=5000")
-        if self.c0_sampler not in (1, 2):
+        if type(self.c0_sampler) is not int or self.c0_sampler not in (1, 2):
             raise InputError(f"c0_sampler must be 1 or 2, got {self.c0_sampler!r}", "e.g. --set c0_sampler=2")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1 or self.spread_passes < 1:
             raise InputError("steps, prefix_len, c0_tokens and spread_passes must be >= 1 and n_prefixes >= 0")

@@ -153,6 +153,8 @@ def nucleus_draw(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> to
     so nothing is sorted but one bucket per row: the probabilities are bucketed by halves of a
     power of two; the buckets above the one where the mass reaches `top_p` are kept whole, those
     below it dropped whole, and only the tokens in that boundary bucket are ranked."""
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
     probs = torch.softmax(logits.float(), dim=-1)
     B, V = probs.shape
     bucket = torch.log2(probs).mul_(-2).floor_().clamp_(0, 99).long()  # 0: p ≥ 2^-0.5; zeros land in 99
@@ -162,7 +164,8 @@ def nucleus_draw(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> to
     keep = bucket < last[:, None]
     rows, cols = (bucket == last[:, None]).nonzero(as_tuple=True)
     p = probs[rows, cols].double()
-    order = torch.argsort(rows.double() * 2 - p, stable=True)  # by row, then by falling probability
+    order = torch.argsort(-p, stable=True)  # by falling probability (ties: by column)...
+    order = order[torch.argsort(rows[order], stable=True)]  # ...within each row
     rows, cols, p = rows[order], cols[order], p[order]
     before = p.cumsum(0) - p  # mass before each token in the list...
     first = torch.ones_like(rows, dtype=torch.bool)
@@ -186,6 +189,7 @@ def _sample_fast(lm: Any, n_tokens: int, seed: int, seq_len: int, batch_size: in
     model, tok = lm.model, lm.tokenizer
     start = _start_token(tok)
     n_seq = max(1, -(-n_tokens // seq_len))
+    batch_size = min(batch_size, _fits(model.config, seq_len))
     rounds = -(-n_seq // batch_size)
     sizes = [n_seq // rounds + (r < n_seq % rounds) for r in range(rounds)]
     gen = torch.Generator().manual_seed(seed)
@@ -202,6 +206,21 @@ def _sample_fast(lm: Any, n_tokens: int, seed: int, seq_len: int, batch_size: in
         texts += [tok.decode(o, skip_special_tokens=True) for o in torch.cat(drawn, dim=1)]
     report(progress, "sample corpus", rounds * seq_len, rounds * seq_len)
     return "\n\n".join(t.strip() for t in texts)
+
+
+KV_BUDGET = 2 * 2**30  # bytes of attention cache sampler 2 may hold (its buffers double: 2× the keys and values)
+
+
+def _fits(config: Any, seq_len: int) -> int:
+    """How many sequences of `seq_len` tokens sampler 2 draws at once within KV_BUDGET: all of
+    SmolLM2's 157 at once (up to its limit of 160), 32 for Llama-3-8B, 8 for a 7B model without
+    grouped keys. A function of the model's configuration only, so
+    the text does not depend on the machine."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1) or 1
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(1, getattr(cfg, "num_attention_heads", 1) or 1)
+    per_seq = 2 * 2 * cfg.num_hidden_layers * heads * head_dim * seq_len * 4  # keys and values, doubled, float32
+    return max(8, KV_BUDGET // max(1, per_seq))
 
 
 def default_corpus(lm: Any, n_tokens: int = SAMPLED_TOKENS, *, seed: int = 0, sampler: int = SAMPLER,
