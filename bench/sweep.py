@@ -159,7 +159,7 @@ def score(a: argparse.Namespace) -> None:
     W0 = {la: get_weight(lm.model, lm.spec, la).clone() for la in range(lm.n_layers)}
     scorer = Scorer(lm.model, lm.tokenizer, boundary_token(lm.tokenizer, hp.bos), spec=lm.spec)
     for d in sorted(Path(a.settings_dir).iterdir()):
-        if a.only and d.name not in a.only.split(","):
+        if a.only and d.name not in {a.only, *a.only.split(",")}:
             continue
         res_path = d / "result.json"
         if res_path.exists():
@@ -207,7 +207,7 @@ def table(a: argparse.Namespace) -> None:
     for d in sorted(Path(a.settings_dir).iterdir()):
         if not (d / "result.json").exists() or not (d / "scores.json").exists():
             continue
-        if a.only and d.name not in a.only.split(","):
+        if a.only and d.name not in {a.only, *a.only.split(",")}:
             continue
         res, sc = json.loads((d / "result.json").read_text()), json.loads((d / "scores.json").read_text())
         for n in res["checkpoints"]:
