@@ -7,8 +7,8 @@ weights as a new run folder that `bench/sweep.py score` and `table` read like an
     OMP_NUM_THREADS=1 python bench/resolve.py --run holdout-v2 --at 1000 --lam 750 --corpus wikitext:100000
     python bench/sweep.py score --only holdout-v2-lam750-wikitext100000 && python bench/sweep.py table --only ...
 
---corpus: `sampled` (the default corpus a ledger measures C0 on), `sampled:N:K` (N tokens drawn by
-corpus sampler K), or `wikitext:N` (the first N tokens of ../shared/data/wikitext-2-test.raw).
+--corpus: `sampled` (the default corpus a ledger measures C0 on), `sampled:N:K[:SEED]` (N tokens
+drawn by corpus sampler K, with the run's seed or SEED), or `wikitext:N` (the first N tokens of ../shared/data/wikitext-2-test.raw).
 The targets were measured against the weights of the run's own λ and C0, so this answers "what
 would the solve give these same targets", not what a sequential run with the new setting gives.
 """
@@ -38,11 +38,12 @@ def corpus_c0(lm, hp, spec: str) -> dict:
     n = int(rest[0]) if rest else 100_000
     if kind == "sampled":
         sampler = int(rest[1]) if len(rest) > 1 else 2
-        text = default_corpus(lm, n, seed=hp.seed, sampler=sampler, cache_dir=corpus_cache_root(Settings.from_env()))
+        seed = int(rest[2]) if len(rest) > 2 else hp.seed
+        text = default_corpus(lm, n, seed=seed, sampler=sampler, cache_dir=corpus_cache_root(Settings.from_env()))
     elif kind == "wikitext":
         text = (DATA / "wikitext-2-test.raw").read_text(encoding="utf-8")
     else:
-        raise SystemExit(f"unknown corpus {spec!r}: use sampled, sampled:N:K or wikitext:N")
+        raise SystemExit(f"unknown corpus {spec!r}: use sampled, sampled:N:K[:SEED] or wikitext:N")
     c0, used = compute_c0(lm, hp.layers, text, n_tokens=n, seq_len=hp.c0_seq_len, bos=hp.bos)
     print(f"C0 from {spec}: {used} tokens", file=sys.stderr, flush=True)
     return c0
