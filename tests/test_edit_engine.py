@@ -242,13 +242,15 @@ def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
 
 def test_growing_cache_decodes_as_the_models_own_cache():
     """The growing attention cache hands attention the same keys and values as transformers' own
-    cache: token by token, the logits are equal, bit for bit."""
+    cache: token by token, the logits are equal, bit for bit. It exists from transformers 5 on;
+    before, None lets the model make its own."""
+    import transformers
+
     from kledger.edit.hooks import cache_kwargs, growing_cache, returned_cache
 
     lm = tiny_lm("llama")
     cache = growing_cache(lm.model)
-    if cache is None:
-        pytest.skip("this transformers has no per-layer cache classes")
+    assert (cache is None) == (int(transformers.__version__.split(".")[0]) < 5)
     logits = []
     for past in (None, cache):
         ids, got = torch.tensor([[1], [2], [3]]), []

@@ -60,8 +60,9 @@ def answer(argv: list[str]) -> bool:
         return False
     ledger_arg, cmd, opts = parsed
     try:
-        for a in argv:
-            a.encode("utf-8")
+        from .reads import check_utf8
+
+        check_utf8(argv)
         from ..ledger import Ledger
         from ..settings import Settings
 
@@ -80,19 +81,19 @@ def answer(argv: list[str]) -> bool:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
     except Exception:  # anything else: the full CLI runs it again and reports it as every command does
         return False
-    from .reads import emit_json, log_lines, status_lines, write_lines
+    from .reads import emit_json, log_lines, print_lines, status_lines
 
     try:
         if cmd == "status" and opts["json"]:
             emit_json("status", result)
         elif cmd == "status":
-            write_lines(status_lines(result))
+            print_lines(status_lines(result))
         else:
             head, branch, entries = result
             if opts["json"]:
                 emit_json("log", {"head": head, "branch": branch, "commits": entries})
             else:
-                write_lines(log_lines(entries, head, branch, opts["oneline"]))
+                print_lines(log_lines(entries, head, branch, opts["oneline"]))
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:  # while printing: the last line of defence, as in the full CLI

@@ -8,11 +8,12 @@ import sys
 
 import typer
 
-from ..errors import EXIT_USAGE, KledgerError, UsageError, missing_model_module
+from ..errors import EXIT_USAGE, KledgerError, missing_model_module
 
 # main.app and main._state are also what the tests use
 from .app import _state, app
 from .output import JSON_VERSION, _emitted, err, escape
+from .reads import check_utf8
 
 # The order `kledger --help` lists the commands in (each module registers its own on import).
 HELP_ORDER = ("init", "add", "rm", "status", "reset", "commit", "fsck", "export", "conflicts", "check",
@@ -38,7 +39,7 @@ def run(argv: list[str] | None = None) -> None:
     _state["json"] = "--json" in argv  # so that even a usage error is reported as JSON
     cmd = typer.main.get_command(app)
     try:
-        _check_utf8(argv)
+        check_utf8(argv)
         cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
@@ -71,17 +72,6 @@ def _internal(exc: BaseException) -> None:
     text = " ".join(str(exc).split()) or "(no message)"
     _fail(f"internal error: {type(exc).__name__}: {text[:500]} (this is a bug in kledger: please report it, "
           "with the command that caused it)", 1, "internal")
-
-
-def _check_utf8(argv: list[str]) -> None:
-    """Bytes that are not UTF-8 reach Python as lone surrogates: refused here, for every command,
-    rather than where the text is first hashed or handed to DuckDB."""
-    for n, arg in enumerate(argv, 1):
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError(f"command-line argument {n} ({arg!r}) is not valid UTF-8 text",
-                             "set a UTF-8 locale, or put the text in a UTF-8 file and use --file") from None
 
 
 def _fail(message: str, code: int, kind: str) -> None:

@@ -33,28 +33,34 @@ def short(cid: str | None) -> str:
 
 
 def print_lines(lines: list[Line]) -> None:
-    """Coloured on a terminal (rich), plain text when piped."""
-    from .output import out  # rich: only needed, and only imported, for a terminal
-
-    if not out.is_terminal:
-        sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
-        return
-    from rich.markup import escape
-
-    for a, b, colour in lines:
-        out.print(f"[{colour}]{escape(a)}[/][dim]{escape(b)}[/]")
-
-
-def write_lines(lines: list[Line]) -> None:
-    """`print_lines`, without importing rich when stdout is not a terminal (and rich would not
-    colour it anyway: the variables that make rich colour a pipe send it to rich)."""
+    """Coloured on a terminal (rich), plain text when piped. rich is imported only when stdout is
+    a terminal or the environment asks for colour on a pipe (rich then decides)."""
     from ..settings import colour_forced
 
-    if not sys.stdout.isatty() and not colour_forced():
-        sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
-        sys.stdout.flush()
-        return
-    print_lines(lines)
+    if sys.stdout.isatty() or colour_forced():
+        from .output import out
+
+        if out.is_terminal:
+            from rich.markup import escape
+
+            for a, b, colour in lines:
+                out.print(f"[{colour}]{escape(a)}[/][dim]{escape(b)}[/]")
+            return
+    sys.stdout.write("".join(f"{a}{b}\n" for a, b, _ in lines))
+    sys.stdout.flush()
+
+
+def check_utf8(argv: list[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates: refused here, for every command,
+    rather than where the text is first hashed or handed to DuckDB."""
+    for n, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            from ..errors import UsageError
+
+            raise UsageError(f"command-line argument {n} ({arg!r}) is not valid UTF-8 text",
+                             "set a UTF-8 locale, or put the text in a UTF-8 file and use --file") from None
 
 
 def status_lines(st: dict) -> list[Line]:

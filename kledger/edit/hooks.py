@@ -5,6 +5,7 @@ d the residual width."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -94,11 +95,17 @@ def run_until(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """The keyword that hands an attention cache to `model`'s forward: `cache` in transformers 5.x
     (where `past_key_values` is deprecated), `past_key_values` before."""
+    return {_cache_keyword(type(model).forward): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(forward: Any) -> str:
+    """Looked up once per forward function (it is asked at every decoding and optimisation step)."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         params = {}
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def growing_cache(model: Any) -> Any:

@@ -93,12 +93,6 @@ class HParams:
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(("hparams\0" + text).encode()).hexdigest()
 
-    @property
-    def c0_fields(self) -> dict[str, Any]:
-        """The fields C0 depends on (besides the corpus and the model)."""
-        return {"layers": list(self.layers), "bos": self.bos, "c0_tokens": self.c0_tokens,
-                "c0_seq_len": self.c0_seq_len, "c0_sampler": self.c0_sampler}
-
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
     """Five consecutive layers starting at about a tenth of the depth (3–7 of SmolLM2's 30, in the

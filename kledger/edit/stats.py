@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError, ModelError
 from ..settings import Progress, report
 from .device import device_of
-from .hooks import boundary_token, cache_kwargs, capture_down_inputs, encode, pad_batch, pad_id_of, returned_cache, run_until
+from .hooks import boundary_token, cache_kwargs, capture_down_inputs, encode, growing_cache, pad_batch, pad_id_of, returned_cache, run_until
 from .solve import no_tf32
 from .spec import down_proj, to_canonical
 
@@ -184,8 +184,6 @@ def _sample_fast(lm: Any, n_tokens: int, seed: int, seq_len: int, batch_size: in
     """Sampler 2: a plain loop over a growing attention cache (`growing_cache`), up to
     `batch_size` sequences at once in rounds of equal size, with its own seeded generator and a
     nucleus found without sorting the whole vocabulary (`nucleus_draw`)."""
-    from .hooks import growing_cache
-
     model, tok = lm.model, lm.tokenizer
     start = _start_token(tok)
     n_seq = max(1, -(-n_tokens // seq_len))
