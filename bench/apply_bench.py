@@ -121,7 +121,7 @@ def synthetic_measure(ed):
     import kledger.model_side as model_side
 
     synth, real = SyntheticMeasure(ed), model_side.measure
-    model_side.measure = (lambda ledger, parent, facts, exclude=(), progress=None, *, skip_known=False:
+    model_side.measure = (lambda ledger, parent, facts, exclude=(), progress=None, *, skip_known=False, **_:
                           synth(parent, facts, progress, skip_known, exclude))
     try:
         yield

@@ -170,7 +170,10 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
     """Solve the constraints in force at `rev` (float64) and write the edited model: `delta`, only
     the edited tensors (safetensors + manifest); `out_dir`, a Hugging Face model directory. A
     revision solved before is answered from the apply cache without loading the model (nor
-    torch), unless `out_dir` needs the whole model. Both paths are checked before anything is
+    torch); one not solved before is solved without loading the model when the ledger remembers
+    its files (`Editor.solve_unloaded`), and `out_dir` is then written by copying the model's
+    safetensors files with the edited tensors replaced (`Editor.model_files`), else the model is
+    loaded. Both paths are checked before anything is
     loaded or solved, and written whole or not at all; a directory or file that kledger did not
     write is replaced only with `force` (kledger.edit.weights.check_out_dir, check_delta_path).
     The `kledger apply` document."""
@@ -192,14 +195,11 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
         return {"revision": cid, "mode": mode, "fingerprint": fp_id, "model": ed.model_name}
 
     written: dict[str, str] = {}
-    hit = ed.cached(batches, mode) if out_dir is None else None
-    if hit is not None:
+    hit = ed.cached(batches, mode) or ed.solve_unloaded(batches, mode)
+    files = ed.model_files(hit.model_type, hit.info["layers"]) if hit is not None and out_dir is not None else None
+    if hit is not None and (out_dir is None or files is not None):  # nothing to load: no transformers
         info = hit.info
-        if delta is not None:
-            from .edit.weights import write_delta
-
-            t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta(hit.fingerprint), force=force)
-            written["delta"], written["manifest"] = str(t), str(m)
+        written = _write_unloaded(ledger, hit, files, out_dir, delta, meta(hit.fingerprint), force)
     else:
         weights, info = ed.solve(batches, mode)
         fp_id, _ = ed.fingerprint()
@@ -216,6 +216,24 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
                                               before_rename=lambda: ledger.env.fault_point("apply-out")))
     persist(ledger)
     return {"revision": cid, **info, **written}
+
+
+def _write_unloaded(ledger: "Ledger", hit: Any, files: Any, out_dir: Path | None, delta: Path | None, meta: dict,
+                    force: bool) -> dict[str, str]:
+    """`apply`'s outputs from solved weights without the model: the delta, and the model's own
+    files copied with the edited tensors written over (`files`: Editor.model_files)."""
+    written = {}
+    if delta is not None:
+        from .edit.weights import write_delta
+
+        t, m = write_delta(delta, hit.weights, hit.spec(), meta=meta, force=force)
+        written["delta"], written["manifest"] = str(t), str(m)
+    if out_dir is not None:
+        from .edit.weights import save_edited_files
+
+        written["model"] = str(save_edited_files(files, hit.weights, out_dir, meta=meta, force=force,
+                                                 before_rename=lambda: ledger.env.fault_point("apply-out")))
+    return written
 
 
 @_needs_edit_extra("ask")

@@ -340,7 +340,9 @@ def test_out_replaces_its_own_output_and_writes_it_whole(k, proj):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_out_failing_mid_write_leaves_the_directory_as_it_was(k, proj, monkeypatch):
+@pytest.mark.parametrize("route", ["files", "model"])
+def test_out_failing_mid_write_leaves_the_directory_as_it_was(k, proj, monkeypatch, route):
+    """Whether --out copies the model's files (no model loaded) or saves the loaded model."""
     out = proj / "out"
     apply(k, proj, "--out", out, "HEAD~1")
     before = tree(out)
@@ -348,7 +350,13 @@ def test_out_failing_mid_write_leaves_the_directory_as_it_was(k, proj, monkeypat
     def disk_full(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(type(load_out(out)), "save_pretrained", disk_full)
+    if route == "files":
+        from kledger.edit import files
+
+        monkeypatch.setattr(files.shutil, "copyfile", disk_full)
+    else:
+        monkeypatch.setattr(Editor, "model_files", lambda *a, **kw: None)
+        monkeypatch.setattr(type(load_out(out)), "save_pretrained", disk_full)
     r = k("-C", proj / "proj", "apply", "--out", out, "--json")
     assert r.code == 1 and "No space left" in r.json["error"]["message"]
     assert tree(out) == before

@@ -23,7 +23,8 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
     want_json(json_)
     check_mode(mode)
     with open_ledger() as ledger, progress_bar() as progress:
-        # Solved before? Then answered from the cache without loading the model (nor torch).
+        # Solved before? Then answered from the cache without loading the model (nor torch);
+        # else solved, and --out written, without loading it when the ledger remembers its files.
         res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress, force=force)
     if json_:
         emit_json("apply", res)

@@ -159,11 +159,15 @@ class Editor:
         """(corpus fingerprint, text or None). The default corpus is sampled from the model; its
         identity is the model's fingerprint with the sampling settings, so it is not re-sampled
         just to be named."""
+        return self._corpus_identity(self.hparams, self._base_fp if self.corpus_path is None else None)
+
+    def _corpus_identity(self, hp: HParams, base: Any) -> tuple[str, str | None]:
+        """`corpus_identity` under `hp`; `base` gives the base fingerprint (a string, or a function
+        returning it), asked only for the default corpus."""
         from .stats import SAMPLED_TOKENS, corpus_fingerprint
 
-        hp = self.hparams
         if self.corpus_path is None:
-            what = ["model-sampled", self._base_fp(), hp.seed, SAMPLED_TOKENS, hp.c0_seq_len]
+            what = ["model-sampled", base() if callable(base) else base, hp.seed, SAMPLED_TOKENS, hp.c0_seq_len]
             if hp.c0_sampler != 1:  # sampler 1's identities keep their first form
                 what.append(f"sampler{hp.c0_sampler}")
             return sha256_hex(canonical_json(what)), None
@@ -330,9 +334,9 @@ class Editor:
                 d.pop(next(iter(d)))
         self.store.set_meta(MEMO_KEY, json.dumps({"format": MEMO_FORMAT, **sections}))
 
-    def _remembered(self) -> tuple[str, HParams, str] | None:
-        """(fingerprint id, hparams, model type) for the model's files as they are now, from the
-        store's memory, without loading the model; None when not remembered."""
+    def _remembered(self) -> tuple[str, HParams, str, str] | None:
+        """(fingerprint id, hparams, model type, source identity) for the model's files as they
+        are now, from the store's memory, without loading the model; None when not remembered."""
         from .weights import source_identity
 
         source = source_identity(self.model_name, self.env)
@@ -348,7 +352,7 @@ class Editor:
             return None
         key = self._setup_key(source, hp)
         fp_id = (memo.get("fingerprints") or {}).get(key) if key else None
-        return (fp_id, hp, model["model_type"]) if isinstance(fp_id, str) else None
+        return (fp_id, hp, model["model_type"], source) if isinstance(fp_id, str) else None
 
     # ------------------------------------------------------------------ solve
     @staticmethod
@@ -383,7 +387,7 @@ class Editor:
             got = self._remembered()
             if got is None:
                 return None
-            fp_id, hp, model_type = got
+            fp_id, hp, model_type, _ = got
         rows = flatten(batches)
         if any(r.fingerprint != fp_id for r in rows):
             return None  # measured under another setup: `solve` explains the mismatch
@@ -420,23 +424,78 @@ class Editor:
                     self.cache_secret)
 
     def _solve_batches(self, batches: Batches, mode: str) -> dict[int, "torch.Tensor"]:
-        """The solve itself, uncached: each batch (commit) in order, per edited layer, in float64
-        on the model's device (the order matters only for the modes without history; the
-        accumulated solve stacks them)."""
+        """The solve itself, uncached, on the model's device (see `_solve_with`)."""
+        return self._solve_with(self.W0, self.c0(), self.hparams, batches, mode, self.lm.device)
+
+    @classmethod
+    def _solve_with(cls, W0: Mapping[int, "torch.Tensor"], c0: Mapping[int, "torch.Tensor"], hp: HParams,
+                    batches: Batches, mode: str, device: Any) -> dict[int, "torch.Tensor"]:
+        """Each batch (commit) in order, per edited layer, in float64 on `device` (the order
+        matters only for the modes without history; the accumulated solve stacks them)."""
         import torch
 
         from .solve import no_tf32, solve_history
 
-        hp, c0 = self.hparams, self.c0()
-        groups = [self.by_layer(b, hp.layers) for b in batches if b]
+        groups = [cls.by_layer(b, hp.layers) for b in batches if b]
         weights = {}
         with no_tf32():
             for la in hp.layers:
                 per_commit = [g[la] for g in groups if la in g]
-                W = (solve_history(self.W0[la], per_commit, c0[la], hp.lam, mode, device=self.lm.device)
-                     if per_commit else self.W0[la])
+                W = (solve_history(W0[la], per_commit, c0[la], hp.lam, mode, device=device)
+                     if per_commit else W0[la])
                 weights[la] = W.to(torch.float32)
         return weights
+
+    # ------------------------------------------------------------------ without the model
+    def model_files(self, model_type: str, layers: Iterable[int]) -> tuple[Path, Any, dict] | None:
+        """(directory, spec, slots) of the model's own files when its edited tensors can be read
+        and written in them without loading it (kledger.edit.files), else None."""
+        from .files import locate
+        from .spec import SPECS
+        from .weights import model_source
+
+        spec, directory = SPECS.get(model_type), model_source(self.model_name, self.env)
+        slots = locate(directory, spec, layers) if spec is not None and directory is not None else None
+        return None if slots is None else (directory, spec, slots)
+
+    def solve_unloaded(self, batches: Batches, mode: str = "accumulated") -> CachedApply | None:
+        """`solve` without loading the model (nor importing transformers), its result cached:
+        when the store remembers the setup of the model's files as they are now (as for
+        `cached`) and the base weights it verified for them, W0 is read straight from the files
+        and C0 from the store. None when any of that is not at hand (nothing remembered, files
+        that do not qualify or changed while read, C0 not stored, constraints of another
+        fingerprint): `solve` then does the full work and its checks."""
+        got = self._remembered() if self._lm is None else None
+        if got is None:
+            return None
+        fp_id, hp, model_type, source = got
+        base = (self._memo().get("verified") or {}).get(source)
+        rows = flatten(batches)
+        files = self.model_files(model_type, hp.layers) if isinstance(base, str) else None
+        if files is None or any(r.fingerprint != fp_id for r in rows):
+            return None
+        from .files import read_weights
+        from .weights import source_identity
+
+        directory, spec, slots = files
+        try:
+            W0 = read_weights(directory, spec, slots)
+        except OSError:
+            return None
+        stored = self.store.stats(base, self._corpus_identity(hp, base)[0])
+        if source_identity(self.model_name, self.env) != source or not all(la in stored for la in hp.layers):
+            return None
+        import torch
+
+        from .device import resolve_device
+
+        c0 = {la: torch.from_numpy(stored[la][1]) for la in hp.layers}
+        weights = self._solve_with({la: torch.from_numpy(w) for la, w in W0.items()}, c0, hp, batches, mode,
+                                   resolve_device(self.env.device))
+        key = cache_key(fp_id, mode, (r.digest() for r in rows))
+        self._store_cache(self.cache_dir / f"{key}.safetensors", key, weights)
+        return CachedApply({la: w.numpy() for la, w in weights.items()}, self._info(rows, mode, hp, key, False),
+                           fp_id, model_type)
 
     # ------------------------------------------------------------------ the in-memory model
     def load(self, weights: Mapping[int, "torch.Tensor"] | None = None) -> None:

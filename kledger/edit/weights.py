@@ -418,13 +418,34 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, meta: 
     OUT_MANIFEST, into a temporary folder beside `out_dir`, then put it in the place of `out_dir`
     (see `check_out_dir`, which is applied again here; `force` replaces a directory of the user's
     as a whole). `before_rename` is called when everything is written (fault injection)."""
-    out = check_out_dir(out_dir, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.kledger-new-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+    return _write_model_dir(out_dir, fill, meta, force, before_rename)
+
+
+def save_edited_files(files: tuple[Path, ArchSpec, dict], weights: Mapping[int, "np.ndarray"],
+                      out_dir: str | os.PathLike, *, meta: Mapping[str, Any] | None = None, force: bool = False,
+                      before_rename: Callable[[], None] | None = None) -> Path:
+    """`save_model` without the model: the model's own files (`Editor.model_files`: directory,
+    spec, where the edited tensors lie) copied, with `weights` ([d_out, d_in] by layer) written
+    over the edited tensors (kledger.edit.files.write_edited). Loads as the model saved would."""
+    from .files import write_edited
+
+    directory, spec, slots = files
+    return _write_model_dir(out_dir, lambda tmp: write_edited(directory, tmp, spec, slots, weights), meta, force,
+                            before_rename)
+
+
+def _write_model_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], meta: Mapping[str, Any] | None,
+                     force: bool, before_rename: Callable[[], None] | None) -> Path:
+    out = check_out_dir(out_dir, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.kledger-new-", dir=out.parent))
+    try:
+        fill(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / OUT_MANIFEST).write_text(json.dumps({"format": OUT_FORMAT, "files": files, "meta": dict(meta or {})},
                                                    indent=1, sort_keys=True))
