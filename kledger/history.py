@@ -6,6 +6,7 @@ ledger changes (`changed()`). It reads only: the writes are the facade's and kle
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -150,6 +151,8 @@ class History:
                 raise RevisionError("HEAD has no commits yet", "add facts and `kledger commit` first")
             return cid
         cid = self.store.ref(base)
+        if cid is None:  # a remote-tracking ref, "origin/main" or "remotes/origin/main"
+            cid = self.tracking().get(base.removeprefix("remotes/"))
         if cid is not None:
             return cid
         if looks_like_id(base.lower()):
@@ -160,6 +163,17 @@ class History:
                 raise RevisionError(f"short id {base!r} is ambiguous ({', '.join(short(f) for f in found)}…)",
                                     "give more characters of the id")
         raise RevisionError(f"unknown revision {rev!r}", "give HEAD, a branch name or a commit id (see `kledger log`)")
+
+    def tracking(self) -> dict[str, str]:
+        """Remote-tracking refs ("origin/main" → commit), kept by kledger.remotes in meta
+        `remote_refs`; those naming a commit not here are left out."""
+        try:
+            refs = json.loads(self.store.meta("remote_refs") or "{}")
+        except ValueError:
+            return {}
+        g = self.graph()
+        return {f"{r}/{b}": c for r, bs in refs.items() if isinstance(bs, dict)
+                for b, c in bs.items() if isinstance(c, str) and c in g}
 
     # ---------------------------------------------------------------- walks
     def first_parent_chain(self, cid: str | None) -> list[str]:
@@ -317,7 +331,8 @@ class History:
     def log(self, rev: str | None = "HEAD", limit: int | None = None, subject: str | None = None,
             relation: str | None = None, all_refs: bool = False) -> list[dict]:
         """Commits reachable from `rev` (or from every branch), newest first."""
-        tips = (set(self.store.refs().values()) | ({self.head()} - {None})) if all_refs else {self.resolve(rev)}
+        tips = ((set(self.store.refs().values()) | set(self.tracking().values()) | ({self.head()} - {None}))
+                if all_refs else {self.resolve(rev)})
         reach: set[str] = set()
         for t in tips:
             reach |= self.ancestors(t)
@@ -331,7 +346,7 @@ class History:
         commits = self.store.commits(ids, with_ops=False)
         counts = self.store.op_counts(ids)
         refs_at: dict[str, list[str]] = {}
-        for name, c in self.store.refs().items():
+        for name, c in [*self.store.refs().items(), *self.tracking().items()]:
             refs_at.setdefault(c, []).append(name)
         return [commit_summary(c, commits[c], counts.get(c, (0, 0)), refs_at.get(c, [])) for c in ids]
 
@@ -384,6 +399,10 @@ class History:
                         "timestamp": c.timestamp, "message": c.message})
         return out
 
-    def branches(self) -> list[dict]:
+    def branches(self, remote: bool = False) -> list[dict]:
+        """The branches; with `remote`, the remote-tracking refs too (marked "remote": true)."""
         cur = self.current_branch()
-        return [{"name": n, "commit": c, "current": n == cur} for n, c in self.store.refs().items()]
+        rows = [{"name": n, "commit": c, "current": n == cur} for n, c in self.store.refs().items()]
+        if remote:
+            rows += [{"name": n, "commit": c, "current": False, "remote": True} for n, c in sorted(self.tracking().items())]
+        return rows

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import __version__, commits, integrity, transfer
+from . import __version__, commits, integrity, remotes, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
 from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
 from .errors import InputError, LedgerNotFound, StateError, UsageError
@@ -131,8 +131,8 @@ class Ledger:
     def blame(self, subject: str, relation: str | None = None, rev: str = "HEAD") -> list[dict]:
         return self.history.blame(subject, relation, rev)
 
-    def branches(self) -> list[dict]:
-        return self.history.branches()
+    def branches(self, remote: bool = False) -> list[dict]:
+        return self.history.branches(remote)
 
     # ================================================================ staging
     def add(self, facts: list[Fact]) -> dict:
@@ -182,7 +182,7 @@ class Ledger:
         return {"branch": self.current_branch(), "head": head,
                 "facts_in_force": self.history.count_in_force(head),
                 "staged": [{"op": o.op, "fact_id": o.fact_id, **facts[o.fact_id].to_dict()} for o in staged],
-                "pending": self.store.pending(), "model": self.model}
+                "pending": self.store.pending(), "model": self.model, "upstream": remotes.upstream(self)}
 
     # ================================================================ committing
     def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
@@ -278,6 +278,10 @@ class Ledger:
             elif self.store.ref(target) is not None:
                 self.store.set_head(f"ref: {target}")
                 out = {"branch": target, "head": self.store.ref(target)}
+            elif len(seen := [c for n, c in self.history.tracking().items() if n.split("/", 1)[1] == target]) == 1:
+                self.store.set_ref(target, seen[0])  # as git does: a new branch at the one remote's branch of that name
+                self.store.set_head(f"ref: {target}")
+                out = {"branch": target, "head": seen[0]}
             else:
                 cid = self.resolve(target)
                 self.store.set_head(cid)
@@ -443,6 +447,43 @@ class Ledger:
         return {"conflict": keys[0], **body}
 
     # ================================================================ integrity, text ledgers
+    # ================================================================ remotes (kledger.remotes)
+    def remotes(self) -> dict[str, str]:
+        return remotes.remotes(self)
+
+    def add_remote(self, name: str, url: str) -> dict:
+        return remotes.add_remote(self, name, url)
+
+    def remove_remote(self, name: str) -> dict:
+        return remotes.remove_remote(self, name)
+
+    def fetch(self, name: str | None = None) -> dict:
+        return remotes.fetch(self, name)
+
+    def push(self, name: str | None = None, branch: str | None = None, force: bool = False) -> dict:
+        return remotes.push(self, name, branch, force)
+
+    def pull(self, name: str | None = None, branch: str | None = None, author: str | None = None,
+             allow_conflicts: bool = False) -> dict:
+        return remotes.pull(self, name, branch, author, allow_conflicts)
+
+    @classmethod
+    def clone(cls, url: str, directory: str | None = None, env: Settings | None = None) -> tuple["Ledger", dict]:
+        """A new ledger in `directory` (default: the remote's folder name, here) holding everything
+        the remote at `url` holds, its head branch checked out; nothing is left on a failure."""
+        _, doc, target = remotes.check_clone_target(url, directory)
+        model, settings = remotes.source_meta(doc)
+        existed = target.exists()
+        lg = cls.init(target, model=model, settings=settings, env=env)
+        try:
+            return lg, remotes.finish_clone(lg, url, doc)
+        except BaseException:
+            lg.close()
+            shutil.rmtree(target / LEDGER_DIR, ignore_errors=True)
+            if not existed:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+
     def fsck(self) -> dict:
         return integrity.fsck(self.store, self.history)
 

@@ -329,7 +329,12 @@ class Constraint:
 def constraints_hash(constraints: Iterable[Constraint]) -> str | None:
     """The hash a commit records over the constraints it measured (order-independent); None for
     no constraints."""
-    digests = sorted(c.digest() for c in constraints)
+    return digests_hash(c.digest() for c in constraints)
+
+
+def digests_hash(digests: Iterable[str]) -> str | None:
+    """`constraints_hash` from the constraints' digests (`Constraint.digest`, `constraint_digest`)."""
+    digests = sorted(digests)
     return sha256_hex("constraints\0" + "\n".join(digests)) if digests else None
 
 

@@ -542,10 +542,10 @@ def test_pre_commit_hook_blocks_until_resolved(tmp_path):
     assert subprocess.run([str(hook)], cwd=proj, env={**env, "KLEDGER_TEXT": "text"}).returncode == 0
 
 
-def _workflow_check_step() -> tuple[str, dict]:
+def _workflow_check_step(name: str = "kledger-check.yml") -> tuple[str, dict]:
     import yaml
 
-    wf = yaml.safe_load((REPO / "docs" / "ci" / "kledger-check.yml").read_text(encoding="utf-8"))
+    wf = yaml.safe_load((REPO / "docs" / "ci" / name).read_text(encoding="utf-8"))
     (job,) = wf["jobs"].values()
     (step,) = [s for s in job["steps"] if s.get("id") == "kledger-check"]
     return step["run"], {**wf.get("env", {}), **job.get("env", {}), **step.get("env", {})}
@@ -640,6 +640,36 @@ def test_workflow_checks_a_model_ledger_without_torch(tmp_path, conflicted):
     cfg = subprocess.run(["kledger", "--ledger", runner / "ledger", "config", "--json"], env=bare,
                          capture_output=True, text=True)
     assert json.loads(cfg.stdout)["model"] == "smollm2-135m"  # recorded, never loaded
+
+
+def test_remote_workflow_clones_and_checks_without_torch_or_numpy(tmp_path):
+    """docs/ci/kledger-check-remote.yml: the ledger comes from a remote (kledger push), is cloned
+    and checked in a Python where the model extras (numpy too) cannot be imported."""
+    env = _env(tmp_path)
+    proj = _conflicted_project(tmp_path, env)
+    remote = tmp_path / "remote"
+    for args in (["remote", "add", "origin", str(remote)], ["push"]):
+        subprocess.run(["kledger", *args], cwd=proj, env=env, check=True, capture_output=True)
+    bare = _without_torch(tmp_path, env)
+    run, wf_env = _workflow_check_step("kledger-check-remote.yml")
+    assert "clone" in run and "KLEDGER_REMOTE" in wf_env
+
+    def ci(n):
+        runner = tmp_path / f"runner{n}"
+        runner.mkdir()
+        ci_env = {**bare, **{k: str(v) for k, v in wf_env.items()}, "KLEDGER_REMOTE": str(remote),
+                  "RUNNER_TEMP": str(runner), "GITHUB_STEP_SUMMARY": str(runner / "summary.md")}
+        r = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", run], cwd=tmp_path, env=ci_env,
+                           capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in r.stderr, r.stderr
+        return r, json.loads((runner / "kledger-check.json").read_text()), runner / "summary.md"
+
+    r, report, summary = ci(1)
+    assert r.returncode == 3 and report["ok"] is False and "louvre" in summary.read_text(), r.stderr
+    for args in (["resolve", "--keep", "Oslo"], ["push"]):
+        subprocess.run(["kledger", *args], cwd=proj, env=env, check=True, capture_output=True)
+    r, report, summary = ci(2)
+    assert r.returncode == 0 and report["ok"] is True and not summary.exists(), r.stderr
 
 
 def test_pre_commit_hook_checks_a_model_text_ledger_without_torch(tmp_path):

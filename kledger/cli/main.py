@@ -18,7 +18,8 @@ from .reads import check_utf8
 # The order `kledger --help` lists the commands in (each module registers its own on import).
 HELP_ORDER = ("init", "add", "rm", "status", "reset", "commit", "fsck", "export", "conflicts", "check",
               "resolve", "relation", "config", "apply", "ask", "replay", "eval", "log", "show", "diff",
-              "blame", "branch", "checkout", "revert", "cherry-pick", "merge")
+              "blame", "branch", "checkout", "revert", "cherry-pick", "merge", "remote", "clone", "fetch", "push",
+              "pull")
 
 
 def _command_name(info) -> str:
@@ -26,7 +27,7 @@ def _command_name(info) -> str:
 
 
 def _register() -> None:
-    from . import admin, conflicts, evaluate, history, model, rearrange, staging  # noqa: F401  (commands register on import)
+    from . import admin, conflicts, evaluate, history, model, rearrange, remote, staging  # noqa: F401  (commands register on import)
 
     rank = {name: i for i, name in enumerate(HELP_ORDER)}  # a command not listed goes last
     app.registered_commands.sort(key=lambda info: rank.get(_command_name(info), len(rank)))

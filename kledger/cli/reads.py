@@ -66,6 +66,10 @@ def check_utf8(argv: list[str]) -> None:
 def status_lines(st: dict) -> list[Line]:
     lines: list[Line] = [(f"On branch {st['branch']}" if st["branch"] else f"HEAD detached at {short(st['head'])}",
                           "", "default")]
+    up = st.get("upstream")
+    if up:
+        state = "up to date" if not (up["ahead"] or up["behind"]) else f"ahead {up['ahead']}, behind {up['behind']}"
+        lines.append((f"Your branch against {up['ref']}: {state}", "", "default"))
     if st["head"] is None:
         lines.append(("No commits yet", "", "default"))
     lines.append((f"{st['facts_in_force']} fact(s) in force; model {st['model']}", "", "default"))

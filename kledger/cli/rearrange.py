@@ -14,19 +14,22 @@ def branch(name: str | None = typer.Argument(None, help="Branch to create (omit 
            rev: str = typer.Argument("HEAD", help="Where the new branch starts."),
            delete: bool = typer.Option(False, "--delete", "-d", help="Delete branch NAME."),
            force: bool = typer.Option(False, "--force", "-f", help="Move NAME to REV if it exists."),
+           all_: bool = typer.Option(False, "--all", "-a", help="List the remote-tracking refs too (origin/main)."),
            json_: bool = JSON_OPT) -> None:
     """List, create or delete branches."""
     want_json(json_)
     if name is None:
         with open_ledger() as ledger:
-            rows = ledger.branches()
+            rows = ledger.branches(remote=all_)
         if json_:
             emit_json("branch", {"branches": rows})
         else:
             for r in rows:
                 mark = "* " if r["current"] else "  "
-                out.print(f"{mark}{'[green]' if r['current'] else ''}{escape(r['name'])}"
-                          f"{'[/]' if r['current'] else ''} [dim]{short(r['commit'])}[/]")
+                colour = "green" if r["current"] else "red" if r.get("remote") else ""
+                shown = ("remotes/" if r.get("remote") else "") + r["name"]
+                out.print(f"{mark}{f'[{colour}]' if colour else ''}{escape(shown)}"
+                          f"{'[/]' if colour else ''} [dim]{short(r['commit'])}[/]")
         return
     with open_ledger(write=True) as ledger:
         cid = ledger.delete_branch(name) if delete else ledger.create_branch(name, rev, force=force)

@@ -55,6 +55,11 @@ class Scans:
             "SELECT fact_id FROM staged s WHERE NOT EXISTS (SELECT 1 FROM facts f WHERE f.id = s.fact_id) "
             "LIMIT 20").fetchall()]
 
+    def stats_keys(self) -> list[tuple[str, str, int]]:
+        """(model fingerprint, corpus fingerprint, layer) of every stored C0 matrix."""
+        return [(m, c, int(la)) for m, c, la in self.con.execute(
+            "SELECT model_fp, corpus_fp, layer FROM stats ORDER BY ALL").fetchall()]
+
     def stats_problems(self) -> list[str]:
         """Stored C0 matrices whose bytes do not match the checksum recorded with them."""
         out = []

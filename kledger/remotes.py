@@ -1,0 +1,376 @@
+"""Remotes: clone, fetch, push and pull a ledger with its measured constraints (no re-measuring).
+
+A remote is a location holding immutable, content-addressed packs (kledger.store.packs) and one
+small refs document. Its layout (a directory: a local disk or a network mount):
+
+    URL/kledger-remote.json      {"format": "kledger-remote/1"}
+    URL/packs/<pack id>/         manifest.json and six Parquet files (never changed once there)
+    URL/refs/<version>.json      the refs document, version 1, 2, ...: the newest is current
+
+The refs document: {"format", "branches": {name: commit}, "head": branch, "packs": [pack ids,
+oldest first], "stats": [[model fp, corpus fp]] (the C0 the packs hold), "setup": {model,
+hyper-parameters, corpus, defaults version, relations, soft threshold}}. Every commit a branch
+names is in the packs with all its ancestors, because a push writes its pack before the refs.
+
+A push writes its pack under a temporary name and renames it into place, then writes the next
+refs version by creating `refs/<version + 1>.json` with a hard link, which fails when another
+push took that version first: compare-and-swap, so of two pushes at once one wins and the other
+is told to pull. A push killed before the link leaves only an unreferenced pack. A fetch copies
+the packs it lacks into a temporary folder, checks every object (`read_pack`) and writes them all
+in one transaction, then moves the remote-tracking refs (`origin/main`, kept in the ledger's meta
+`remote_refs`). The remotes themselves are kept in meta `remotes`, the packs already here in
+`remote_packs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import InputError, StateError, UsageError
+from .history import check_branch_name
+from .records import short
+from .store.packs import MANIFEST, TABLES, import_pack, read_pack, write_pack
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Ledger
+
+REMOTE_FORMAT = "kledger-remote/1"
+REFS_FORMAT = "kledger-remote-refs/1"
+REMOTES_KEY, TRACKING_KEY, PACKS_KEY = "remotes", "remote_refs", "remote_packs"
+SETUP_KEYS = ("model", "hparams", "corpus", "defaults_version")  # what a fingerprint depends on
+PULL_HINT = "run `kledger pull` (or `kledger fetch` and merge), then push again; --force replaces the remote branch"
+
+
+class DirRemote:
+    """A remote that is a directory (see the module doc)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.root = Path(url.removeprefix("file://")).expanduser().resolve()
+
+    def exists(self) -> bool:
+        return (self.root / "kledger-remote.json").is_file()
+
+    def create(self) -> None:
+        """Make an empty remote in a missing or empty directory."""
+        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+            raise InputError(f"{self.url} is not a kledger remote and is not empty",
+                             "give a new or empty directory, or the path of an existing remote")
+        (self.root / "packs").mkdir(parents=True, exist_ok=True)
+        (self.root / "refs").mkdir(exist_ok=True)
+        (self.root / "kledger-remote.json").write_text(json.dumps({"format": REMOTE_FORMAT}) + "\n")
+
+    def read_refs(self) -> tuple[int, dict | None]:
+        """(version, refs document) — (0, None) for a remote nobody pushed to yet."""
+        if not self.exists():
+            raise InputError(f"{self.url} is not a kledger remote (no kledger-remote.json)",
+                             "check the URL, or push to a new directory to make one")
+        versions = [int(p.stem) for p in (self.root / "refs").glob("*.json") if p.stem.isdigit()]
+        if not versions:
+            return 0, None
+        v = max(versions)
+        try:
+            doc = json.loads((self.root / "refs" / f"{v:012d}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"the refs of remote {self.url} cannot be read ({exc})", "check the remote") from None
+        if not isinstance(doc, dict) or doc.get("format") != REFS_FORMAT:
+            raise InputError(f"the refs of remote {self.url} are not a {REFS_FORMAT} document", "check the remote")
+        return v, doc
+
+    def swap_refs(self, version: int, doc: dict) -> bool:
+        """Write `doc` as version `version + 1` unless another writer got there first (False)."""
+        refs = self.root / "refs"
+        fd, tmp = tempfile.mkstemp(prefix=".refs-", dir=refs)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, refs / f"{version + 1:012d}.json")
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
+
+    def has_pack(self, pack_id: str) -> bool:
+        return (self.root / "packs" / pack_id / MANIFEST).is_file()
+
+    def put_pack(self, pack_id: str, src: Path, between: Callable[[], None] | None = None) -> int:
+        """Copy the pack in `src` in (under a temporary name, renamed when complete); returns the
+        bytes written (0 when it was there already). `between` is called after the first file
+        (fault injection)."""
+        final = self.root / "packs" / pack_id
+        if self.has_pack(pack_id):
+            return 0
+        tmp = Path(tempfile.mkdtemp(prefix=f".{pack_id[:12]}-", dir=self.root / "packs"))
+        try:
+            n = 0
+            for i, p in enumerate(sorted(src.iterdir())):
+                shutil.copyfile(p, tmp / p.name)
+                n += p.stat().st_size
+                if i == 0 and between is not None:
+                    between()
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.has_pack(pack_id):  # another push brought the same pack
+                return 0
+            raise
+        return n
+
+    def get_pack(self, pack_id: str, dst: Path) -> int:
+        """Copy a pack's files into the empty directory `dst`; returns the bytes read."""
+        src = self.root / "packs" / pack_id
+        n = 0
+        for name in (MANIFEST, *(f"{t}.parquet" for t in TABLES)):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+                n += (dst / name).stat().st_size
+        return n
+
+
+def open_remote(url: str) -> DirRemote:
+    if "://" in url and not url.startswith("file://"):
+        raise UsageError(f"remote {url!r}: only directory remotes (a path or file://) are supported so far",
+                         "give a directory on a local disk or a network mount")
+    return DirRemote(url)
+
+
+# ------------------------------------------------------------------ the ledger's remotes
+def _meta(lg: "Ledger", key: str) -> Any:
+    try:
+        return json.loads(lg.store.meta(key) or "{}")
+    except ValueError:
+        return {}
+
+
+def remotes(lg: "Ledger") -> dict[str, str]:
+    return dict(_meta(lg, REMOTES_KEY))
+
+
+def tracking(lg: "Ledger") -> dict[str, str]:
+    """Remote-tracking refs: "origin/main" → commit."""
+    return {f"{r}/{b}": c for r, refs in _meta(lg, TRACKING_KEY).items() for b, c in refs.items()}
+
+
+def _remote(lg: "Ledger", name: str | None) -> tuple[str, DirRemote]:
+    known = remotes(lg)
+    name = name or ("origin" if "origin" in known else next(iter(known), None))
+    if name is None:
+        raise UsageError("this ledger has no remote", "add one with `kledger remote add origin URL`")
+    if name not in known:
+        raise UsageError(f"no remote named {name!r}", "see `kledger remote list`")
+    return name, open_remote(known[name])
+
+
+def add_remote(lg: "Ledger", name: str, url: str) -> dict:
+    check_branch_name(name)
+    if "/" in name:
+        raise UsageError(f"{name!r} is not a valid remote name: it contains '/'", "use a name like origin")
+    open_remote(url)
+    with lg.store.transaction():
+        known = remotes(lg)
+        if name in known:
+            raise StateError(f"remote {name!r} already exists ({known[name]})", "remove it first, or choose another name")
+        lg.store.set_meta(REMOTES_KEY, json.dumps({**known, name: url}, sort_keys=True))
+    return {"name": name, "url": url}
+
+
+def remove_remote(lg: "Ledger", name: str) -> dict:
+    with lg.store.transaction():
+        known = remotes(lg)
+        if name not in known:
+            raise UsageError(f"no remote named {name!r}", "see `kledger remote list`")
+        url = known.pop(name)
+        lg.store.set_meta(REMOTES_KEY, json.dumps(known, sort_keys=True))
+        refs = _meta(lg, TRACKING_KEY)
+        refs.pop(name, None)
+        lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
+    return {"name": name, "url": url}
+
+
+def setup(lg: "Ledger") -> dict:
+    """What a clone needs to measure and solve as this ledger does, and its conflict rules."""
+    s = {k: lg.store.meta(k) for k in SETUP_KEYS}
+    s["relations"] = lg.store.relations()
+    s["soft_threshold"] = lg.store.meta("soft_threshold")
+    return s
+
+
+# ------------------------------------------------------------------ fetch
+def fetch(lg: "Ledger", name: str | None = None) -> dict:
+    """Bring the packs of remote `name` that are not here, checked, and move its tracking refs."""
+    name, remote = _remote(lg, name)
+    _, doc = remote.read_refs()
+    doc = doc or {"branches": {}, "packs": []}
+    got = _fetch_packs(lg, remote, doc)
+    old = {k.split("/", 1)[1]: v for k, v in tracking(lg).items() if k.startswith(name + "/")}
+    with lg.store.transaction():
+        refs = _meta(lg, TRACKING_KEY)
+        refs[name] = dict(doc["branches"])
+        lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
+    moved = {f"{name}/{b}": {"old": old.get(b), "new": c} for b, c in doc["branches"].items() if old.get(b) != c}
+    moved.update({f"{name}/{b}": {"old": c, "new": None} for b, c in old.items() if b not in doc["branches"]})
+    return {"remote": name, "url": remote.url, **got, "updated": moved}
+
+
+def _fetch_packs(lg: "Ledger", remote: DirRemote, doc: dict) -> dict:
+    have = set(_meta(lg, PACKS_KEY) or [])
+    want = [p for p in doc.get("packs") or [] if p not in have]
+    commits = nbytes = 0
+    with tempfile.TemporaryDirectory(prefix="kledger-fetch-") as tmp:
+        packs = []
+        for pid in want:  # every pack read and checked before any is written
+            d = Path(tmp) / pid
+            d.mkdir()
+            nbytes += remote.get_pack(pid, d)
+            packs.append((pid, d))
+        with lg.store.transaction():
+            for pid, d in packs:
+                commits += import_pack(lg.store, read_pack(lg.store, pid, d))
+            lg.store.set_meta(PACKS_KEY, json.dumps(sorted(have | set(want))))
+            lg._changed()
+    return {"packs": len(want), "bytes": nbytes, "commits": commits}
+
+
+# ------------------------------------------------------------------ push
+def push(lg: "Ledger", name: str | None = None, branch: str | None = None, force: bool = False) -> dict:
+    """Send branch `branch` (default: the current one) to remote `name`: its pack of the commits
+    the remote lacks, then the refs, fast-forward only unless `force`."""
+    name, remote = _remote(lg, name)
+    branch = branch or lg.current_branch()
+    if branch is None:
+        raise StateError("HEAD is detached: no branch to push", "give the branch: kledger push origin BRANCH")
+    tip = lg.store.ref(branch)
+    if tip is None:
+        raise UsageError(f"no branch named {branch!r}", "see `kledger branch`")
+    if not remote.exists():
+        remote.create()
+    version, doc = remote.read_refs()
+    mine = setup(lg)
+    doc = doc or {"format": REFS_FORMAT, "branches": {}, "head": branch, "packs": [], "stats": [], "setup": mine}
+    theirs = doc.get("setup") or {}
+    differ = [k for k in SETUP_KEYS if theirs.get(k) != mine.get(k)]
+    if differ:
+        raise StateError(f"remote {name} holds a ledger of another setup ({', '.join(differ)} differ)",
+                         "push to another remote, or clone this one and commit there")
+    old = doc["branches"].get(branch)
+    if old == tip:
+        return {"remote": name, "branch": branch, "old": old, "new": tip, "packs": 0, "bytes": 0, "commits": 0,
+                "forced": False}
+    g = lg.graph()
+    fast_forward = old is None or (old in g and old in lg.history.ancestors(tip))
+    if not fast_forward and not force:
+        raise StateError(f"push of {branch} to {name} rejected: the remote branch has commits this one lacks "
+                         f"(non-fast-forward)", PULL_HINT)
+    held: set[str] = set()
+    for c in doc["branches"].values():
+        if c in g:
+            held |= lg.history.ancestors(c)
+    new = [c for c in sorted(lg.history.ancestors(tip) - held, key=lg.store.commit_order().get)]
+    pack_id, nbytes, stats = None, 0, [tuple(s) for s in doc.get("stats") or []]
+    if new:
+        with tempfile.TemporaryDirectory(prefix="kledger-push-") as tmp:
+            pack_id, manifest = write_pack(lg.store, new, sorted(held), set(stats), Path(tmp))
+            nbytes = remote.put_pack(pack_id, Path(tmp), between=lambda: lg.env.fault_point("push-pack"))
+        stats = sorted(set(stats) | {(m, c) for m, c, _, _ in manifest["stats"]})
+    lg.env.fault_point("push-refs")
+    doc = {**doc, "branches": {**doc["branches"], branch: tip}, "stats": [list(s) for s in stats],
+           "packs": list(doc.get("packs") or []) + ([pack_id] if pack_id and pack_id not in doc["packs"] else [])}
+    if not remote.swap_refs(version, doc):
+        raise StateError(f"push of {branch} to {name} lost a race: the remote changed while pushing", PULL_HINT)
+    with lg.store.transaction():
+        refs = _meta(lg, TRACKING_KEY)
+        refs.setdefault(name, {})[branch] = tip
+        lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
+        if pack_id:
+            lg.store.set_meta(PACKS_KEY, json.dumps(sorted(set(_meta(lg, PACKS_KEY) or []) | {pack_id})))
+    return {"remote": name, "branch": branch, "old": old, "new": tip, "packs": int(bool(pack_id)), "bytes": nbytes,
+            "commits": len(new), "forced": not fast_forward}
+
+
+# ------------------------------------------------------------------ pull and clone
+def pull(lg: "Ledger", name: str | None = None, branch: str | None = None, author: str | None = None,
+         allow_conflicts: bool = False) -> dict:
+    """fetch, then merge `name/branch` (default: the current branch's name) into HEAD."""
+    got = fetch(lg, name)
+    branch = branch or lg.current_branch()
+    ref = f"{got['remote']}/{branch}"
+    if branch is None or ref not in tracking(lg):
+        raise UsageError(f"remote {got['remote']} has no branch {branch!r}", "give one: kledger pull origin BRANCH")
+    if lg.head() is None:
+        with lg.store.transaction():
+            lg.store.set_ref(lg.current_branch(), tracking(lg)[ref])
+            lg._changed()
+        cid = tracking(lg)[ref]
+        return {"fetch": got, "merge": {"result": "fast-forward", "head": cid,
+                                        "added": lg.history.count_in_force(cid), "retracted": 0}}
+    return {"fetch": got, "merge": lg.merge(ref, author=author, allow_conflicts=allow_conflicts)}
+
+
+def check_clone_target(url: str, directory: str | None) -> tuple[DirRemote, dict, Path]:
+    remote = open_remote(url)
+    _, doc = remote.read_refs()
+    if doc is None:
+        raise StateError(f"remote {url} is empty: nothing to clone", "push to it first")
+    target = Path(directory) if directory else Path.cwd() / remote.root.name
+    return remote, doc, target.expanduser().resolve()
+
+
+def source_meta(doc: dict) -> tuple[str | None, dict]:
+    """(model, init settings) of a remote's setup."""
+    s = doc.get("setup") or {}
+    settings: dict = {}
+    if s.get("hparams"):
+        settings["hparams"] = json.loads(s["hparams"])
+    if s.get("corpus"):
+        settings["corpus"] = s["corpus"]
+    return s.get("model"), settings
+
+
+def finish_clone(lg: "Ledger", url: str, doc: dict) -> dict:
+    """In a new, empty ledger: take the remote's setup, fetch it as `origin` and check out its
+    head branch."""
+    s = doc.get("setup") or {}
+    with lg.store.transaction():
+        for k in ("defaults_version", "soft_threshold"):
+            if s.get(k) is not None:
+                lg.store.set_meta(k, s[k])
+        for key, rel in (s.get("relations") or {}).items():
+            lg.store.set_relation(key, bool(rel.get("multi")), rel.get("inverse_of"))
+    add_remote(lg, "origin", url)
+    got = fetch(lg, "origin")
+    head = doc.get("head") or next(iter(doc["branches"]), None)
+    if head in doc["branches"]:
+        with lg.store.transaction():
+            lg.store.set_ref(head, doc["branches"][head])
+            lg.store.set_head(f"ref: {head}")
+            lg._changed()
+    return {**got, "branch": head, "head": doc["branches"].get(head)}
+
+
+def upstream(lg: "Ledger") -> dict | None:
+    """The current branch against its remote-tracking ref of the same name (origin first):
+    {"ref", "ahead", "behind"}; None when there is none."""
+    branch = lg.current_branch()
+    refs = tracking(lg)
+    names = sorted({r.split("/", 1)[0] for r in refs}, key=lambda n: (n != "origin", n))
+    ref = next((f"{n}/{branch}" for n in names if f"{n}/{branch}" in refs), None)
+    if branch is None or ref is None:
+        return None
+    mine, theirs = lg.head(), refs[ref]
+    a = lg.history.ancestors(mine) if mine else set()
+    b = lg.history.ancestors(theirs) if theirs in lg.graph() else set()
+    return {"ref": ref, "commit": theirs, "ahead": len(a - b), "behind": len(b - a)}
+
+
+def describe(moved: dict) -> list[str]:
+    return [f"{ref}: {short(v['old']) if v['old'] else '(new)'} -> {short(v['new']) if v['new'] else '(gone)'}"
+            for ref, v in moved.items()]

@@ -1,0 +1,288 @@
+"""Remotes on a directory: clone, fetch, push, pull, remote-tracking refs, fast-forward and its
+refusal, concurrent pushes, damaged packs refused with nothing written, killed pushes. Facts-only
+ledgers here; measured constraints and C0 across a remote are in test_remotes_model.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import snapshot, subprocess_kledger
+
+from kledger import remotes as remotes_mod
+from kledger.ledger import Ledger
+from kledger.store.packs import MANIFEST, file_sha256
+
+
+def ok(r):
+    assert r.code == 0, r.err
+    return r.json if r.out.strip().startswith("{") else r
+
+
+def fact(k, where, prompt, target, subject):
+    ok(k("-C", where, "add", prompt, target, "--subject", subject))
+
+
+def commit(k, where, msg):
+    ok(k("-C", where, "commit", "-m", msg))
+
+
+@pytest.fixture
+def origin(k, tmp_path):
+    """A ledger `a` with two commits, pushed to the remote `remote`."""
+    ok(k("init", "a"))
+    fact(k, "a", "The Eiffel Tower is located in", "Rome", "Eiffel Tower")
+    commit(k, "a", "one")
+    fact(k, "a", "The Louvre is located in", "Berlin", "Louvre")
+    commit(k, "a", "two")
+    ok(k("-C", "a", "remote", "add", "origin", tmp_path / "remote"))
+    res = ok(k("-C", "a", "push", "--json"))
+    assert res["commits"] == 2 and res["old"] is None and res["packs"] == 1
+    return tmp_path / "remote"
+
+
+def head(k, where):
+    return ok(k("-C", where, "status", "--json"))["head"]
+
+
+def remote_refs(remote: Path) -> dict:
+    return remotes_mod.DirRemote(str(remote)).read_refs()[1]
+
+
+def test_clone_equals_origin_and_tracks_it(k, origin, tmp_path):
+    res = ok(k("clone", origin, "b", "--json"))
+    assert res["commits"] == 2 and res["branch"] == "main"
+    assert head(k, "b") == head(k, "a")
+    assert snapshot(tmp_path / "b" / ".kledger")["facts"] == snapshot(tmp_path / "a" / ".kledger")["facts"]
+    assert ok(k("-C", "b", "fsck", "--json"))["ok"]
+    log = ok(k("-C", "b", "log", "--json"))["commits"]
+    assert [c["message"] for c in log] == ["two", "one"] and "origin/main" in log[0]["refs"]
+    rows = ok(k("-C", "b", "branch", "-a", "--json"))["branches"]
+    assert {(r["name"], bool(r.get("remote"))) for r in rows} == {("main", False), ("origin/main", True)}
+    assert ok(k("-C", "b", "status", "--json"))["upstream"] == {"ref": "origin/main", "commit": head(k, "a"),
+                                                                 "ahead": 0, "behind": 0}
+    assert ok(k("-C", "b", "show", "origin/main~1", "--json"))["message"] == "one"
+    assert ok(k("-C", "b", "remote", "list", "--json"))["remotes"] == [{"name": "origin", "url": str(origin)}]
+
+
+def test_fetch_moves_only_the_new_commits_objects(k, origin):
+    ok(k("clone", origin, "b"))
+    assert ok(k("-C", "b", "fetch", "--json"))["bytes"] == 0  # nothing new: nothing moved
+    before = sum(f.stat().st_size for f in origin.rglob("*") if f.is_file())
+    fact(k, "a", "The Colosseum is located in", "Paris", "Colosseum")
+    commit(k, "a", "three")
+    pushed = ok(k("-C", "a", "push", "--json"))
+    assert pushed["commits"] == 1
+    got = ok(k("-C", "b", "fetch", "--json"))
+    grown = sum(f.stat().st_size for f in origin.rglob("*") if f.is_file()) - before
+    assert got["packs"] == 1 and got["commits"] == 1 and 0 < got["bytes"] <= grown
+    assert got["updated"]["origin/main"]["new"] == head(k, "a")
+    st = ok(k("-C", "b", "status", "--json"))
+    assert st["upstream"]["behind"] == 1 and st["upstream"]["ahead"] == 0 and st["head"] != head(k, "a")
+    ok(k("-C", "b", "pull"))
+    assert head(k, "b") == head(k, "a")
+
+
+def test_non_fast_forward_push_is_refused_then_pull_merges(k, origin):
+    ok(k("clone", origin, "b"))
+    fact(k, "b", "The Colosseum is located in", "Paris", "Colosseum")
+    commit(k, "b", "from b")
+    ok(k("-C", "b", "push"))
+    fact(k, "a", "The Prado is located in", "Oslo", "Prado")
+    commit(k, "a", "from a")
+    refs = remote_refs(origin)
+    r = k("-C", "a", "push", "--json")
+    assert r.code == 1 and r.json["error"]["kind"] == "state" and "non-fast-forward" in r.json["error"]["message"]
+    assert remote_refs(origin) == refs  # the remote as it was
+    assert ok(k("-C", "a", "status", "--json"))["upstream"]["ahead"] == 1
+    pulled = ok(k("-C", "a", "pull", "--json"))
+    assert pulled["merge"]["result"] == "merge" and pulled["fetch"]["commits"] == 1
+    ok(k("-C", "a", "push"))
+    ok(k("-C", "b", "pull"))
+    assert head(k, "a") == head(k, "b")
+    assert ok(k("-C", "b", "status", "--json"))["facts_in_force"] == 4
+
+
+def test_force_push_replaces_the_remote_branch(k, origin):
+    ok(k("clone", origin, "b"))
+    fact(k, "b", "The Colosseum is located in", "Paris", "Colosseum")
+    commit(k, "b", "from b")
+    ok(k("-C", "b", "push"))
+    fact(k, "a", "The Prado is located in", "Oslo", "Prado")
+    commit(k, "a", "from a")
+    assert k("-C", "a", "push").code == 1
+    res = ok(k("-C", "a", "push", "origin", "main", "--force", "--json"))
+    assert res["forced"] is True and res["new"] == head(k, "a") and res["old"] == head(k, "b")
+    assert remote_refs(origin)["branches"]["main"] == head(k, "a")
+    got = ok(k("-C", "b", "fetch", "--json"))
+    assert got["updated"]["origin/main"] == {"old": head(k, "b"), "new": head(k, "a")}
+    up = ok(k("-C", "b", "status", "--json"))["upstream"]
+    assert (up["ahead"], up["behind"]) == (1, 1)
+    assert ok(k("-C", "a", "push", "--json"))["old"] == head(k, "a")  # now up to date
+    ok(k("-C", "a", "checkout", "-b", "topic"))
+    assert ok(k("-C", "a", "push", "origin", "topic", "--json"))["commits"] == 0  # its commits are there
+    assert set(remote_refs(origin)["branches"]) == {"main", "topic"}
+
+
+def test_concurrent_pushes_one_wins(k, origin, tmp_path, monkeypatch):
+    ok(k("clone", origin, "b"))
+    for who in ("a", "b"):
+        fact(k, who, f"The Prado {who} is in", "Oslo" if who == "a" else "Rome", f"Prado {who}")
+        commit(k, who, f"from {who}")
+    real = remotes_mod.DirRemote.swap_refs
+    raced = []
+
+    def swap(self, version, doc):  # b pushes between a's read of the refs and a's swap
+        if not raced:
+            raced.append(1)
+            with Ledger.open(tmp_path / "b", write=True) as lg:
+                lg.push()
+        return real(self, version, doc)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(remotes_mod.DirRemote, "swap_refs", swap)
+        r = k("-C", "a", "push", "--json")
+    assert r.code == 1 and "lost a race" in r.json["error"]["message"]
+    assert remote_refs(origin)["branches"]["main"] == head(k, "b")
+    ok(k("clone", origin, "c"))  # the remote is consistent: a fresh clone checks every object
+    assert head(k, "c") == head(k, "b")
+
+
+def test_concurrent_push_processes(k, origin, tmp_path):
+    """Two `kledger push` processes at once, each with a commit the other lacks: one wins."""
+    ok(k("clone", origin, "b"))
+    for who in ("a", "b"):
+        fact(k, who, f"The Prado {who} is in", "Oslo", f"Prado {who}")
+        commit(k, who, f"from {who}")
+    env = {**os.environ, "KLEDGER_AUTHOR": "Ada <ada@example.org>", "KLEDGER_MODEL": "none"}
+    procs = [subprocess.Popen([sys.executable, "-m", "kledger", "-C", str(tmp_path / w), "push", "--json"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in ("a", "b")]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert sorted(codes) == [0, 1], [p.stderr.read() for p in procs]
+    winner = "ab"[codes.index(0)]
+    assert remote_refs(origin)["branches"]["main"] == head(k, winner)
+    ok(k("clone", origin, "c"))
+    assert head(k, "c") == head(k, winner)
+
+
+def _pack_dir(remote: Path) -> Path:
+    packs = remote_refs(remote)["packs"]
+    return remote / "packs" / packs[-1]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "manifest"])
+def test_damaged_pack_is_refused_with_nothing_written(k, origin, tmp_path, damage):
+    ok(k("clone", origin, "b"))
+    fact(k, "a", "The Colosseum is located in", "Paris", "Colosseum")
+    commit(k, "a", "three")
+    ok(k("-C", "a", "push"))
+    d = _pack_dir(origin)
+    target = d / "commits.parquet"
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "missing":
+        target.unlink()
+    else:
+        (d / MANIFEST).write_text((d / MANIFEST).read_text().replace('"commits"', '"commits" ', 1))
+    before = snapshot(tmp_path / "b" / ".kledger")
+    r = k("-C", "b", "fetch", "--json")
+    assert r.code == 1 and r.json["error"]["kind"] == "integrity" and "nothing was written" in r.json["error"]["message"]
+    assert snapshot(tmp_path / "b" / ".kledger") == before
+    r = k("clone", origin, "c", "--json")
+    assert r.code == 1 and not (tmp_path / "c").exists()
+
+
+def test_forged_commit_is_refused(k, origin, tmp_path):
+    """A pack whose files match its manifest but whose commit was altered (and the manifest and
+    refs rewritten to match): the commit's id no longer matches its content."""
+    import duckdb
+
+    d = _pack_dir(origin)
+    con = duckdb.connect()
+    path = d / "commits.parquet"
+    con.execute(f"COPY (SELECT * REPLACE ('forged' AS message) FROM read_parquet('{path}')) TO '{d / 'x.parquet'}' "
+                "(FORMAT parquet)")
+    os.replace(d / "x.parquet", path)
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["files"]["commits"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
+    from kledger.records import canonical_json, sha256_hex
+
+    text = canonical_json(manifest)
+    new_id = sha256_hex(text)
+    (d / MANIFEST).write_text(text)
+    d.rename(origin / "packs" / new_id)
+    remote = remotes_mod.DirRemote(str(origin))
+    version, doc = remote.read_refs()
+    assert remote.swap_refs(version, {**doc, "packs": [new_id]})
+    r = k("clone", origin, "c", "--json")
+    assert r.code == 1 and "does not match its id" in r.json["error"]["message"] and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("point", ["push-pack", "push-refs"])
+def test_killed_push_leaves_the_remote_consistent(k, origin, tmp_path, point):
+    fact(k, "a", "The Colosseum is located in", "Paris", "Colosseum")
+    commit(k, "a", "three")
+    refs = remote_refs(origin)
+    r = subprocess_kledger(["-C", str(tmp_path / "a"), "push"], tmp_path, {"KLEDGER_FAULT": point})
+    assert r.returncode == 137, r.stderr
+    assert remote_refs(origin) == refs  # refs last: the remote still says what it said
+    ok(k("clone", origin, "c"))
+    assert ok(k("-C", "c", "log", "--json"))["commits"][0]["message"] == "two"
+    ok(k("-C", "a", "push"))  # pushing again completes
+    ok(k("-C", "c", "pull"))
+    assert head(k, "c") == head(k, "a")
+
+
+def test_bad_remote_input_is_one_line_and_changes_nothing(k, origin, tmp_path):
+    before = snapshot(tmp_path / "a" / ".kledger")
+    for args, kind in ((["remote", "add", "origin", "/x"], "state"), (["remote", "add", "a/b", "/x"], "usage"),
+                       (["remote", "remove", "nope"], "usage"), (["fetch", "nope"], "usage"),
+                       (["push", "origin", "nope"], "usage"), (["remote", "frob"], "usage")):
+        r = k("-C", "a", *args, "--json")
+        assert r.code == 2 if kind == "usage" else r.code == 1, (args, r.err)
+        assert r.json["error"]["kind"] == kind and len(r.err.strip().splitlines()) == 1
+    assert snapshot(tmp_path / "a" / ".kledger") == before
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    ok(k("-C", "a", "remote", "add", "junk", tmp_path / "junk"))
+    r = k("-C", "a", "push", "junk", "--json")
+    assert r.code == 2 and "not a kledger remote" in r.json["error"]["message"]
+    assert os.listdir(tmp_path / "junk") == ["notes.txt"]
+    r = k("clone", tmp_path / "nowhere", "z", "--json")
+    assert r.code == 2 and not (tmp_path / "z").exists()
+    r = k("clone", "s3://bucket/x", "z", "--json")
+    assert r.code == 2 and "directory remotes" in r.json["error"]["message"]
+
+
+def test_push_refuses_a_ledger_of_another_setup(k, origin, tmp_path):
+    ok(k("init", "m"))
+    fact(k, "m", "The Prado is located in", "Oslo", "Prado")
+    commit(k, "m", "x")
+    with Ledger.open(tmp_path / "m", write=True) as lg:
+        lg.store.set_meta("model", "another-model")
+    ok(k("-C", "m", "remote", "add", "origin", origin))
+    refs = remote_refs(origin)
+    r = k("-C", "m", "push", "origin", "main", "--force", "--json")
+    assert r.code == 1 and "another setup (model differ)" in r.json["error"]["message"]
+    assert remote_refs(origin) == refs
+
+
+def test_checkout_of_a_remote_branch_makes_a_local_one(k, origin, tmp_path):
+    ok(k("-C", "a", "checkout", "-b", "topic"))
+    fact(k, "a", "The Prado is located in", "Oslo", "Prado")
+    commit(k, "a", "on topic")
+    ok(k("-C", "a", "push", "origin", "topic"))
+    ok(k("clone", origin, "b"))
+    assert [r["name"] for r in ok(k("-C", "b", "branch", "--json"))["branches"]] == ["main"]
+    res = ok(k("-C", "b", "checkout", "topic", "--json"))
+    assert (res["branch"], res["head"]) == ("topic", head(k, "a"))
+    assert ok(k("-C", "b", "status", "--json"))["upstream"]["ref"] == "origin/topic"
+    assert k("-C", "b", "checkout", "nothing-like-it").code == 2
