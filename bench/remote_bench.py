@@ -1,7 +1,7 @@
 """Remotes on a 1,000-fact model ledger: what a push, a clone, an incremental fetch and a push/pull
 round trip move and cost, against copying the DuckDB file.
 
-    OMP_NUM_THREADS=1 python bench/remote_bench.py --dir /tmp/kac [--work /tmp/krb] [--apply]
+    OMP_NUM_THREADS=1 python bench/remote_bench.py --dir /tmp/kac [--work /tmp/krb] [--apply] [--kind dir|s3]
 
 `--dir`: a ledger root built by bench/apply_cache_bench.py (the default model; `main` with one real
 fact, `synthetic` with 1,000 more facts whose constraints are synthetic, of the real shapes and
@@ -9,7 +9,9 @@ fingerprint; built there when absent). `--work` (emptied first) holds the remote
 One new commit of one synthetic fact is made on the origin for the incremental fetch, and one on the
 clone for the round trip (both on branch `synthetic`, which therefore grows by two per run).
 `--apply`: also apply `synthetic` on both sides and compare the deltas (loads the model on the
-clone once). Prints a report and writes bench/out/remote_bench.json.
+clone once). `--kind s3`: the remote is a bucket on a local S3-compatible server (moto's standalone
+server, started here; the `remote` and `test` extras) instead of a directory. Prints a report and
+writes bench/out/remote_bench[-s3].json.
 """
 
 from __future__ import annotations
@@ -55,8 +57,19 @@ def one_synthetic_commit(root: Path, n: int) -> None:
         lg.close()
 
 
-def dir_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+def s3_remote() -> str:
+    """A bucket on a local moto S3 server (kept running until the process ends); its credentials
+    and endpoint go into the environment the kledger processes inherit."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("kledger-bench")
+    return "s3://kledger-bench/ledger"
 
 
 def main() -> None:
@@ -64,6 +77,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/krb"))
     ap.add_argument("--apply", action="store_true")
+    ap.add_argument("--kind", choices=("dir", "s3"), default="dir")
     a = ap.parse_args()
     origin = a.dir.resolve()
     if not (origin / ".kledger" / "ledger.duckdb").exists():
@@ -73,7 +87,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     remote, clone = work / "remote", work / "clone"
-    R: dict = {}
+    R: dict = {"kind": a.kind}
+    if a.kind == "s3":
+        remote = s3_remote()
     subprocess.run([sys.executable, "-m", "kledger", "-C", origin, "remote", "remove", "bench"], capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
     kledger(["-C", origin, "remote", "add", "bench", remote], work)
@@ -86,7 +102,7 @@ def main() -> None:
     R["copy_duckdb"] = {"seconds": round(time.perf_counter() - t, 2), "bytes": db.stat().st_size}
     tc, c = kledger(["clone", remote, clone], work)
     R["clone"] = {"seconds": round(tc, 2), "bytes": c["bytes"], "commits": c["commits"],
-                  "remote_bytes": dir_bytes(remote), "clone_db_bytes": (clone / ".kledger" / "ledger.duckdb").stat().st_size}
+                  "clone_db_bytes": (clone / ".kledger" / "ledger.duckdb").stat().st_size}
     kledger(["-C", clone, "checkout", "synthetic"], work)
     n0 = 2 * int(time.time())  # fact numbers no run used before
     one_synthetic_commit(origin, n0)
@@ -109,7 +125,8 @@ def main() -> None:
     kledger(["-C", origin, "checkout", "main"], work)
     print(json.dumps(R, indent=1))
     (REPO / "bench" / "out").mkdir(exist_ok=True)
-    (REPO / "bench" / "out" / "remote_bench.json").write_text(json.dumps(R, indent=1))
+    name = "remote_bench" + ("-s3" if a.kind == "s3" else "")
+    (REPO / "bench" / "out" / f"{name}.json").write_text(json.dumps(R, indent=1))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,13 @@ class ConflictError(KledgerError):
         self.conflicts = list(conflicts or [])
 
 
+class RemoteError(KledgerError):
+    """A remote cannot be reached, read or written (network, permissions, a missing bucket), or
+    the module its kind needs is not installed."""
+
+    kind = "remote"
+
+
 class ModelError(KledgerError):
     """Model loading, unsupported architecture, numerical failure during an edit."""
 

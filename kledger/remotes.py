@@ -1,7 +1,7 @@
 """Remotes: clone, fetch, push and pull a ledger with its measured constraints (no re-measuring).
 
 A remote is a location holding immutable, content-addressed packs (kledger.store.packs) and one
-small refs document. Its layout (a directory: a local disk or a network mount):
+small refs document: a directory or an object store (kledger.remote_kinds). Its layout:
 
     URL/kledger-remote.json      {"format": "kledger-remote/1"}
     URL/packs/<pack id>/         manifest.json and six Parquet files (never changed once there)
@@ -12,10 +12,9 @@ oldest first], "stats": [[model fp, corpus fp]] (the C0 the packs hold), "setup"
 hyper-parameters, corpus, defaults version, relations, soft threshold}}. Every commit a branch
 names is in the packs with all its ancestors, because a push writes its pack before the refs.
 
-A push writes its pack under a temporary name and renames it into place, then writes the next
-refs version by creating `refs/<version + 1>.json` with a hard link, which fails when another
-push took that version first: compare-and-swap, so of two pushes at once one wins and the other
-is told to pull. A push killed before the link leaves only an unreferenced pack. A fetch copies
+A push writes its pack completely, then creates `refs/<version + 1>.json` only if it does not
+exist (a hard link, or a conditional write): compare-and-swap, so of two pushes at once one wins
+and the other is told to pull. A push killed before that leaves only an unreferenced pack. A fetch copies
 the packs it lacks into a temporary folder, checks every object (`read_pack`) and writes them all
 in one transaction, then moves the remote-tracking refs (`origin/main`, kept in the ledger's meta
 `remote_refs`). The remotes themselves are kept in meta `remotes`, the packs already here in
@@ -25,122 +24,22 @@ in one transaction, then moves the remote-tracking refs (`origin/main`, kept in 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, StateError, UsageError
+from .errors import StateError, UsageError
 from .history import check_branch_name
 from .records import short
-from .store.packs import MANIFEST, TABLES, import_pack, read_pack, write_pack
+from .remote_kinds import REFS_FORMAT, DirRemote, FsRemote, open_remote  # noqa: F401  (re-exported)
+from .store.packs import import_pack, read_pack, write_pack
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
 
-REMOTE_FORMAT = "kledger-remote/1"
-REFS_FORMAT = "kledger-remote-refs/1"
 REMOTES_KEY, TRACKING_KEY, PACKS_KEY = "remotes", "remote_refs", "remote_packs"
 SETUP_KEYS = ("model", "hparams", "corpus", "defaults_version")  # what a fingerprint depends on
 PULL_HINT = "run `kledger pull` (or `kledger fetch` and merge), then push again; --force replaces the remote branch"
-
-
-class DirRemote:
-    """A remote that is a directory (see the module doc)."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.root = Path(url.removeprefix("file://")).expanduser().resolve()
-
-    def exists(self) -> bool:
-        return (self.root / "kledger-remote.json").is_file()
-
-    def create(self) -> None:
-        """Make an empty remote in a missing or empty directory."""
-        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
-            raise InputError(f"{self.url} is not a kledger remote and is not empty",
-                             "give a new or empty directory, or the path of an existing remote")
-        (self.root / "packs").mkdir(parents=True, exist_ok=True)
-        (self.root / "refs").mkdir(exist_ok=True)
-        (self.root / "kledger-remote.json").write_text(json.dumps({"format": REMOTE_FORMAT}) + "\n")
-
-    def read_refs(self) -> tuple[int, dict | None]:
-        """(version, refs document) — (0, None) for a remote nobody pushed to yet."""
-        if not self.exists():
-            raise InputError(f"{self.url} is not a kledger remote (no kledger-remote.json)",
-                             "check the URL, or push to a new directory to make one")
-        versions = [int(p.stem) for p in (self.root / "refs").glob("*.json") if p.stem.isdigit()]
-        if not versions:
-            return 0, None
-        v = max(versions)
-        try:
-            doc = json.loads((self.root / "refs" / f"{v:012d}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"the refs of remote {self.url} cannot be read ({exc})", "check the remote") from None
-        if not isinstance(doc, dict) or doc.get("format") != REFS_FORMAT:
-            raise InputError(f"the refs of remote {self.url} are not a {REFS_FORMAT} document", "check the remote")
-        return v, doc
-
-    def swap_refs(self, version: int, doc: dict) -> bool:
-        """Write `doc` as version `version + 1` unless another writer got there first (False)."""
-        refs = self.root / "refs"
-        fd, tmp = tempfile.mkstemp(prefix=".refs-", dir=refs)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, refs / f"{version + 1:012d}.json")
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            os.unlink(tmp)
-
-    def has_pack(self, pack_id: str) -> bool:
-        return (self.root / "packs" / pack_id / MANIFEST).is_file()
-
-    def put_pack(self, pack_id: str, src: Path, between: Callable[[], None] | None = None) -> int:
-        """Copy the pack in `src` in (under a temporary name, renamed when complete); returns the
-        bytes written (0 when it was there already). `between` is called after the first file
-        (fault injection)."""
-        final = self.root / "packs" / pack_id
-        if self.has_pack(pack_id):
-            return 0
-        tmp = Path(tempfile.mkdtemp(prefix=f".{pack_id[:12]}-", dir=self.root / "packs"))
-        try:
-            n = 0
-            for i, p in enumerate(sorted(src.iterdir())):
-                shutil.copyfile(p, tmp / p.name)
-                n += p.stat().st_size
-                if i == 0 and between is not None:
-                    between()
-            os.rename(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if self.has_pack(pack_id):  # another push brought the same pack
-                return 0
-            raise
-        return n
-
-    def get_pack(self, pack_id: str, dst: Path) -> int:
-        """Copy a pack's files into the empty directory `dst`; returns the bytes read."""
-        src = self.root / "packs" / pack_id
-        n = 0
-        for name in (MANIFEST, *(f"{t}.parquet" for t in TABLES)):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
-                n += (dst / name).stat().st_size
-        return n
-
-
-def open_remote(url: str) -> DirRemote:
-    if "://" in url and not url.startswith("file://"):
-        raise UsageError(f"remote {url!r}: only directory remotes (a path or file://) are supported so far",
-                         "give a directory on a local disk or a network mount")
-    return DirRemote(url)
 
 
 # ------------------------------------------------------------------ the ledger's remotes
@@ -160,7 +59,7 @@ def tracking(lg: "Ledger") -> dict[str, str]:
     return {f"{r}/{b}": c for r, refs in _meta(lg, TRACKING_KEY).items() for b, c in refs.items()}
 
 
-def _remote(lg: "Ledger", name: str | None) -> tuple[str, DirRemote]:
+def _remote(lg: "Ledger", name: str | None) -> tuple[str, Any]:
     known = remotes(lg)
     name = name or ("origin" if "origin" in known else next(iter(known), None))
     if name is None:
@@ -221,7 +120,7 @@ def fetch(lg: "Ledger", name: str | None = None) -> dict:
     return {"remote": name, "url": remote.url, **got, "updated": moved}
 
 
-def _fetch_packs(lg: "Ledger", remote: DirRemote, doc: dict) -> dict:
+def _fetch_packs(lg: "Ledger", remote: Any, doc: dict) -> dict:
     have = set(_meta(lg, PACKS_KEY) or [])
     want = [p for p in doc.get("packs") or [] if p not in have]
     commits = nbytes = 0
@@ -315,7 +214,7 @@ def pull(lg: "Ledger", name: str | None = None, branch: str | None = None, autho
     return {"fetch": got, "merge": lg.merge(ref, author=author, allow_conflicts=allow_conflicts)}
 
 
-def check_clone_target(url: str, directory: str | None) -> tuple[DirRemote, dict, Path]:
+def check_clone_target(url: str, directory: str | None) -> tuple[Any, dict, Path]:
     remote = open_remote(url)
     _, doc = remote.read_refs()
     if doc is None:

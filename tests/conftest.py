@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,3 +99,46 @@ def snapshot(ledger_path: Path) -> dict:
         for (name,) in lg.store.con.execute("SELECT table_name FROM information_schema.tables").fetchall():
             tables[name] = sorted(map(repr, lg.store.con.execute(f'SELECT * FROM "{name}"').fetchall()))
         return tables
+
+
+# ------------------------------------------------------------------ remotes: a directory, and S3
+S3_ENV = {"AWS_ACCESS_KEY_ID": "kledger-test", "AWS_SECRET_ACCESS_KEY": "kledger-test",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL of a moto S3 server; its credentials and endpoint are in os.environ for
+    the session (and so for the kledger processes the tests start)."""
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(params=["dir", "s3"])
+def remote_url(request, tmp_path) -> str:
+    """A URL where no remote exists yet: a missing directory, or a prefix in a new bucket of a real
+    S3-compatible HTTP server (moto's standalone server on 127.0.0.1, one per test session). The S3
+    kind is skipped where s3fs or moto is missing (the `remote` and `test` extras install them)."""
+    if request.param == "dir":
+        return str(tmp_path / "remote")
+    request.getfixturevalue("s3_server")
+    import s3fs
+
+    bucket = f"kledger-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}/team/ledger"

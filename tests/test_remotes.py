@@ -1,5 +1,6 @@
-"""Remotes on a directory: clone, fetch, push, pull, remote-tracking refs, fast-forward and its
-refusal, concurrent pushes, damaged packs refused with nothing written, killed pushes. Facts-only
+"""Remotes: clone, fetch, push, pull, remote-tracking refs, fast-forward and its refusal, concurrent
+pushes, damaged packs refused with nothing written, killed pushes; every test on both kinds of
+remote, a directory and S3 (a local S3-compatible server, tests/conftest_remote.py). Facts-only
 ledgers here; measured constraints and C0 across a remote are in test_remotes_model.py."""
 
 from __future__ import annotations
@@ -8,14 +9,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import snapshot, subprocess_kledger
+from conftest_remote import delete, names, read, refs, size, write
 
-from kledger import remotes as remotes_mod
 from kledger.ledger import Ledger
-from kledger.store.packs import MANIFEST, file_sha256
+from kledger.records import canonical_json, sha256_hex
+from kledger.remote_kinds import open_remote
+from kledger.store.packs import MANIFEST
 
 
 def ok(r):
@@ -32,25 +34,29 @@ def commit(k, where, msg):
 
 
 @pytest.fixture
-def origin(k, tmp_path):
-    """A ledger `a` with two commits, pushed to the remote `remote`."""
+def origin(k, remote_url):
+    """A ledger `a` with two commits, pushed to the remote at `remote_url` (its URL is returned)."""
     ok(k("init", "a"))
     fact(k, "a", "The Eiffel Tower is located in", "Rome", "Eiffel Tower")
     commit(k, "a", "one")
     fact(k, "a", "The Louvre is located in", "Berlin", "Louvre")
     commit(k, "a", "two")
-    ok(k("-C", "a", "remote", "add", "origin", tmp_path / "remote"))
+    ok(k("-C", "a", "remote", "add", "origin", remote_url))
     res = ok(k("-C", "a", "push", "--json"))
     assert res["commits"] == 2 and res["old"] is None and res["packs"] == 1
-    return tmp_path / "remote"
+    return remote_url
 
 
 def head(k, where):
     return ok(k("-C", where, "status", "--json"))["head"]
 
 
-def remote_refs(remote: Path) -> dict:
-    return remotes_mod.DirRemote(str(remote)).read_refs()[1]
+def remote_refs(url: str) -> dict:
+    return refs(url)
+
+
+def pack_bytes(url: str, pack_id: str) -> int:
+    return sum(size(url, "packs", pack_id, n) for n in names(url, "packs", pack_id))
 
 
 def test_clone_equals_origin_and_tracks_it(k, origin, tmp_path):
@@ -66,20 +72,19 @@ def test_clone_equals_origin_and_tracks_it(k, origin, tmp_path):
     assert ok(k("-C", "b", "status", "--json"))["upstream"] == {"ref": "origin/main", "commit": head(k, "a"),
                                                                  "ahead": 0, "behind": 0}
     assert ok(k("-C", "b", "show", "origin/main~1", "--json"))["message"] == "one"
-    assert ok(k("-C", "b", "remote", "list", "--json"))["remotes"] == [{"name": "origin", "url": str(origin)}]
+    assert ok(k("-C", "b", "remote", "list", "--json"))["remotes"] == [{"name": "origin", "url": origin}]
 
 
 def test_fetch_moves_only_the_new_commits_objects(k, origin):
     ok(k("clone", origin, "b"))
     assert ok(k("-C", "b", "fetch", "--json"))["bytes"] == 0  # nothing new: nothing moved
-    before = sum(f.stat().st_size for f in origin.rglob("*") if f.is_file())
     fact(k, "a", "The Colosseum is located in", "Paris", "Colosseum")
     commit(k, "a", "three")
     pushed = ok(k("-C", "a", "push", "--json"))
     assert pushed["commits"] == 1
     got = ok(k("-C", "b", "fetch", "--json"))
-    grown = sum(f.stat().st_size for f in origin.rglob("*") if f.is_file()) - before
-    assert got["packs"] == 1 and got["commits"] == 1 and 0 < got["bytes"] <= grown
+    newest = remote_refs(origin)["packs"][-1]
+    assert got["packs"] == 1 and got["commits"] == 1 and got["bytes"] == pack_bytes(origin, newest) == pushed["bytes"]
     assert got["updated"]["origin/main"]["new"] == head(k, "a")
     st = ok(k("-C", "b", "status", "--json"))
     assert st["upstream"]["behind"] == 1 and st["upstream"]["ahead"] == 0 and st["head"] != head(k, "a")
@@ -133,7 +138,8 @@ def test_concurrent_pushes_one_wins(k, origin, tmp_path, monkeypatch):
     for who in ("a", "b"):
         fact(k, who, f"The Prado {who} is in", "Oslo" if who == "a" else "Rome", f"Prado {who}")
         commit(k, who, f"from {who}")
-    real = remotes_mod.DirRemote.swap_refs
+    kind = type(open_remote(origin))
+    real = kind.swap_refs
     raced = []
 
     def swap(self, version, doc):  # b pushes between a's read of the refs and a's swap
@@ -144,7 +150,7 @@ def test_concurrent_pushes_one_wins(k, origin, tmp_path, monkeypatch):
         return real(self, version, doc)
 
     with monkeypatch.context() as mp:
-        mp.setattr(remotes_mod.DirRemote, "swap_refs", swap)
+        mp.setattr(kind, "swap_refs", swap)
         r = k("-C", "a", "push", "--json")
     assert r.code == 1 and "lost a race" in r.json["error"]["message"]
     assert remote_refs(origin)["branches"]["main"] == head(k, "b")
@@ -169,29 +175,25 @@ def test_concurrent_push_processes(k, origin, tmp_path):
     assert head(k, "c") == head(k, winner)
 
 
-def _pack_dir(remote: Path) -> Path:
-    packs = remote_refs(remote)["packs"]
-    return remote / "packs" / packs[-1]
-
-
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "manifest"])
 def test_damaged_pack_is_refused_with_nothing_written(k, origin, tmp_path, damage):
     ok(k("clone", origin, "b"))
     fact(k, "a", "The Colosseum is located in", "Paris", "Colosseum")
     commit(k, "a", "three")
     ok(k("-C", "a", "push"))
-    d = _pack_dir(origin)
-    target = d / "commits.parquet"
+    pid = remote_refs(origin)["packs"][-1]
+    where = ("packs", pid, "commits.parquet")
     if damage == "flip":
-        data = bytearray(target.read_bytes())
+        data = bytearray(read(origin, *where))
         data[len(data) // 2] ^= 0xFF
-        target.write_bytes(bytes(data))
+        write(origin, bytes(data), *where)
     elif damage == "truncate":
-        target.write_bytes(target.read_bytes()[:100])
+        write(origin, read(origin, *where)[:100], *where)
     elif damage == "missing":
-        target.unlink()
+        delete(origin, *where)
     else:
-        (d / MANIFEST).write_text((d / MANIFEST).read_text().replace('"commits"', '"commits" ', 1))
+        text = read(origin, "packs", pid, MANIFEST).decode().replace('"commits"', '"commits" ', 1)
+        write(origin, text.encode(), "packs", pid, MANIFEST)
     before = snapshot(tmp_path / "b" / ".kledger")
     r = k("-C", "b", "fetch", "--json")
     assert r.code == 1 and r.json["error"]["kind"] == "integrity" and "nothing was written" in r.json["error"]["message"]
@@ -205,21 +207,25 @@ def test_forged_commit_is_refused(k, origin, tmp_path):
     refs rewritten to match): the commit's id no longer matches its content."""
     import duckdb
 
-    d = _pack_dir(origin)
-    con = duckdb.connect()
-    path = d / "commits.parquet"
-    con.execute(f"COPY (SELECT * REPLACE ('forged' AS message) FROM read_parquet('{path}')) TO '{d / 'x.parquet'}' "
-                "(FORMAT parquet)")
-    os.replace(d / "x.parquet", path)
-    manifest = json.loads((d / MANIFEST).read_text())
-    manifest["files"]["commits"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
-    from kledger.records import canonical_json, sha256_hex
+    pid = remote_refs(origin)["packs"][-1]
+    local = tmp_path / "forged"
+    local.mkdir()
+    for n in names(origin, "packs", pid):
+        (local / n).write_bytes(read(origin, "packs", pid, n))
+    path = local / "commits.parquet"
+    duckdb.connect().execute(f"COPY (SELECT * REPLACE ('forged' AS message) FROM read_parquet('{path}')) "
+                             f"TO '{local / 'x.parquet'}' (FORMAT parquet)")
+    os.replace(local / "x.parquet", path)
+    from kledger.store.packs import file_sha256
 
+    manifest = json.loads((local / MANIFEST).read_text())
+    manifest["files"]["commits"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
     text = canonical_json(manifest)
+    (local / MANIFEST).write_text(text)
     new_id = sha256_hex(text)
-    (d / MANIFEST).write_text(text)
-    d.rename(origin / "packs" / new_id)
-    remote = remotes_mod.DirRemote(str(origin))
+    for n in names(origin, "packs", pid):
+        write(origin, (local / n).read_bytes(), "packs", new_id, n)
+    remote = open_remote(origin)
     version, doc = remote.read_refs()
     assert remote.swap_refs(version, {**doc, "packs": [new_id]})
     r = k("clone", origin, "c", "--json")
@@ -245,21 +251,33 @@ def test_bad_remote_input_is_one_line_and_changes_nothing(k, origin, tmp_path):
     before = snapshot(tmp_path / "a" / ".kledger")
     for args, kind in ((["remote", "add", "origin", "/x"], "state"), (["remote", "add", "a/b", "/x"], "usage"),
                        (["remote", "remove", "nope"], "usage"), (["fetch", "nope"], "usage"),
-                       (["push", "origin", "nope"], "usage"), (["remote", "frob"], "usage")):
+                       (["push", "origin", "nope"], "usage"), (["remote", "frob"], "usage"),
+                       (["remote", "add", "x", ""], "input")):
         r = k("-C", "a", *args, "--json")
-        assert r.code == 2 if kind == "usage" else r.code == 1, (args, r.err)
+        assert r.code == 2 if kind in ("usage", "input") else r.code == 1, (args, r.err)
         assert r.json["error"]["kind"] == kind and len(r.err.strip().splitlines()) == 1
     assert snapshot(tmp_path / "a" / ".kledger") == before
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "notes.txt").write_text("mine")
-    ok(k("-C", "a", "remote", "add", "junk", tmp_path / "junk"))
+    r = k("clone", origin + "-nothing-here", "z", "--json")
+    assert r.code == 2 and "not a kledger remote" in r.json["error"]["message"] and not (tmp_path / "z").exists()
+
+
+def test_push_to_a_location_that_holds_something_else(k, origin, tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    ok(k("-C", "a", "remote", "add", "junk", junk))
     r = k("-C", "a", "push", "junk", "--json")
     assert r.code == 2 and "not a kledger remote" in r.json["error"]["message"]
-    assert os.listdir(tmp_path / "junk") == ["notes.txt"]
-    r = k("clone", tmp_path / "nowhere", "z", "--json")
-    assert r.code == 2 and not (tmp_path / "z").exists()
-    r = k("clone", "s3://bucket/x", "z", "--json")
-    assert r.code == 2 and "directory remotes" in r.json["error"]["message"]
+    assert os.listdir(junk) == ["notes.txt"]
+
+
+def test_unreachable_object_store_is_a_one_line_remote_error(k, origin, tmp_path, monkeypatch):
+    if not origin.startswith("s3://"):
+        pytest.skip("an object store's failure")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    r = k("clone", origin, "z", "--json")
+    assert r.code == 1 and r.json["error"]["kind"] == "remote" and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "z").exists()
 
 
 def test_push_refuses_a_ledger_of_another_setup(k, origin, tmp_path):

@@ -1,7 +1,7 @@
 """Remotes carry what a ledger measured: a clone applies to weights bit-identical to the origin's
 without measuring anything, C0 travels once, a later pack holds only its commit's constraints, and
 `check` on a clone needs no torch. On a tiny random model saved as a local Hugging Face directory
-(no download)."""
+(no download), through both kinds of remote (a directory, S3 on a local server)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ pytest.importorskip("transformers")
 
 from conftest import REPO  # noqa: E402
 from conftest_edit import save_tiny_model_dir, word_corpus  # noqa: E402
+from conftest_remote import names, read, refs, size  # noqa: E402
 
 from kledger.edit import engine  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
-from kledger.remotes import DirRemote  # noqa: E402
 from kledger.store.packs import MANIFEST  # noqa: E402
 
 FACTS = [
@@ -39,7 +39,7 @@ def ok(r):
 
 
 @pytest.fixture
-def origin(tmp_path):
+def origin(tmp_path, remote_url):
     model = save_tiny_model_dir(tmp_path / "model", corpus_words=None)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(word_corpus())
@@ -47,15 +47,14 @@ def origin(tmp_path):
     for i, (p, s, t) in enumerate(FACTS[:2]):
         lg.add([Fact.create(p, t, subject=s)])
         lg.commit(f"fact {i}", author="t")
-    lg.add_remote("origin", str(tmp_path / "remote"))
+    lg.add_remote("origin", remote_url)
     assert lg.push()["commits"] == 2
     lg.close()
-    return tmp_path / "remote"
+    return remote_url
 
 
 def packs(remote):
-    doc = DirRemote(str(remote)).read_refs()[1]
-    return [json.loads((remote / "packs" / p / MANIFEST).read_text()) for p in doc["packs"]]
+    return [json.loads(read(remote, "packs", p, MANIFEST)) for p in refs(remote)["packs"]]
 
 
 def test_clone_applies_bit_identical_weights_without_measuring(k, origin, tmp_path, monkeypatch):
@@ -85,8 +84,9 @@ def test_later_pack_holds_only_its_commit(k, origin, tmp_path):
     assert second["files"]["commits"]["rows"] == 1 and second["files"]["facts"]["rows"] == 1
     assert 2 * second["files"]["constraints"]["rows"] == first["files"]["constraints"]["rows"]  # 1 fact of 2
     got = ok(k("-C", "b", "pull", "--json"))
-    newest = origin / "packs" / DirRemote(str(origin)).read_refs()[1]["packs"][-1]
-    assert got["fetch"]["packs"] == 1 and got["fetch"]["bytes"] == sum(f.stat().st_size for f in newest.iterdir())
+    newest = refs(origin)["packs"][-1]
+    assert got["fetch"]["packs"] == 1
+    assert got["fetch"]["bytes"] == sum(size(origin, "packs", newest, n) for n in names(origin, "packs", newest))
     a = ok(k("-C", "a", "apply", "--json"))
     b = ok(k("-C", "b", "apply", "--json"))
     assert a["cache_key"] == b["cache_key"] and a["facts"] == b["facts"] == 3
