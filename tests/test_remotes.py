@@ -304,3 +304,21 @@ def test_checkout_of_a_remote_branch_makes_a_local_one(k, origin, tmp_path):
     assert (res["branch"], res["head"]) == ("topic", head(k, "a"))
     assert ok(k("-C", "b", "status", "--json"))["upstream"]["ref"] == "origin/topic"
     assert k("-C", "b", "checkout", "nothing-like-it").code == 2
+
+
+def test_pull_stops_on_a_contradiction_like_merge(k, origin, tmp_path):
+    ok(k("clone", origin, "b"))
+    fact(k, "b", "The Prado is located in", "Oslo", "Prado")
+    commit(k, "b", "Prado in Oslo")
+    ok(k("-C", "b", "push"))
+    fact(k, "a", "The Prado is located in", "Lima", "Prado")
+    commit(k, "a", "Prado in Lima")
+    before = head(k, "a")
+    r = k("-C", "a", "pull", "--json")
+    assert r.code == 3 and r.json["error"]["kind"] == "conflict"
+    assert head(k, "a") == before and ok(k("-C", "a", "status", "--json"))["pending"]["kind"] == "merge"
+    ok(k("-C", "a", "resolve", "--keep", "Lima"))
+    assert ok(k("-C", "a", "status", "--json"))["upstream"]["ahead"] == 2  # its commit and the merge
+    ok(k("-C", "a", "push"))
+    ok(k("-C", "b", "pull"))
+    assert ok(k("-C", "b", "check", "--json"))["ok"] is True
