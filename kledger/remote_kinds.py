@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import InputError, KledgerError, RemoteError
+from .errors import InputError, IntegrityError, KledgerError, RemoteError
+from .history import check_branch_name
 from .store.packs import MANIFEST, TABLES
 
 REMOTE_FORMAT = "kledger-remote/1"
@@ -32,9 +34,35 @@ MARKER = "kledger-remote.json"
 PACK_FILES = (*(f"{t}.parquet" for t in TABLES), MANIFEST)  # the manifest last: it marks a complete pack
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _check_refs(url: str, doc: Any) -> dict:
-    if not isinstance(doc, dict) or doc.get("format") != REFS_FORMAT or not isinstance(doc.get("branches"), dict):
+    """The refs document, its shape checked: what it names becomes paths and refs here."""
+    def bad(what: str) -> IntegrityError:
+        return IntegrityError(f"the refs of remote {url} are damaged: {what}", "check the remote, or push to it again "
+                              "from a good ledger")
+
+    if not isinstance(doc, dict) or doc.get("format") != REFS_FORMAT:
         raise InputError(f"the refs of remote {url} are not a {REFS_FORMAT} document", "check the remote's URL")
+    branches, packs = doc.get("branches"), doc.get("packs") or []
+    if not isinstance(branches, dict) or not isinstance(packs, list):
+        raise bad("'branches' must be an object and 'packs' a list")
+    for name, cid in branches.items():
+        try:
+            check_branch_name(name)
+        except KledgerError:
+            raise bad(f"{str(name)[:40]!r} is not a branch name") from None
+        if not isinstance(cid, str) or not _HEX64.fullmatch(cid):
+            raise bad(f"branch {name!r} does not name a commit id")
+    if not all(isinstance(p, str) and _HEX64.fullmatch(p) for p in packs):
+        raise bad("a pack id is not 64 hex digits")
+    stats = doc.get("stats") or []
+    if not isinstance(stats, list) or not all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, str) for v in x)
+                                              for x in stats):
+        raise bad("'stats' must be a list of [model, corpus] pairs")
+    if not isinstance(doc.get("setup") or {}, dict):
+        raise bad("'setup' must be an object")
     return doc
 
 

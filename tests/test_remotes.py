@@ -322,3 +322,43 @@ def test_pull_stops_on_a_contradiction_like_merge(k, origin, tmp_path):
     ok(k("-C", "a", "push"))
     ok(k("-C", "b", "pull"))
     assert ok(k("-C", "b", "check", "--json"))["ok"] is True
+
+
+@pytest.mark.parametrize("doc", [{"packs": ["../../escape"]}, {"branches": {"../x": "0" * 64}},
+                                 {"branches": {"main": "not-a-commit"}}, {"stats": "x"}])
+def test_damaged_refs_are_refused_and_name_no_path_outside(k, origin, tmp_path, doc):
+    ok(k("clone", origin, "b"))
+    remote = open_remote(origin)
+    version, current = remote.read_refs()
+    assert remote.swap_refs(version, {**current, **doc})
+    before = snapshot(tmp_path / "b" / ".kledger")
+    r = k("-C", "b", "fetch", "--json")
+    assert r.code == 1 and r.json["error"]["kind"] == "integrity" and "refs" in r.json["error"]["message"]
+    assert snapshot(tmp_path / "b" / ".kledger") == before and not (tmp_path / "escape").exists()
+
+
+def test_pack_of_other_columns_is_refused(k, origin, tmp_path):
+    """Files that match a (rewritten) manifest but are not what a pack holds."""
+    import duckdb
+
+    from kledger.store.packs import file_sha256
+
+    pid = remote_refs(origin)["packs"][-1]
+    local = tmp_path / "odd"
+    local.mkdir()
+    for n in names(origin, "packs", pid):
+        (local / n).write_bytes(read(origin, "packs", pid, n))
+    duckdb.connect().execute(f"COPY (SELECT 1 AS x) TO '{local / 'commits.parquet'}' (FORMAT parquet)")
+    manifest = json.loads((local / MANIFEST).read_text())
+    manifest["files"]["commits"].update(sha256=file_sha256(local / "commits.parquet"),
+                                        bytes=(local / "commits.parquet").stat().st_size)
+    text = canonical_json(manifest)
+    (local / MANIFEST).write_text(text)
+    new_id = sha256_hex(text)
+    for n in names(origin, "packs", pid):
+        write(origin, (local / n).read_bytes(), "packs", new_id, n)
+    remote = open_remote(origin)
+    version, doc = remote.read_refs()
+    assert remote.swap_refs(version, {**doc, "packs": [new_id]})
+    r = k("clone", origin, "c", "--json")
+    assert r.code == 1 and r.json["error"]["kind"] == "integrity" and not (tmp_path / "c").exists()

@@ -139,7 +139,10 @@ def read_manifest(pack_id: str, path: Path) -> dict:
         raise _bad(pack_id, f"its manifest cannot be read ({exc})") from None
     if sha256_hex(text) != pack_id:
         raise _bad(pack_id, "its manifest does not hash to its id")
-    manifest = json.loads(text)
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        raise _bad(pack_id, "its manifest is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
         raise _bad(pack_id, f"not a {PACK_FORMAT} manifest")
     return manifest
@@ -158,7 +161,17 @@ def _rows(store: "Store", pack_id: str, where: Path, manifest: dict) -> dict[str
 
 def read_pack(store: "Store", pack_id: str, where: Path) -> Pack:
     """The pack in directory `where`, every object checked (see the module doc); an IntegrityError
-    naming the first problem otherwise."""
+    naming the first problem otherwise (also for files that match their manifest but do not hold
+    what a pack holds)."""
+    try:
+        return _read_pack(store, pack_id, where)
+    except IntegrityError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable Parquet, wrong columns or types, bad JSON
+        raise _bad(pack_id, f"its contents cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+
+
+def _read_pack(store: "Store", pack_id: str, where: Path) -> Pack:
     manifest = read_manifest(pack_id, where / MANIFEST)
     rows = _rows(store, pack_id, where, manifest)
     pack = Pack()
