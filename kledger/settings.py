@@ -16,6 +16,8 @@ commit time is taken), so a bad variable is a one-line usage error.
 | KLEDGER_CACHE | model_cache | where the default model's safetensors cache lives |
 | HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, XDG_CACHE_HOME | hub_cache | the Hugging Face hub cache |
 | KLEDGER_FAULT | fault | fault injection for the crash tests: die at that named point |
+| KLEDGER_WORKERS | workers | measure a commit's facts across this many Ray workers (like `commit --workers`; 0: in process) |
+| KLEDGER_RAY_ADDRESS | ray_address | an existing Ray cluster to measure on (like `commit --ray`) |
 """
 
 from __future__ import annotations
@@ -77,6 +79,18 @@ def check_device(name: str | None) -> str:
     return value
 
 
+def check_workers(value: object) -> int:
+    """A number of Ray workers: a whole number from 0 (in process) to 1,024."""
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 1024:
+        raise UsageError(f"workers must be a whole number from 0 to 1024, got {str(value)[:20]!r}",
+                         "e.g. --workers 4 (0: measure in this process)")
+    return n
+
+
 def _hub_cache(env: Mapping[str, str]) -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if env.get(var):
@@ -98,6 +112,8 @@ class Settings:
     model_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "kledger" / "models")
     hub_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "huggingface" / "hub")
     fault: str | None = None
+    workers: int = 0  # Ray workers that measure a commit's facts (kledger.edit.scale); 0: in process
+    ray_address: str | None = None  # an existing Ray cluster (None: a local one, when workers > 0)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, device: str | None = None) -> "Settings":
@@ -116,7 +132,9 @@ class Settings:
                    lock_wait=lock_wait, device=check_device(device if device is not None else env.get("KLEDGER_DEVICE")),
                    model_cache=Path(cache) if cache else Path.home() / ".cache" / "kledger" / "models",
                    hub_cache=_hub_cache(env),
-                   fault=env.get("KLEDGER_FAULT") or None)
+                   fault=env.get("KLEDGER_FAULT") or None,
+                   workers=check_workers(env.get("KLEDGER_WORKERS") or 0),
+                   ray_address=env.get("KLEDGER_RAY_ADDRESS") or None)
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)

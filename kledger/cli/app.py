@@ -72,6 +72,20 @@ def open_ledger(write: bool = False) -> Iterator[Ledger]:
         yield ledger
 
 
+def scale_out(workers: int | None, ray: str | None) -> None:
+    """--workers / --ray: the Ray workers this command measures on (kledger.edit.scale), in place
+    of $KLEDGER_WORKERS / $KLEDGER_RAY_ADDRESS."""
+    from ..settings import check_workers
+
+    changes: dict = {}
+    if workers is not None:
+        changes["workers"] = check_workers(workers)
+    if ray is not None:
+        changes["ray_address"] = ray
+    if changes:
+        _state["env"] = settings().with_(**changes)
+
+
 def want_json(flag: bool) -> bool:
     _state["json"] = flag
     return flag
@@ -84,4 +98,7 @@ ALLOW_OPT = typer.Option(False, "--allow-conflicts", help="Record contradictions
 AUTHOR_OPT = typer.Option(None, "--author")
 RELATION_OPT = typer.Option(None, "--relation", "-r", help="Only this relation (id or template).")
 
+WORKERS_OPT = typer.Option(None, "--workers", help="Measure the facts across N Ray workers on this machine "
+                           "(pip install 'kledger[scale]'); 0: in this process.")
+RAY_OPT = typer.Option(None, "--ray", metavar="ADDRESS", help="Measure on the workers of an existing Ray cluster.")
 MODE_OPT = typer.Option(MODES[0], "--mode", help=f"Solver: {', '.join(MODES)}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import ABORT_OPT, ALLOW_OPT, AUTHOR_OPT, JSON_OPT, app, open_ledger, want_json
+from .app import ABORT_OPT, ALLOW_OPT, AUTHOR_OPT, JSON_OPT, RAY_OPT, WORKERS_OPT, app, open_ledger, scale_out, want_json
 from .output import emit_json, escape, note_resolved, out, progress_bar, say, short
 
 
@@ -142,10 +142,12 @@ def merge(branch_: str | None = typer.Argument(None, metavar="BRANCH", help="Bra
 @app.command()
 def replay(base: str | None = typer.Argument(None, help="Keep commits up to BASE; rewrite those after it (default: all)."),
            author: str | None = typer.Option(None, "--author", help="Author of the new commits (default: the originals')."),
+           workers: int | None = WORKERS_OPT, ray: str | None = RAY_OPT,
            json_: bool = JSON_OPT) -> None:
     """Measure the constraints of HEAD's commits after BASE afresh on their new parents, as new
     commits (like `git rebase`), and move the branch to them."""
     want_json(json_)
+    scale_out(workers, ray)
     with open_ledger(write=True) as ledger, progress_bar() as progress:
         res = ledger.replay(base, author=author, progress=progress)
     if json_:

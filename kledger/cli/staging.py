@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import JSON_OPT, RELATION_OPT, app, ledger_dir, open_ledger, want_json
+from .app import JSON_OPT, RAY_OPT, RELATION_OPT, WORKERS_OPT, app, ledger_dir, open_ledger, scale_out, want_json
 from .app import settings as env
 from .output import emit_json, escape, note_collisions, note_resolved, progress_bar, say, short
 from .reads import print_lines, status_lines
@@ -160,9 +160,11 @@ def reset(subject: str | None = typer.Argument(None, help="Only unstage facts ab
 def commit(message: str = typer.Option(..., "--message", "-m", help="Why this change is made."),
            author: str | None = typer.Option(None, "--author", help="Author (default $KLEDGER_AUTHOR or user@host)."),
            allow_conflicts: bool = typer.Option(False, "--allow-conflicts", help="Record contradictions as open instead of refusing."),
+           workers: int | None = WORKERS_OPT, ray: str | None = RAY_OPT,
            json_: bool = JSON_OPT) -> None:
     """Record the staged facts as a new commit."""
     want_json(json_)
+    scale_out(workers, ray)
     with open_ledger() as ledger, progress_bar() as progress:
         cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)

@@ -576,7 +576,10 @@ class Editor:
             self.load(None)
         prior_kv = self.by_layer(flatten(prior), hp.layers)
         before = self.probe(probe)
-        new = compute_constraints(self.lm, requests, hp, self.c0(), self.W0, prior_kv, progress=self.progress)
+        from .scale import values_for
+
+        new = compute_constraints(self.lm, requests, hp, self.c0(), self.W0, prior_kv, progress=self.progress,
+                                  values=values_for(self.env, self.model_name))
         self._at_base = False
         if probed is not None:  # the model now holds the solve of prior + the new constraints
             probed.update(before=before, after=self.probe(probe))

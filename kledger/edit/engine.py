@@ -481,16 +481,18 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
                         c0: Mapping[int, torch.Tensor], W0: Mapping[int, torch.Tensor],
                         prior: Mapping[int, LayerConstraints] | None = None,
                         progress: Progress | None = None,
-                        diagnostics: dict | None = None) -> dict[int, KV]:
+                        diagnostics: dict | None = None, values: Any = None) -> dict[int, KV]:
     """New constraints {layer: (K [N, d_in], V [N, d_out])} (float32, CPU) for `requests`.
 
     Precondition: lm's edited layers hold apply(prior) (W0 when prior is empty).
     Postcondition: they hold apply(prior + new), solved with hp.mode. `prior[layer]` is one
     (K, V) or the list of commits' (K, V) in order. `diagnostics`, if given, receives the value
-    optimisation's per-fact target probabilities and step counts."""
+    optimisation's per-fact target probabilities and step counts. `values(lm, requests, hp,
+    progress)`, if given, does the value optimisation instead of this process (kledger.edit.scale:
+    across Ray workers) and returns what `optimise_values` returns."""
     toks = prepare(lm, requests, hp)
     _require_layers(hp, c0, W0)
-    z, info = optimise_values(lm, toks, hp, progress)
+    z, info = values(lm, requests, hp, progress) if values is not None else optimise_values(lm, toks, hp, progress)
     new = spread(lm, toks, z, hp, c0, W0, prior, progress)
     if diagnostics is not None:
         diagnostics.update(info)
