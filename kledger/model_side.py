@@ -348,6 +348,8 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
     loaded = time.perf_counter()
 
     def run(records: list[Fact]) -> dict:
+        if ledger.env.workers or ledger.env.ray_address:
+            return _eval_across(ledger, ed, scorer, records, opts, ppl_ids, progress)
         return evaluate_model(scorer, records, ppl_ids=ppl_ids, gen_tokens=opts.gen_tokens)
 
     base = run(facts)
@@ -368,6 +370,23 @@ def evaluate(ledger: "Ledger", rev: str | None = "HEAD", opts: EvalOptions | Non
     if opts.plot is not None:
         res["plot"] = str(plot_history(res["history"], opts.plot, title=opts.plot_title))
     persist(ledger)
+    return res
+
+
+def _eval_across(ledger: "Ledger", ed: Any, scorer: Any, records: list[Fact], opts: EvalOptions,
+                 ppl_ids: Any, progress: Progress | None) -> dict:
+    """`evaluate_model` with the records scored across the Ray workers (kledger.edit.scale) and
+    the perplexity here."""
+    from .edit.evaluate import PPL_WINDOW
+    from .edit.scale import evaluate_across
+
+    res = evaluate_across(ledger.env, ed.model_name, ed.lm, ed.hparams.layers, records, bos_id=scorer.bos_id,
+                          batch_size=opts.batch_size, gen_tokens=opts.gen_tokens, progress=progress)
+    if ppl_ids:
+        t = time.perf_counter()
+        res["perplexity"] = scorer.perplexity(ppl_ids, PPL_WINDOW)
+        res["metrics"]["perplexity"] = res["perplexity"]["perplexity"]
+        res["seconds"]["perplexity"] = time.perf_counter() - t
     return res
 
 

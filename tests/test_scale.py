@@ -5,6 +5,8 @@ Face directory (no download). Skipped where Ray is not installed (the `scale` ex
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,33 @@ def test_bad_worker_counts_are_usage_errors(k, tmp_path, model):
     for bad in ("-1", "many", "5000"):
         r = k("-C", "two", "commit", "-m", "x", "--workers", bad, "--json")
         assert r.code == 2, (bad, r.err)
+
+
+def test_eval_across_workers_equals_one_process(k, tmp_path, model):
+    ledger(k, tmp_path, model, "one")
+    assert k("-C", "one", "commit", "-m", "three facts").code == 0
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "subject": s, "target": t}) + "\n" for p, s, t in FACTS))
+    args = ["--data", data, "--ppl-tokens", "64", "--gen-tokens", "4", "--json"]
+    a = k("-C", "one", "eval", *args)
+    b = k("-C", "one", "eval", *args, "--workers", "2")
+    assert a.code == 0 and b.code == 0, a.err + b.err
+    for side in ("base", "edited"):
+        assert_close(a.json[side], b.json[side], side)
+
+
+def assert_close(x, y, where):
+    """Equal, numbers to 1e-5 relative (records scored in other batches: other padding)."""
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for key in x:
+            if key != "seconds":
+                assert_close(x[key], y[key], f"{where}.{key}")
+    elif isinstance(x, list):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_close(u, v, f"{where}[{i}]")
+    elif isinstance(x, float) and isinstance(y, float):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (where, x, y)
+    else:
+        assert x == y, (where, x, y)

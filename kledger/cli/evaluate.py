@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .app import JSON_OPT, MODE_OPT, app, open_ledger, want_json
+from .app import JSON_OPT, MODE_OPT, RAY_OPT, WORKERS_OPT, app, open_ledger, scale_out, want_json
 from .output import emit_json, escape, out, progress_bar, say, short
 
 _RATE_DIGITS = 3
@@ -38,10 +38,12 @@ def eval_(rev: str = typer.Argument("HEAD", help="Revision whose facts to evalua
           batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Sequences per forward pass."),
           plot: Path | None = typer.Option(
               None, "--plot", help="Also evaluate every commit of REV's first-parent history and plot the metrics (PNG)."),
+          workers: int | None = WORKERS_OPT, ray: str | None = RAY_OPT,
           json_: bool = JSON_OPT) -> None:
     """Efficacy, generalization, specificity (CounterFact), token accuracy (ZsRE), perplexity and
     fluency at REV, beside the base model."""
     want_json(json_)
+    scale_out(workers, ray)
     from ..ledger import Ledger
 
     opts = Ledger.eval_options(mode=mode, data=data, fmt=fmt, limit=limit, text=text, ppl_tokens=ppl_tokens,

@@ -59,19 +59,33 @@ class _Worker:
         """True once the model is loaded (the actor's constructor has run)."""
         return True
 
-    def values(self, key: str, weights: dict, requests: list, hp: dict) -> tuple[Any, dict]:
-        """z [n, d] (numpy) and the diagnostics for `requests`, at the parent's `weights`."""
-        from .engine import optimise_values, prepare
-        from .spec import set_weight
-
+    def _at(self, key: str, weights: dict) -> None:
+        """The edited layers at `weights` (named by `key`: not copied again when already there)."""
         if self.env.fault in (f"scale-worker-{self.index}", "scale-worker-all"):
             os._exit(137)  # fault injection: this worker dies as if killed
         if key != self.key:
             import torch
 
+            from .spec import set_weight
+
             for la, w in weights.items():
                 set_weight(self.lm.model, self.lm.spec, int(la), torch.from_numpy(w.copy()))
             self.key = key
+
+    def evaluate(self, key: str, weights: dict, records: list, bos_id: int | None, batch_size: int,
+                 gen_tokens: int) -> dict:
+        """`evaluate_model` on `records` at `weights`, without perplexity."""
+        from .evaluate import Scorer, evaluate_model
+
+        self._at(key, weights)
+        scorer = Scorer(self.lm.model, self.lm.tokenizer, bos_id, batch_size=batch_size, spec=self.lm.spec)
+        return evaluate_model(scorer, records, gen_tokens=gen_tokens)
+
+    def values(self, key: str, weights: dict, requests: list, hp: dict) -> tuple[Any, dict]:
+        """z [n, d] (numpy) and the diagnostics for `requests`, at the parent's `weights`."""
+        from .engine import optimise_values, prepare
+
+        self._at(key, weights)
         hparams = HParams.from_dict(hp)
         z, info = optimise_values(self.lm, prepare(self.lm, requests, hparams), hparams)
         return z.numpy(), info
@@ -158,6 +172,51 @@ def _parent_weights(lm: Any, layers: Sequence[int]) -> tuple[str, dict]:
     return h.hexdigest(), out
 
 
+def run_sharded(pool: _Pool, method: str, items: Sequence[Any], args: tuple, weights: tuple[str, Any],
+                progress: Progress | None = None, stage: str = "values") -> list[Any]:
+    """Call `method(key, weights, shard, *args)` on the pool's actors, one contiguous shard of
+    `items` each, and return their results in the shards' order. A shard whose actor dies runs
+    again on another actor; kledger's own errors raised in an actor are raised here as they are."""
+    ray = _ray()
+    key, wref = weights
+    actors = pool.live()
+    n = len(items)
+    k = max(1, min(len(actors), n))
+    shards = [list(items[i * n // k:(i + 1) * n // k]) for i in range(k)]
+
+    def submit(actor: tuple[int, Any], shard: int) -> Any:
+        return getattr(actor[1], method).remote(key, wref, shards[shard], *args)
+
+    results: dict[int, Any] = {}
+    pending = {submit(actors[i], i): (i, actors[i][0]) for i in range(k)}
+    report(progress, stage, 0, n)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        shard, index = pending.pop(ready[0])
+        try:
+            results[shard] = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as exc:  # an error raised by the code inside the actor
+            cause = getattr(exc, "cause", None)
+            raise cause if isinstance(cause, KledgerError) else ModelError(
+                f"a Ray worker failed: {' '.join(str(exc).split())[:300]}", "see the worker's log") from None
+        except ray.exceptions.RayError:  # the actor died: its shard goes to another one
+            pool.drop(index)
+            busy = {i for _, i in pending.values()}
+            others = [a for a in pool.actors.items() if a[0] not in busy] or list(pool.actors.items())
+            if not others:
+                raise ModelError("every Ray worker died; nothing was written",
+                                 "check the workers' memory and logs, then run the command again") from None
+            pending[submit(others[0], shard)] = (shard, others[0][0])
+            continue
+        report(progress, stage, sum(len(shards[s]) for s in results), n)
+    return [results[i] for i in range(k)]
+
+
+def _weights(lm: Any, layers: Sequence[int]) -> tuple[str, Any]:
+    key, weights = _parent_weights(lm, layers)
+    return key, _ray().put(weights)
+
+
 class RayValues:
     """A stand-in for `optimise_values` (see `kledger.edit.engine.compute_constraints`'s `values`)
     that runs it across the actors of `pool(env, model)`."""
@@ -170,43 +229,31 @@ class RayValues:
         import numpy as np
         import torch
 
-        ray = _ray()
-        key, weights = _parent_weights(lm, hp.layers)
-        wref = ray.put(weights)
-        actors = self.pool.live()
-        n = len(requests)
-        k = min(len(actors), n)
-        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-        shards = [list(requests[a:b]) for a, b in bounds]
-        results: dict[int, tuple] = {}
-        pending = {self._submit(actors[i], key, wref, shards[i], hp): (i, actors[i][0]) for i in range(k)}
-        report(progress, "values", 0, n)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            shard, index = pending.pop(ready[0])
-            try:
-                results[shard] = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:  # kledger's own error inside the actor
-                cause = getattr(exc, "cause", None)
-                raise cause if isinstance(cause, KledgerError) else ModelError(
-                    f"a Ray worker failed measuring: {' '.join(str(exc).split())[:300]}", "see the worker's log") from None
-            except ray.exceptions.RayError:  # the actor died: its shard goes to another one
-                self.pool.drop(index)
-                others = [a for a in self.pool.actors.items() if a[0] not in {i for _, i in pending.values()}]
-                others = others or list(self.pool.actors.items())
-                if not others:
-                    raise ModelError("every Ray worker died while measuring; nothing was written",
-                                     "check the workers' memory and logs, then commit again") from None
-                pending[self._submit(others[0], key, wref, shards[shard], hp)] = (shard, others[0][0])
-                continue
-            report(progress, "values", sum(len(shards[s]) for s in results), n)
-        z = torch.from_numpy(np.concatenate([results[i][0] for i in range(k)]))
-        info = {name: [v for i in range(k) for v in results[i][1][name]] for name in results[0][1]}
+        hp_dict = hp.to_dict() | {"layers": list(hp.layers)}
+        got = run_sharded(self.pool, "values", list(requests), (hp_dict,), _weights(lm, hp.layers), progress)
+        z = torch.from_numpy(np.concatenate([r[0] for r in got]))
+        info = {name: [v for r in got for v in r[1][name]] for name in got[0][1]}
         return z, info
 
-    @staticmethod
-    def _submit(actor: tuple[int, Any], key: str, wref: Any, shard: list, hp: HParams) -> Any:
-        return actor[1].values.remote(key, wref, shard, hp.to_dict() | {"layers": list(hp.layers)})
+
+def evaluate_across(env: Settings, model: str, lm: Any, layers: Sequence[int], facts: Sequence[Any], *,
+                    bos_id: int | None, batch_size: int, gen_tokens: int,
+                    progress: Progress | None = None) -> dict:
+    """`kledger.edit.evaluate.evaluate_model` of the model as `lm` holds it now (its edited layers'
+    weights are sent), its records sharded across the workers; without perplexity (the caller
+    measures it). Records are scored independently, so the metrics are those of one process."""
+    from .evaluate import summarize
+
+    got = run_sharded(pool(env, model), "evaluate", list(facts), (bos_id, batch_size, gen_tokens),
+                      _weights(lm, layers), progress, stage="records")
+    per = [m for r in got for m in r["per_record"]]
+    from .evaluate import _mean, record_kind
+
+    metrics: dict[str, Any] = summarize([record_kind(f) for f in facts], per)
+    metrics["perplexity"] = None
+    metrics["fluency"] = _mean(m["fluency"] for m in per) if gen_tokens > 0 and per else None
+    seconds = {k: max(r["seconds"][k] for r in got) for k in ("records", "greedy", "fluency")}
+    return {"metrics": metrics, "per_record": per, "perplexity": None, "seconds": {**seconds, "perplexity": 0.0}}
 
 
 def values_for(env: Settings, model: str) -> RayValues | None:
