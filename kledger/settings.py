@@ -18,6 +18,7 @@ commit time is taken), so a bad variable is a one-line usage error.
 | KLEDGER_FAULT | fault | fault injection for the crash tests: die at that named point |
 | KLEDGER_WORKERS | workers | measure a commit's facts across this many Ray workers (like `commit --workers`; 0: in process) |
 | KLEDGER_RAY_ADDRESS | ray_address | an existing Ray cluster to measure on (like `commit --ray`) |
+| KLEDGER_MAX_MEMORY | max_memory | load the model across devices, e.g. `0=20GiB,cpu=64GiB`; the rest on disk (device_map) |
 """
 
 from __future__ import annotations
@@ -91,6 +92,22 @@ def check_workers(value: object) -> int:
     return n
 
 
+_SIZE_RE = re.compile(r"[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?", re.IGNORECASE)
+
+
+def parse_max_memory(text: str) -> tuple[tuple[str, str], ...]:
+    """`0=20GiB,1=20GiB,cpu=64GiB` → (("0", "20GiB"), ...): devices (a GPU index, cpu) and sizes."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        dev, _, size = part.partition("=")
+        dev, size = dev.strip().lower(), size.strip()
+        if not (dev == "cpu" or dev.isdigit()) or not _SIZE_RE.fullmatch(size):
+            raise UsageError(f"KLEDGER_MAX_MEMORY: {part!r} is not DEVICE=SIZE",
+                             "e.g. KLEDGER_MAX_MEMORY=0=20GiB,cpu=64GiB (a GPU index or cpu, and a size)")
+        out.append((dev, size))
+    return tuple(out)
+
+
 def _hub_cache(env: Mapping[str, str]) -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if env.get(var):
@@ -114,6 +131,7 @@ class Settings:
     fault: str | None = None
     workers: int = 0  # Ray workers that measure a commit's facts (kledger.edit.scale); 0: in process
     ray_address: str | None = None  # an existing Ray cluster (None: a local one, when workers > 0)
+    max_memory: tuple[tuple[str, str], ...] = ()  # (device, size) pairs: load the model across them (device_map)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, device: str | None = None) -> "Settings":
@@ -134,7 +152,8 @@ class Settings:
                    hub_cache=_hub_cache(env),
                    fault=env.get("KLEDGER_FAULT") or None,
                    workers=check_workers(env.get("KLEDGER_WORKERS") or 0),
-                   ray_address=env.get("KLEDGER_RAY_ADDRESS") or None)
+                   ray_address=env.get("KLEDGER_RAY_ADDRESS") or None,
+                   max_memory=parse_max_memory(env.get("KLEDGER_MAX_MEMORY") or ""))
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Mapping, Protocol, Sequence
 
-from ..errors import FingerprintError, InputError, StateError
+from ..errors import FingerprintError, InputError, ModelError, StateError
 from ..records import Constraint, Fact, canonical_json, sha256_hex
 from ..settings import Progress, Settings
 from .cache import CachedApply, cache_key, read_cache, write_cache
@@ -126,7 +126,7 @@ class Editor:
     def lm(self) -> LoadedModel:
         if self._lm is None:
             from . import weights
-            from .spec import get_weight
+            from .spec import down_proj, get_weight
 
             before = weights.source_identity(self.model_name, self.env)
             self._lm = weights.load_model(self.model_name, env=self.env, progress=self.progress)
@@ -134,6 +134,9 @@ class Editor:
             # remembered only when the files did not change while they were read
             self._source = after if before in (None, after) else None
             for la in self.hparams.layers:
+                if down_proj(self._lm.model, self._lm.spec, la).weight.device.type == "meta":
+                    raise ModelError(f"edited layer {la} was offloaded to disk (KLEDGER_MAX_MEMORY): the edited "
+                                     "layers must sit on a device", "give the first devices more memory")
                 self._W0[la] = get_weight(self._lm.model, self._lm.spec, la).detach().clone()
         return self._lm
 

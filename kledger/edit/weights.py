@@ -94,6 +94,10 @@ def quiet_transformers() -> Iterator[None]:
 def _prepare(model: Any, device: Any = None) -> Any:
     import torch
 
+    if getattr(model, "hf_device_map", None):  # placed across devices by accelerate: left where it is
+        model.eval()
+        model.requires_grad_(False)
+        return model
     model = model.to(dtype=torch.float32, device=device if device is not None else "cpu")
     model.eval()
     model.requires_grad_(False)
@@ -125,7 +129,12 @@ def weights_digest(model: Any) -> str:
     import torch
 
     h = hashlib.sha256(b"kledger-weights/1\0")
-    for name, t in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    if any(t.device.type == "meta" for t in state.values()):  # offloaded by accelerate: read them back
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        state = get_state_dict_offloaded_model(model)
+    for name, t in sorted(state.items()):
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name} {tuple(t.shape)} {t.dtype}\0".encode())
         h.update(t.view(torch.uint8).numpy())
@@ -220,11 +229,20 @@ def _build_cache(directory: Path, progress: Progress | None) -> None:
     report(progress, "load gguf", 3, 3)
 
 
-def _from_dir(path: str, local_only: bool = True) -> tuple[Any, Any]:
+def _from_dir(path: str, local_only: bool = True, env: Settings | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer from a directory (or a cached hub id), in float32; across devices when
+    `env.max_memory` says how much each may hold (accelerate's device_map "auto", the rest
+    offloaded to disk under the model cache)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+    split: dict[str, Any] = {}
+    if env is not None and env.max_memory:
+        offload = default_cache_root(env).parent / "offload" / hashlib.sha256(path.encode()).hexdigest()[:16]
+        split = {"device_map": "auto", "offload_folder": str(offload),
+                 "max_memory": {(int(d) if d.isdigit() else d): (int(size) if size.isdigit() else size)
+                                for d, size in env.max_memory}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local_only, **split)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     return model, tok
 
@@ -256,7 +274,7 @@ def load_model(name: str | None = None, *, env: Settings | None = None, cache_di
     report(progress, "load model", 0, 1)
     try:
         with quiet_transformers():
-            model, tok = _from_dir(path)
+            model, tok = _from_dir(path, env=env)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r} offline: {str(e).splitlines()[0]}",
                          "give a local Hugging Face directory, or a hub id already downloaded "
