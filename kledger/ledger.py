@@ -203,13 +203,14 @@ class Ledger:
         return model_side.editor(self, progress, **options)
 
     def apply(self, rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
-              delta: Path | None = None, progress=None, force: bool = False) -> dict:
-        """Solve the constraints in force at `rev` and write the edited model (the `kledger apply`
-        document); see kledger.model_side.apply (`force`: replace a directory or file that kledger
-        did not write)."""
+              delta: Path | None = None, progress=None, force: bool = False, lora: Path | None = None,
+              rank: int | None = None) -> dict:
+        """Solve the constraints in force at `rev` and write the edited model, its delta or a LoRA
+        adapter (the `kledger apply` document); see kledger.model_side.apply (`force`: replace a
+        directory or file that kledger did not write)."""
         from . import model_side
 
-        return model_side.apply(self, rev, mode, out_dir, delta, progress, force)
+        return model_side.apply(self, rev, mode, out_dir, delta, progress, force, lora, rank)
 
     def ask(self, prompt: str, rev: str | None = "HEAD", mode: str = "accumulated", top: int = 5,
             max_new_tokens: int = 8, progress=None) -> dict:

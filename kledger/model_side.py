@@ -166,27 +166,20 @@ def measure(ledger: "Ledger", parent: str | None, facts: list[Fact], exclude: It
 
 @_needs_edit_extra("apply")
 def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated", out_dir: Path | None = None,
-          delta: Path | None = None, progress: Progress | None = None, force: bool = False) -> dict:
+          delta: Path | None = None, progress: Progress | None = None, force: bool = False,
+          lora: Path | None = None, rank: int | None = None) -> dict:
     """Solve the constraints in force at `rev` (float64) and write the edited model: `delta`, only
-    the edited tensors (safetensors + manifest); `out_dir`, a Hugging Face model directory. A
+    the edited tensors (safetensors + manifest); `out_dir`, a Hugging Face model directory; `lora`,
+    the change as a PEFT LoRA adapter of rank `rank` (default: exact; kledger.edit.lora). A
     revision solved before is answered from the apply cache without loading the model (nor
     torch); one not solved before is solved without loading the model when the ledger remembers
     its files (`Editor.solve_unloaded`), and `out_dir` is then written by copying the model's
     safetensors files with the edited tensors replaced (`Editor.model_files`), else the model is
-    loaded. Both paths are checked before anything is
-    loaded or solved, and written whole or not at all; a directory or file that kledger did not
-    write is replaced only with `force` (kledger.edit.weights.check_out_dir, check_delta_path).
-    The `kledger apply` document."""
-    from .edit.weights import check_delta_path, check_out_dir
-
+    loaded. The paths are checked before anything is loaded or solved, and written whole or not
+    at all; a directory or file that kledger did not write is replaced only with `force`
+    (kledger.edit.weights.check_out_dir, check_delta_path). The `kledger apply` document."""
     check_mode(mode)
-    if out_dir is not None:
-        out_dir = check_out_dir(out_dir, force)
-    if delta is not None:
-        delta = check_delta_path(delta, force)
-        if out_dir is not None and out_dir in delta.parents:
-            raise UsageError(f"--delta {delta} is inside --out {out_dir}, which is replaced as a whole",
-                             "write the delta somewhere else")
+    out_dir, delta, lora = _check_outputs(out_dir, delta, lora, rank, force)
     cid = ledger.history.resolve(rev)
     ed = editor(ledger, progress)
     batches = ledger.history.constraints_at(cid)
@@ -194,35 +187,48 @@ def apply(ledger: "Ledger", rev: str | None = "HEAD", mode: str = "accumulated",
     def meta(fp_id: str) -> dict:
         return {"revision": cid, "mode": mode, "fingerprint": fp_id, "model": ed.model_name}
 
-    written: dict[str, str] = {}
+    outputs = {"out_dir": out_dir, "delta": delta, "lora": lora, "rank": rank, "force": force}
     hit = ed.cached(batches, mode) or ed.solve_unloaded(batches, mode)
-    files = ed.model_files(hit.model_type, hit.info["layers"]) if hit is not None and out_dir is not None else None
-    if hit is not None and (out_dir is None or files is not None):  # nothing to load: no transformers
+    needs_files = out_dir is not None or lora is not None
+    files = ed.model_files(hit.model_type, hit.info["layers"]) if hit is not None and needs_files else None
+    if hit is not None and (not needs_files or files is not None):  # nothing to load: no transformers
         info = hit.info
-        written = _write_unloaded(ledger, hit, files, out_dir, delta, meta(hit.fingerprint), force)
+        written = _write_unloaded(ledger, ed, hit, files, meta(hit.fingerprint), **outputs)
     else:
         weights, info = ed.solve(batches, mode)
-        fp_id, _ = ed.fingerprint()
-        if delta is not None:
-            from .edit.weights import save_delta
-
-            t, m = save_delta(delta, weights, ed.lm.spec, meta=meta(fp_id), force=force)
-            written["delta"], written["manifest"] = str(t), str(m)
-        if out_dir is not None:
-            from .edit.weights import save_model
-
-            ed.load(weights)
-            written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir, meta=meta(fp_id), force=force,
-                                              before_rename=lambda: ledger.env.fault_point("apply-out")))
+        written = _write_loaded(ledger, ed, weights, meta(ed.fingerprint()[0]), **outputs)
     persist(ledger)
     return {"revision": cid, **info, **written}
 
 
-def _write_unloaded(ledger: "Ledger", hit: Any, files: Any, out_dir: Path | None, delta: Path | None, meta: dict,
-                    force: bool) -> dict[str, str]:
-    """`apply`'s outputs from solved weights without the model: the delta, and the model's own
-    files copied with the edited tensors written over (`files`: Editor.model_files)."""
-    written = {}
+def _check_outputs(out_dir: Path | None, delta: Path | None, lora: Path | None, rank: int | None,
+                   force: bool) -> tuple[Path | None, Path | None, Path | None]:
+    """`apply`'s output paths, checked before anything is loaded or solved."""
+    from .edit.weights import check_delta_path, check_out_dir
+
+    if rank is not None and (lora is None or rank < 1):
+        raise UsageError("--rank takes a whole number >= 1 and goes with --lora", "e.g. --lora adapter --rank 16")
+    out_dir = check_out_dir(out_dir, force) if out_dir is not None else None
+    lora = check_out_dir(lora, force) if lora is not None else None
+    if out_dir is not None and lora is not None and (out_dir == lora or out_dir in lora.parents
+                                                     or lora in out_dir.parents):
+        raise UsageError(f"--lora {lora} and --out {out_dir} overlap, and each is replaced as a whole",
+                         "write them to separate directories")
+    if delta is not None:
+        delta = check_delta_path(delta, force)
+        for d in (out_dir, lora):
+            if d is not None and d in delta.parents:
+                raise UsageError(f"--delta {delta} is inside {d}, which is replaced as a whole",
+                                 "write the delta somewhere else")
+    return out_dir, delta, lora
+
+
+def _write_unloaded(ledger: "Ledger", ed: Any, hit: Any, files: Any, meta: dict, *, out_dir: Path | None,
+                    delta: Path | None, lora: Path | None, rank: int | None, force: bool) -> dict[str, Any]:
+    """`apply`'s outputs from solved weights without the model: the delta; the model's own files
+    copied with the edited tensors written over and the adapter, both from `files`
+    (Editor.model_files: W0 read from them)."""
+    written: dict[str, Any] = {}
     if delta is not None:
         from .edit.weights import write_delta
 
@@ -233,6 +239,37 @@ def _write_unloaded(ledger: "Ledger", hit: Any, files: Any, out_dir: Path | None
 
         written["model"] = str(save_edited_files(files, hit.weights, out_dir, meta=meta, force=force,
                                                  before_rename=lambda: ledger.env.fault_point("apply-out")))
+    if lora is not None:
+        from .edit.files import read_weights
+        from .edit.lora import save_adapter
+
+        directory, spec, slots = files
+        written.update(save_adapter(lora, hit.weights, read_weights(directory, spec, slots), spec, ed.model_name,
+                                    rank, meta=meta, force=force))
+    return written
+
+
+def _write_loaded(ledger: "Ledger", ed: Any, weights: dict, meta: dict, *, out_dir: Path | None,
+                  delta: Path | None, lora: Path | None, rank: int | None, force: bool) -> dict[str, Any]:
+    """`apply`'s outputs with the model loaded (`weights`: the solve, torch tensors by layer)."""
+    written: dict[str, Any] = {}
+    if delta is not None:
+        from .edit.weights import save_delta
+
+        t, m = save_delta(delta, weights, ed.lm.spec, meta=meta, force=force)
+        written["delta"], written["manifest"] = str(t), str(m)
+    if lora is not None:
+        from .edit.lora import save_adapter
+
+        written.update(save_adapter(lora, {la: w.double().numpy() for la, w in weights.items()},
+                                    {la: w.double().numpy() for la, w in ed.W0.items()}, ed.lm.spec, ed.model_name,
+                                    rank, meta=meta, force=force))
+    if out_dir is not None:
+        from .edit.weights import save_model
+
+        ed.load(weights)
+        written["model"] = str(save_model(ed.lm.model, ed.lm.tokenizer, out_dir, meta=meta, force=force,
+                                          before_rename=lambda: ledger.env.fault_point("apply-out")))
     return written
 
 

@@ -40,8 +40,28 @@ def test_commit_apply_ask_revert_on_the_default_model(tmp_path):
     assert int(after[EIFFEL].argmax()) == rome
     assert after[PARAPHRASE][rome] > 5 * before[PARAPHRASE][rome]
     assert int(after[LOUVRE].argmax()) == paris
+    _lora_equals_out(lg, edit, tmp_path)
     lg.revert(edit, author="test")
     reverted = probs(lg.head())
     assert int(reverted[EIFFEL].argmax()) == paris
     assert torch.allclose(reverted[EIFFEL], before[EIFFEL], atol=1e-5)
     lg.close()
+
+
+def _lora_equals_out(lg, rev, tmp_path):
+    """`apply --lora` on the default model: PEFT's adapter on the base gives the `--out` model's logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kledger.edit.weights import model_source
+
+    res = lg.apply(rev, out_dir=tmp_path / "out", lora=tmp_path / "adapter")
+    assert set(res["lora_energy"].values()) == {1.0} and res["lora_rank"] >= 1
+    base_dir = model_source(None, lg.env)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = tok("<|endoftext|>" + EIFFEL, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+        got = adapted(ids).logits
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())

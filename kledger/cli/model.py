@@ -17,6 +17,9 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
           delta: Path | None = typer.Option(None, "--delta", help="Write only the edited tensors (safetensors + manifest)."),
           force: bool = typer.Option(False, "--force", help="Replace a --out directory or --delta file that kledger "
                                      "did not write (a directory as a whole)."),
+          lora: Path | None = typer.Option(None, "--lora", help="Write the change as a PEFT LoRA adapter directory."),
+          rank: int | None = typer.Option(None, "--rank", help="With --lora: the adapter's rank (default: the exact "
+                                          "rank of the change; a smaller one truncates it)."),
           mode: str = MODE_OPT,
           json_: bool = JSON_OPT) -> None:
     """Solve the constraints in force at REV (float64) and write the edited model."""
@@ -25,16 +28,21 @@ def apply(rev: str = typer.Argument("HEAD", help="Revision whose facts to write 
     with open_ledger() as ledger, progress_bar() as progress:
         # Solved before? Then answered from the cache without loading the model (nor torch);
         # else solved, and --out written, without loading it when the ledger remembers its files.
-        res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress, force=force)
+        res = ledger.apply(rev, mode, out_dir=out_dir, delta=delta, progress=progress, force=force, lora=lora,
+                           rank=rank)
     if json_:
         emit_json("apply", res)
     else:
         src = "cache" if res["cached"] else "solve"
         say(f"Applied {short(res['revision'])}: {res['facts']} fact(s), {res['constraints']} constraint(s) on "
             f"layers {res['layers']} ({res['mode']}, from {src})")
-        for k in ("delta", "manifest", "model"):
+        for k in ("delta", "manifest", "model", "lora"):
             if k in res:
                 say(f"  wrote {k}: {escape(res[k])}")
+        if "lora" in res:
+            kept = min(res["lora_energy"].values(), default=1.0)
+            say(f"  LoRA rank {res['lora_rank']}: " + ("exact" if kept >= 1 - 1e-12 else
+                                                       f"truncated, at least {kept:.2%} of each layer's change kept"))
 
 
 @app.command()

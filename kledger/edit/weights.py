@@ -442,7 +442,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, meta: 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _write_model_dir(out_dir, fill, meta, force, before_rename)
+    return write_model_dir(out_dir, fill, meta, force, before_rename)
 
 
 def save_edited_files(files: tuple[Path, ArchSpec, dict], weights: Mapping[int, "np.ndarray"],
@@ -454,12 +454,14 @@ def save_edited_files(files: tuple[Path, ArchSpec, dict], weights: Mapping[int, 
     from .files import write_edited
 
     directory, spec, slots = files
-    return _write_model_dir(out_dir, lambda tmp: write_edited(directory, tmp, spec, slots, weights), meta, force,
+    return write_model_dir(out_dir, lambda tmp: write_edited(directory, tmp, spec, slots, weights), meta, force,
                             before_rename)
 
 
-def _write_model_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], meta: Mapping[str, Any] | None,
-                     force: bool, before_rename: Callable[[], None] | None) -> Path:
+def write_model_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], meta: Mapping[str, Any] | None,
+                    force: bool, before_rename: Callable[[], None] | None) -> Path:
+    """A directory that `fill` writes into a temporary folder beside `out_dir`, with OUT_MANIFEST,
+    put in the place of `out_dir` when complete (see `save_model`)."""
     out = check_out_dir(out_dir, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.kledger-new-", dir=out.parent))
     try:
