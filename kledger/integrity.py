@@ -34,7 +34,11 @@ def fsck(store: Store, history: History) -> dict:
     problems += [f"staged fact {short(fid)} is missing" for fid in store.dangling_staged()]
     problems += _ref_problems(store, g)
     problems += _count_problems(store, history, g)
-    return {"ok": not problems, "facts": n_facts, "commits": len(commits), "problems": problems}
+    in_force = None
+    if not problems:  # counted only on a sound ledger (the count walks the history)
+        in_force = history.count_in_force(history.head())
+    return {"ok": not problems, "facts": n_facts, "facts_in_force": in_force, "commits": len(commits),
+            "problems": problems}
 
 
 def _fact_problems(store: Store) -> tuple[list[str], int]:

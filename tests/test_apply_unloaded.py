@@ -189,3 +189,18 @@ def test_cold_out_imports_no_transformers(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr and json.loads(r.stdout)["cached"] is False
     assert (root / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("route", ["files", "model"])
+def test_out_has_the_usual_modes(k, tmp_path, monkeypatch, route):
+    """Every file of an --out directory is readable like the others (no 0600 model file), and the
+    directory is not left 0700 by its temporary folder."""
+    root = build(tmp_path)
+    if route == "model":
+        full_path_only(monkeypatch)
+    apply(k, root, "--out", root / "out")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (root / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (root / "out").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes

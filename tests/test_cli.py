@@ -521,3 +521,28 @@ def test_eval_plot_implies_the_history():
     from kledger.ledger import Ledger
 
     assert Ledger.eval_options(plot="x.png", history=False).history is True
+
+
+def test_new_commit_lines_name_the_branch_and_fsck_says_what_it_counted(k, ledger_dir):
+    """As git: `[main 65aa456b51] Revert ...` for revert, cherry-pick, merge and resolve too."""
+    for args in (["add", "The Louvre is located in", "Oslo", "--subject", "Louvre"], ["commit", "-m", "oslo"],
+                 ["add", "The Prado is located in", "Lima", "--subject", "Prado"], ["commit", "-m", "lima"]):
+        assert k(*args).code == 0
+    r = k("revert", "HEAD")
+    assert r.code == 0 and r.err.startswith("[main ") and "Revert" in r.err
+    assert k("checkout", "-b", "side", "HEAD~2").code == 0
+    r = k("cherry-pick", "main~1")
+    assert r.code == 0 and r.err.startswith("[side ")
+    assert k("checkout", "main").code == 0
+    r = k("merge", "side", "--no-ff")
+    assert r.code == 0 and r.err.startswith("[main "), r.err
+    assert k("add", "The Louvre is located in", "Rome", "--subject", "Louvre").code == 0
+    assert k("commit", "-m", "rome", "--allow-conflicts").code == 0
+    r = k("resolve", "--keep", "Rome")
+    assert r.code == 0 and "[main " in r.err
+    assert k("add", "The Colosseum is located in", "Paris", "--subject", "Colosseum").code == 0
+    assert k("reset").code == 0
+    r = k("fsck")
+    st = k("status", "--json").json
+    assert r.code == 0 and f"({st['facts_in_force']} in force at HEAD" in r.err
+    assert k("fsck", "--json").json["facts_in_force"] == st["facts_in_force"]

@@ -58,7 +58,9 @@ def fsck(json_: bool = JSON_OPT) -> None:
     else:
         for p in rep["problems"]:
             out.print(f"[red]{escape(p)}[/]")
-        say(f"checked {rep['commits']} commits and {rep['facts']} facts: "
+        held = (f" ({rep['facts_in_force']} in force at HEAD; the others are in earlier commits, staged or "
+                "were unstaged)") if rep.get("facts_in_force") is not None and rep["facts_in_force"] != rep["facts"] else ""
+        say(f"checked {rep['commits']} commits and the {rep['facts']} facts stored{held}: "
             + ("ok" if rep["ok"] else f"{len(rep['problems'])} problem(s)"))
     if not rep["ok"]:
         raise IntegrityError(f"fsck found {len(rep['problems'])} problem(s)",

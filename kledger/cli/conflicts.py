@@ -133,6 +133,7 @@ def resolve(conflict: str | None = typer.Argument(None, help="Conflict key (pref
                 say(f"Forgot the decision for conflict {res['conflict'][:10]} (keep {escape(', '.join(res['keep']))})")
             return
         res = ledger.resolve_conflicts(conflict, keep=keep, strategy=chosen[0], message=message, author=author)
+        branch = ledger.current_branch()
     if json_:
         emit_json("resolve", res)
         return
@@ -141,7 +142,7 @@ def resolve(conflict: str | None = typer.Argument(None, help="Conflict key (pref
             f"keep {escape(', '.join(d['keep']))}, drop {len(d['dropped'])} fact(s)")
     note_resolved({"resolved": res["resolved"]})
     if res["commit"]:
-        say(escape(f"[{short(res['commit'])}] ") + f"committed the resolution ({res['context']})")
+        say(escape(f"[{branch or 'detached'} {short(res['commit'])}] ") + f"committed the resolution ({res['context']})")
     else:
         say(f"{len(res['remaining'])} conflict(s) still undecided: decisions recorded, nothing committed yet "
             f"(`kledger conflicts` lists them)")

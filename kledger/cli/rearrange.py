@@ -74,7 +74,8 @@ def revert(rev: str | None = typer.Argument(None, help="Commit whose changes to 
             raise UsageError("missing REV", "give the commit to revert, or --abort")
         cid = ledger.revert(rev, author=author, message=message, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
-    _report("revert", cid, info, json_)
+        branch = ledger.current_branch()
+    _report("revert", cid, info, json_, branch)
 
 
 def _abort(ledger, kind: str, json_: bool) -> None:
@@ -86,11 +87,13 @@ def _abort(ledger, kind: str, json_: bool) -> None:
         say(f"Abandoned the {kind} of {short(p['theirs'])}")
 
 
-def _report(command: str, cid: str, info: dict, json_: bool) -> None:
+def _report(command: str, cid: str, info: dict, json_: bool, branch: str | None) -> None:
+    """The new commit, as git names it: [BRANCH ID] message (the branch, or `detached`)."""
     if json_:
         emit_json(command, {"id": cid, "added": info["added"], "retracted": info["retracted"], "meta": info["meta"]})
     else:
-        say(escape(f"[{short(cid)}] ") + f"{escape(info['message'])} (+{info['added']} / -{info['retracted']} facts)")
+        say(escape(f"[{branch or 'detached'} {short(cid)}] ") + f"{escape(info['message'])} "
+            f"(+{info['added']} / -{info['retracted']} facts)")
 
 
 @app.command("cherry-pick")
@@ -107,8 +110,9 @@ def cherry_pick(rev: str | None = typer.Argument(None, help="Commit whose change
             raise UsageError("missing REV", "give the commit to cherry-pick, or --abort")
         cid = ledger.cherry_pick(rev, author=author, allow_conflicts=allow_conflicts)
         info = ledger.show(cid)
+        branch = ledger.current_branch()
     note_resolved(info["meta"])
-    _report("cherry-pick", cid, info, json_)
+    _report("cherry-pick", cid, info, json_, branch)
 
 
 @app.command()
@@ -127,6 +131,7 @@ def merge(branch_: str | None = typer.Argument(None, metavar="BRANCH", help="Bra
             raise UsageError("missing BRANCH", "give the branch to merge, or --abort")
         res = ledger.merge(branch_, author=author, message=message, no_ff=no_ff, allow_conflicts=allow_conflicts)
         info = ledger.show(res["head"])
+        current = ledger.current_branch()
     resolved = info["meta"].get("resolved", []) if res["result"] == "merge" else []
     note_resolved({"resolved": resolved})
     if json_:
@@ -136,7 +141,8 @@ def merge(branch_: str | None = typer.Argument(None, metavar="BRANCH", help="Bra
     elif res["result"] == "fast-forward":
         say(f"Fast-forward to {short(res['head'])} (+{res['added']} / -{res['retracted']} facts)")
     else:
-        say(escape(f"[{short(res['head'])}] ") + f"{escape(info['message'])} (+{res['added']} / -{res['retracted']} facts)")
+        say(escape(f"[{current or 'detached'} {short(res['head'])}] ") + f"{escape(info['message'])} "
+            f"(+{res['added']} / -{res['retracted']} facts)")
 
 
 @app.command()

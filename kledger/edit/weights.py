@@ -466,6 +466,7 @@ def write_model_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], me
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.kledger-new-", dir=out.parent))
     try:
         fill(tmp)
+        _usual_modes(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / OUT_MANIFEST).write_text(json.dumps({"format": OUT_FORMAT, "files": files, "meta": dict(meta or {})},
                                                    indent=1, sort_keys=True))
@@ -478,6 +479,17 @@ def write_model_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None], me
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _usual_modes(d: Path) -> None:
+    """The modes a new directory and new files get here (0755 and 0644 under the usual umask):
+    mkdtemp makes the directory 0700, and some writers make their files 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(d, 0o777 & ~mask)
+    for p in d.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
 
 
 def _put_in_place(new: Path, out: Path) -> None:
