@@ -305,7 +305,7 @@ def merge(lg: "Ledger", branch: str, author: str | None = None, message: str | N
     base_ids, their_ids, our_ids = set(lg.history.state(base)), set(lg.history.state(theirs)), set(lg.history.state(head))
     ops = [Op(OP_ADD, i) for i in sorted(their_ids - base_ids) if i not in our_ids]
     ops += [Op(OP_RETRACT, i) for i in sorted(base_ids - their_ids) if i in our_ids]
-    body = {"theirs": theirs, "head": head, "ops": [o.to_list() for o in ops],
+    body = {"theirs": theirs, "theirs_name": branch, "head": head, "ops": [o.to_list() for o in ops],
             "message": message or f"Merge {branch!r} into {lg.history.current_branch() or short(head)}",
             "author": author, "meta": {"merged": theirs, "merge_base": base}}
     cid = _finish_or_stop(lg, "merge", [head, theirs], body, allow_conflicts)

@@ -546,3 +546,38 @@ def test_new_commit_lines_name_the_branch_and_fsck_says_what_it_counted(k, ledge
     st = k("status", "--json").json
     assert r.code == 0 and f"({st['facts_in_force']} in force at HEAD" in r.err
     assert k("fsck", "--json").json["facts_in_force"] == st["facts_in_force"]
+
+
+def test_status_during_a_stopped_merge_names_what_is_merged(k, ledger_dir):
+    for args in (["add", "The Prado is located in", "Oslo", "--subject", "Prado"], ["commit", "-m", "prado"],
+                 ["checkout", "-b", "experiment", "HEAD"],
+                 ["add", "The Louvre is located in", "Lima", "--subject", "Louvre"], ["commit", "-m", "lima"],
+                 ["checkout", "main"], ["add", "The Louvre is located in", "Rome", "--subject", "Louvre"],
+                 ["commit", "-m", "rome"]):
+        assert k(*args).code == 0, args
+    assert k("merge", "experiment").code == 3
+    r = k("status")
+    assert "A merge of 'experiment' (" in r.out + r.err
+    assert k("status", "--json").json["pending"]["theirs_name"] == "experiment"
+
+
+def test_log_graph_and_show_stat(k, ledger_dir):
+    for args in (["add", "The Prado is located in", "Oslo", "--subject", "Prado"], ["commit", "-m", "base"],
+                 ["checkout", "-b", "side"], ["add", "The Louvre is located in", "Lima", "--subject", "Louvre"],
+                 ["commit", "-m", "on side"], ["checkout", "main"],
+                 ["add", "The Colosseum is located in", "Rome", "--subject", "Colosseum"],
+                 ["add", "Paris is the capital of", "Italy", "--subject", "Paris"], ["commit", "-m", "on main"],
+                 ["merge", "side"]):
+        assert k(*args).code == 0, args
+    r = k("log", "--graph", "--oneline")
+    lines = r.out.splitlines()
+    assert r.code == 0 and len(lines) == 6, r.out
+    assert lines[0].startswith("* ") and "Merge 'side'" in lines[0]
+    assert lines[1] == "|\\" and lines[2].startswith("* | ") and "on main" in lines[2]  # newest first
+    assert lines[3].startswith("| * ") and "on side" in lines[3]
+    assert lines[4] == "|/" and lines[5].startswith("* ") and "base" in lines[5]
+    full = k("log", "--graph").out.splitlines()
+    assert full[0].startswith("* commit ") and full[1] == "|\\" and all(x[0] in "|*" for x in full if x)
+    r = k("show", "--stat", "HEAD~1")
+    assert r.code == 0 and "2 relation(s), 2 fact(s) added, 0 retracted" in r.out
+    assert "Colosseum" not in r.out  # counts, not the facts themselves

@@ -16,6 +16,7 @@ def log(rev: str | None = typer.Argument(None, help="Start from this revision (d
         subject: str | None = typer.Option(None, "--subject", "-s", help="Only commits touching this subject."),
         relation: str | None = typer.Option(None, "--relation", "-r", help="Only commits touching this relation."),
         all_: bool = typer.Option(False, "--all", help="Commits reachable from any branch."),
+        graph: bool = typer.Option(False, "--graph", help="Draw the commit graph left of the log (text)."),
         json_: bool = JSON_OPT) -> None:
     """Show the commit history, newest first."""
     want_json(json_)
@@ -27,7 +28,7 @@ def log(rev: str | None = typer.Argument(None, help="Start from this revision (d
     if json_:
         emit_json("log", {"head": head, "branch": branch, "commits": entries})
         return
-    print_lines(log_lines(entries, head, branch, oneline))
+    print_lines(log_lines(entries, head, branch, oneline, graph))
 
 
 def _fact_line(sign: str, f: dict, colour: str) -> str:
@@ -36,7 +37,9 @@ def _fact_line(sign: str, f: dict, colour: str) -> str:
 
 
 @app.command()
-def show(rev: str = typer.Argument("HEAD", help="Revision to show."), json_: bool = JSON_OPT) -> None:
+def show(rev: str = typer.Argument("HEAD", help="Revision to show."),
+         stat: bool = typer.Option(False, "--stat", help="Facts added and retracted per relation, not each fact."),
+         json_: bool = JSON_OPT) -> None:
     """Show one commit: its metadata and the facts it added and retracted."""
     want_json(json_)
     with open_ledger() as ledger:
@@ -53,8 +56,24 @@ def show(rev: str = typer.Argument("HEAD", help="Revision to show."), json_: boo
     for k, v in sorted(info["meta"].items()):
         out.print(f"    [dim]{escape(k)}: {escape(str(v))}[/]")
     out.print("")
+    if stat:
+        _print_stat(info["ops"])
+        return
     for op in info["ops"]:
         out.print(_fact_line("+" if op["op"] == "add" else "-", op, "green" if op["op"] == "add" else "red"))
+
+
+def _print_stat(ops: list[dict]) -> None:
+    """Per relation, the facts added and retracted, as `git show --stat` counts per file."""
+    per: dict[str, list[int]] = {}
+    for op in ops:
+        per.setdefault(op["relation"], [0, 0])[op["op"] != "add"] += 1
+    width = max((len(r) for r in per), default=0)
+    for rel, (plus, minus) in sorted(per.items()):
+        out.print(f" {escape(rel.ljust(width))} | [green]{'+' * min(plus, 40)}[/][red]{'-' * min(minus, 40)}[/] "
+                  f"{plus + minus}")
+    added, retracted = sum(p for p, _ in per.values()), sum(m for _, m in per.values())
+    out.print(f" {len(per)} relation(s), {added} fact(s) added, {retracted} retracted")
 
 
 @app.command()

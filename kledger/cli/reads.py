@@ -75,7 +75,8 @@ def status_lines(st: dict) -> list[Line]:
     lines.append((f"{st['facts_in_force']} fact(s) in force; model {st['model']}", "", "default"))
     if st["pending"]:
         p = st["pending"]
-        lines.append((f"A {p['kind']} of {short(p['theirs'])} stopped on {len(p.get('conflicts', []))} conflict(s): "
+        what = f"{p['theirs_name']!r} ({short(p['theirs'])})" if p.get("theirs_name") else short(p["theirs"])
+        lines.append((f"A {p['kind']} of {what} stopped on {len(p.get('conflicts', []))} conflict(s): "
                       f"run `kledger conflicts`, then `kledger resolve` or `kledger {p['kind']} --abort`", "", "yellow"))
     if st["staged"]:
         lines.append((f"Staged ({len(st['staged'])}):", "", "default"))
@@ -96,24 +97,61 @@ def _refs_label(entry: dict, head: str | None, branch: str | None) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
-def log_lines(entries: list[dict], head: str | None, branch: str | None, oneline: bool) -> list[Line]:
+def log_lines(entries: list[dict], head: str | None, branch: str | None, oneline: bool,
+              graph: bool = False) -> list[Line]:
     lines: list[Line] = []
     if not entries:
         lines.append(("No commits yet" if head is None else "No matching commits", "", "default"))
-    for e in entries:
+    rows = graph_rows(entries) if graph else [("", [], "")] * len(entries)
+    for e, (mark, extra, rest) in zip(entries, rows):
+        first, more = (mark + " ", rest + " ") if graph else ("", "")
         label = _refs_label(e, head, branch)
         counts = f"+{e['added']}/-{e['retracted']}"
         if oneline:
-            lines.append((f"{short(e['id'])}{label} {(e['message'].splitlines() or [''])[0]}", f" ({counts})", "default"))
-            continue
-        lines.append((f"commit {e['id']}{label}", "", "yellow"))
-        if len(e["parents"]) > 1:
-            lines.append(("Merge:  " + " ".join(short(p) for p in e["parents"]), "", "default"))
-        lines += [(f"Author: {e['author']}", "", "default"), (f"Date:   {e['timestamp']}", "", "default"),
-                  ("", "", "default")]
-        lines += [("    " + line, "", "default") for line in e["message"].splitlines()]
-        lines += [("", f"    ({counts} facts)", "default"), ("", "", "default")]
+            lines.append((f"{first}{short(e['id'])}{label} {(e['message'].splitlines() or [''])[0]}",
+                          f" ({counts})", "default"))
+        else:
+            lines.append((f"{first}commit {e['id']}{label}", "", "yellow"))
+            lines += [(x, "", "default") for x in extra]  # a merge's new column opens before its body
+            extra = []
+            if len(e["parents"]) > 1:
+                lines.append((more + "Merge:  " + " ".join(short(p) for p in e["parents"]), "", "default"))
+            lines += [(f"{more}Author: {e['author']}", "", "default"), (f"{more}Date:   {e['timestamp']}", "", "default"),
+                      (more.rstrip(), "", "default")]
+            lines += [(more + "    " + line, "", "default") for line in e["message"].splitlines()]
+            lines += [(more, f"    ({counts} facts)", "default"), (more.rstrip(), "", "default")]
+        lines += [(x, "", "default") for x in extra]
     return lines
+
+
+def graph_rows(entries: list[dict]) -> list[tuple[str, list[str], str]]:
+    """For `log --graph`, per entry (newest first): the graph drawn left of its first line, the
+    connector lines after it (a merge opening a column, branches joining), and the graph drawn
+    left of its other lines. One column per line of descent being followed, as git draws it."""
+    cols: list[str] = []
+    rows = []
+    for e in entries:
+        if e["id"] not in cols:
+            cols.append(e["id"])
+        i = cols.index(e["id"])
+        mark = " ".join("*" if j == i else "|" for j in range(len(cols)))
+        parents = list(e["parents"])
+        after = cols[:i] + parents[:1] + cols[i + 1:] if parents else cols[:i] + cols[i + 1:]
+        opened = [p for p in parents[1:] if p not in after]
+        after += opened
+        extra = []
+        if opened:
+            extra.append(" ".join("|" for _ in range(len(cols))) + "\\" * len(opened))
+        joined = [j for j, c in enumerate(after) if c in after[:j]]
+        for j in reversed(joined):  # a line of descent joins one to its left: it and those after it move left
+            chars = [" "] * (2 * len(after) - 1)
+            for k in range(len(after)):
+                chars[2 * k if k < j else 2 * k - 1] = "|" if k < j else "/"
+            extra.append("".join(chars).rstrip())
+            after.pop(j)
+        cols = after
+        rows.append((mark, extra, " ".join("|" for _ in range(max(1, len(cols))))))
+    return rows
 
 
 def read_log(ledger: Any, rev: str | None, limit: int | None, subject: str | None, relation: str | None,
