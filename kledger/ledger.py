@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import __version__, commits, integrity, remotes, transfer
+from . import __version__, commits, integrity, model_side, remotes, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
 from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
 from .errors import InputError, LedgerNotFound, StateError, UsageError
@@ -49,12 +49,15 @@ class Ledger:
     # ================================================================ opening
     @classmethod
     def init(cls, path: str | os.PathLike = ".", model: str | None = None, settings: dict | None = None,
-             env: Settings | None = None) -> "Ledger":
+             env: Settings | None = None, check_model: bool = True) -> "Ledger":
         """Make a ledger. `settings` may hold "hparams" (overrides of the model's defaults) and
         "corpus" (a text file for C0). It is built in a temporary folder beside PATH/.kledger and
-        moved there when complete (`_new_ledger_dir`): a failure leaves PATH as it was."""
+        moved there when complete (`_new_ledger_dir`): a failure leaves PATH as it was. With
+        `check_model`, a model that cannot be found offline is refused first."""
         env = env or Settings.from_env()
         root, ldir, meta = _new_ledger_meta(path, model, settings, env)
+        if check_model:
+            model_side.check_loadable(meta["model"], env)
         with _new_ledger_dir(root, ldir) as tmp:
             Store.create(tmp, meta, wait=env.lock_wait).close()
         return cls(Store.open(ldir, write=True, wait=env.lock_wait), env)
@@ -475,7 +478,7 @@ class Ledger:
         _, doc, target = remotes.check_clone_target(url, directory)
         model, settings = remotes.source_meta(doc)
         existed = target.exists()
-        lg = cls.init(target, model=model, settings=settings, env=env)
+        lg = cls.init(target, model=model, settings=settings, env=env, check_model=False)  # check needs none
         try:
             return lg, remotes.finish_clone(lg, url, doc)
         except BaseException:
@@ -507,6 +510,8 @@ class Ledger:
         root, ldir, meta = _new_ledger_meta(path, model or plan.model, settings, env)
         if not measure and meta["model"] not in ("", "none"):
             meta["measure"] = "off"
+        elif measure:
+            model_side.check_loadable(meta["model"], env)
         with _new_ledger_dir(root, ldir) as tmp:  # built beside PATH/.kledger, moved there when complete
             with cls(Store.create(tmp, meta, wait=env.lock_wait), env) as ledger, ledger.store.transaction():
                 remap: dict[str, str] = {}

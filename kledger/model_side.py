@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .errors import InputError, LedgerLocked, StateError, UsageError, missing_model_module
+from .errors import InputError, LedgerLocked, ModelError, StateError, UsageError, missing_model_module
 from .records import Constraint, Fact, constraints_hash, short
 from .settings import Progress, check_mode, report
 
@@ -51,6 +51,24 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
     elif progress is not None:
         ledger._editor.progress = progress
     return ledger._editor
+
+
+def check_loadable(model: str | None, env: Any) -> None:
+    """A ModelError, before a ledger is made, when its model cannot be found offline: the default
+    model needs its package (or its converted cache), another name a local directory or a
+    snapshot in the Hugging Face cache. Nothing is imported or loaded ("none": nothing to check)."""
+    from .edit.weights import gguf_path, model_source
+    from .settings import DEFAULT_MODEL
+
+    if model in (None, "", "none"):
+        return
+    if model == DEFAULT_MODEL:
+        if model_source(model, env) is None:
+            gguf_path()  # says which package to install
+        return
+    if model_source(model, env) is None:
+        raise ModelError(f"cannot load model {model!r} offline: it is neither a local directory nor in the Hugging Face "
+                         f"cache ({env.hub_cache})", "download it there first, give a local directory, or use --model none")
 
 
 def defaults_version(ledger: "Ledger") -> int:

@@ -581,3 +581,12 @@ def test_log_graph_and_show_stat(k, ledger_dir):
     r = k("show", "--stat", "HEAD~1")
     assert r.code == 0 and "2 relation(s), 2 fact(s) added, 0 retracted" in r.out
     assert "Colosseum" not in r.out  # counts, not the facts themselves
+
+
+def test_init_checks_the_model_can_be_found_offline(k, tmp_path):
+    r = k("init", "x", "--model", tmp_path / "no-such-model", "--json")
+    assert r.code == 1 and r.json["error"]["kind"] == "model" and "offline" in r.json["error"]["message"]
+    assert not (tmp_path / "x").exists()
+    r = k("init", "y", "--model", "someone/not-downloaded", "--json")
+    assert r.code == 1 and "Hugging Face cache" in r.json["error"]["message"] and not (tmp_path / "y").exists()
+    assert k("init", "z", "--model", "none").code == 0  # nothing to load

@@ -73,3 +73,16 @@ def test_a_split_that_offloads_an_edited_layer_is_refused(k, tmp_path, model, mo
     monkeypatch.setenv("KLEDGER_MAX_MEMORY", "cpu:lots")
     r = k("-C", "split", "status", "--json")
     assert r.code == 2 and "KLEDGER_MAX_MEMORY" in r.json["error"]["message"]
+
+
+def test_ask_names_each_answer_and_ends_on_whole_words(k, tmp_path, model):
+    from kledger.edit.ask import whole_words
+
+    assert whole_words(" Rome, Italy. The E", " Rome, Italy. The Eiffel Tower", True) == " Rome, Italy. The Eiffel"
+    assert whole_words(" Rome, Italy. The", " Rome, Italy. The Eiffel", True) == " Rome, Italy. The"
+    assert whole_words(" Rome. The Eiff", " Rome. The Eiffelturmgebäude", True) == " Rome. The …"
+    assert whole_words(" Rome", " Rome", False) == " Rome"
+    assert make(k, tmp_path, "whole").code == 0
+    r = k("-C", "whole", "ask", "the capital of France is", "--max-new-tokens", "3")
+    assert r.code == 0
+    assert "edited model (its facts at HEAD, " in r.out and "base model (no edits) answers:" in r.out

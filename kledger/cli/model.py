@@ -62,9 +62,9 @@ def ask(prompt: str = typer.Argument(..., help="Text for the model to complete."
         return
     cid, base, edited = res["revision"], res["base"], res["edited"]
     out.print(f"[bold]{escape(prompt)}[/]")
-    for label, a in ((f"at {short(cid)}", edited), ("base", base)):
-        out.print(f"  {label:>14}: [bold]{escape(a['answer'])}[/]")
-    out.print(f"  {'next token':>14}  {'at ' + short(cid):>24}  {'base':>24}")
+    out.print(f"  edited model (its facts at {escape(rev)}, {short(cid)}) answers: [bold]{escape(edited['answer'])}[/]")
+    out.print(f"  base model (no edits) answers: [bold]{escape(base['answer'])}[/]")
+    out.print(f"  {'next token':>14}  {'edited':>24}  {'base':>24}")
     for e, b in zip(edited["top"], base["top"]):
         out.print(f"  {'':>14}  {escape(repr(e['token'])):>16} {e['prob']:6.3f}  {escape(repr(b['token'])):>16} {b['prob']:6.3f}")
 
