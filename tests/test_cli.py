@@ -590,3 +590,13 @@ def test_init_checks_the_model_can_be_found_offline(k, tmp_path):
     r = k("init", "y", "--model", "someone/not-downloaded", "--json")
     assert r.code == 1 and "Hugging Face cache" in r.json["error"]["message"] and not (tmp_path / "y").exists()
     assert k("init", "z", "--model", "none").code == 0  # nothing to load
+
+
+def test_help_shows_whole_first_sentences_and_named_metavariables(k, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    r = k("--help")
+    assert r.code == 0 and "..." not in r.out.split("Commands:")[1]
+    assert "Write the whole history as text (replay it with `kledger init" in " ".join(r.out.split())
+    r = k("add", "--help")
+    assert r.code == 0 and "--subject SUBJECT" in r.out and "<str>" not in r.out and "<path>" not in r.out
+    assert "[PROMPT] [TARGET]" in r.out

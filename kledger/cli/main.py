@@ -33,12 +33,47 @@ def _register() -> None:
     app.registered_commands.sort(key=lambda info: rank.get(_command_name(info), len(rank)))
 
 
+def _first_sentence(doc: str | None) -> str | None:
+    """The docstring's first sentence, whole, for the command list of `kledger --help`."""
+    if not doc:
+        return None
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def _metavar(p) -> None:
+    """An option's value named after the option (--subject SUBJECT), an argument after itself,
+    and no type tag (<str>) beside an argument."""
+    if getattr(p, "is_flag", False) or not p.name:
+        return
+    if getattr(p, "param_type_name", "") == "argument":
+        p.metavar = p.metavar or p.name.upper().rstrip("_")
+        p.display_type_rich = lambda ctx=None: None  # typer's "<str>" after the name
+    elif p.metavar is None:
+        longest = max(getattr(p, "opts", []) or [p.name], key=len)
+        p.metavar = longest.lstrip("-").upper().replace("-", "_")
+
+
+def _manners(cmd) -> None:
+    """What --help shows: each command's whole first sentence in the list of commands, and
+    metavariables named after what they stand for (SUBJECT, not <str>)."""
+    for sub in getattr(cmd, "commands", {}).values():
+        if not getattr(sub, "short_help", None):
+            sub.short_help = _first_sentence(sub.help)
+        for p in sub.params:
+            _metavar(p)
+    for p in cmd.params:
+        _metavar(p)
+
+
 def run(argv: list[str] | None = None) -> None:
     _register()
     _emitted["json"] = False
     argv = list(argv if argv is not None else sys.argv[1:])
     _state["json"] = "--json" in argv  # so that even a usage error is reported as JSON
     cmd = typer.main.get_command(app)
+    _manners(cmd)
     try:
         check_utf8(argv)
         cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
