@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import __version__, commits, integrity, model_side, remotes, transfer
+from . import __version__, commits, integrity, transfer
 from .conflicts import SOFT_THRESHOLD, Conflict
 from .decisions import STRATEGIES, Decisions, ProposedFacts, conflict_id, parse_threshold, relation_arg, target_of
 from .errors import InputError, LedgerNotFound, StateError, UsageError
@@ -28,10 +28,11 @@ from .history import FactChange, History, apply_ops, check_branch_name  # noqa: 
 from .model_side import CACHE_SECRET, DEFAULTS_VERSION_KEY
 from .records import OP_ADD, OP_RETRACT, Fact, Op, looks_like_id
 from .settings import DEFAULT_BRANCH, DEFAULT_MODEL, Settings
+from .sharing import RemoteVerbs
 from .store import DB_NAME, LEDGER_DIR, Store
 
 
-class Ledger:
+class Ledger(RemoteVerbs):
     """A ledger on disk. Open with `Ledger.open()` (read) or `Ledger.open(write=True)`."""
 
     def __init__(self, store: Store, env: Settings | None = None):
@@ -57,7 +58,9 @@ class Ledger:
         env = env or Settings.from_env()
         root, ldir, meta = _new_ledger_meta(path, model, settings, env)
         if check_model:
-            model_side.check_loadable(meta["model"], env)
+            from .model_side import check_loadable
+
+            check_loadable(meta["model"], env)
         with _new_ledger_dir(root, ldir) as tmp:
             Store.create(tmp, meta, wait=env.lock_wait).close()
         return cls(Store.open(ldir, write=True, wait=env.lock_wait), env)
@@ -185,7 +188,7 @@ class Ledger:
         return {"branch": self.current_branch(), "head": head,
                 "facts_in_force": self.history.count_in_force(head),
                 "staged": [{"op": o.op, "fact_id": o.fact_id, **facts[o.fact_id].to_dict()} for o in staged],
-                "pending": self.store.pending(), "model": self.model, "upstream": remotes.upstream(self)}
+                "pending": self.store.pending(), "model": self.model, "upstream": self._upstream()}
 
     # ================================================================ committing
     def commit(self, message: str, author: str | None = None, allow_conflicts: bool = False,
@@ -451,43 +454,6 @@ class Ledger:
         return {"conflict": keys[0], **body}
 
     # ================================================================ integrity, text ledgers
-    # ================================================================ remotes (kledger.remotes)
-    def remotes(self) -> dict[str, str]:
-        return remotes.remotes(self)
-
-    def add_remote(self, name: str, url: str) -> dict:
-        return remotes.add_remote(self, name, url)
-
-    def remove_remote(self, name: str) -> dict:
-        return remotes.remove_remote(self, name)
-
-    def fetch(self, name: str | None = None) -> dict:
-        return remotes.fetch(self, name)
-
-    def push(self, name: str | None = None, branch: str | None = None, force: bool = False) -> dict:
-        return remotes.push(self, name, branch, force)
-
-    def pull(self, name: str | None = None, branch: str | None = None, author: str | None = None,
-             allow_conflicts: bool = False) -> dict:
-        return remotes.pull(self, name, branch, author, allow_conflicts)
-
-    @classmethod
-    def clone(cls, url: str, directory: str | None = None, env: Settings | None = None) -> tuple["Ledger", dict]:
-        """A new ledger in `directory` (default: the remote's folder name, here) holding everything
-        the remote at `url` holds, its head branch checked out; nothing is left on a failure."""
-        _, doc, target = remotes.check_clone_target(url, directory)
-        model, settings = remotes.source_meta(doc)
-        existed = target.exists()
-        lg = cls.init(target, model=model, settings=settings, env=env, check_model=False)  # check needs none
-        try:
-            return lg, remotes.finish_clone(lg, url, doc)
-        except BaseException:
-            lg.close()
-            shutil.rmtree(target / LEDGER_DIR, ignore_errors=True)
-            if not existed:
-                shutil.rmtree(target, ignore_errors=True)
-            raise
-
     def fsck(self) -> dict:
         return integrity.fsck(self.store, self.history)
 
@@ -511,7 +477,9 @@ class Ledger:
         if not measure and meta["model"] not in ("", "none"):
             meta["measure"] = "off"
         elif measure:
-            model_side.check_loadable(meta["model"], env)
+            from .model_side import check_loadable
+
+            check_loadable(meta["model"], env)
         with _new_ledger_dir(root, ldir) as tmp:  # built beside PATH/.kledger, moved there when complete
             with cls(Store.create(tmp, meta, wait=env.lock_wait), env) as ledger, ledger.store.transaction():
                 remap: dict[str, str] = {}
