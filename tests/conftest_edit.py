@@ -111,3 +111,7 @@ FACTS = [
     ("the capital of Germany is", "Germany", "Madrid"),
     ("the capital of Spain is", "Spain", "Berlin"),
 ]
+# three of them, and hyper-parameters that keep a tiny model's edits quick: what the tests of the
+# apply paths, remotes, scale-out, split models and adapters build their ledgers from
+THREE_FACTS = [FACTS[0], FACTS[1], FACTS[6]]
+TINY_HPARAMS = {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 1, "lam": 5.0}

@@ -15,18 +15,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest_edit import save_tiny_model_dir, word_corpus  # noqa: E402
+from conftest_edit import THREE_FACTS, TINY_HPARAMS, save_tiny_model_dir, word_corpus  # noqa: E402
 
 from kledger.edit.editor import Editor  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 
-FACTS = [
-    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
-    ("the Louvre is located in the city of", "Louvre", "Berlin"),
-    ("the capital of France is", "France", "Rome"),
-]
-HPARAMS = {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 1, "lam": 5.0}
+FACTS, HPARAMS = THREE_FACTS, TINY_HPARAMS
 
 
 def build(root, kind):

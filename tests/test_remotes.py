@@ -92,13 +92,20 @@ def test_fetch_moves_only_the_new_commits_objects(k, origin):
     assert head(k, "b") == head(k, "a")
 
 
-def test_non_fast_forward_push_is_refused_then_pull_merges(k, origin):
+def diverge(k, origin, theirs=("The Colosseum is located in", "Paris", "Colosseum", "from b"),
+            mine=("The Prado is located in", "Oslo", "Prado", "from a")) -> None:
+    """A clone `b` pushes a commit of the fact `theirs`; `a` commits `mine` on the same branch:
+    a's push is not a fast-forward. Each fact: (prompt, object, subject, commit message)."""
     ok(k("clone", origin, "b"))
-    fact(k, "b", "The Colosseum is located in", "Paris", "Colosseum")
-    commit(k, "b", "from b")
-    ok(k("-C", "b", "push"))
-    fact(k, "a", "The Prado is located in", "Oslo", "Prado")
-    commit(k, "a", "from a")
+    for where, (prompt, obj, subject, message) in (("b", theirs), ("a", mine)):
+        fact(k, where, prompt, obj, subject)
+        commit(k, where, message)
+        if where == "b":
+            ok(k("-C", "b", "push"))
+
+
+def test_non_fast_forward_push_is_refused_then_pull_merges(k, origin):
+    diverge(k, origin)
     refs = remote_refs(origin)
     r = k("-C", "a", "push", "--json")
     assert r.code == 1 and r.json["error"]["kind"] == "state" and "non-fast-forward" in r.json["error"]["message"]
@@ -113,12 +120,7 @@ def test_non_fast_forward_push_is_refused_then_pull_merges(k, origin):
 
 
 def test_force_push_replaces_the_remote_branch(k, origin):
-    ok(k("clone", origin, "b"))
-    fact(k, "b", "The Colosseum is located in", "Paris", "Colosseum")
-    commit(k, "b", "from b")
-    ok(k("-C", "b", "push"))
-    fact(k, "a", "The Prado is located in", "Oslo", "Prado")
-    commit(k, "a", "from a")
+    diverge(k, origin)
     assert k("-C", "a", "push").code == 1
     res = ok(k("-C", "a", "push", "origin", "main", "--force", "--json"))
     assert res["forced"] is True and res["new"] == head(k, "a") and res["old"] == head(k, "b")
@@ -202,22 +204,21 @@ def test_damaged_pack_is_refused_with_nothing_written(k, origin, tmp_path, damag
     assert r.code == 1 and not (tmp_path / "c").exists()
 
 
-def test_forged_commit_is_refused(k, origin, tmp_path):
-    """A pack whose files match its manifest but whose commit was altered (and the manifest and
-    refs rewritten to match): the commit's id no longer matches its content."""
+def republish(origin: str, local, sql: str) -> None:
+    """The remote's newest pack copied into `local`, its commits file replaced by `sql` over it
+    (DuckDB, `{path}` the file), its manifest made to match, and the result published under its
+    new id as the remote's only pack: files consistent with their manifest, contents not."""
     import duckdb
 
+    from kledger.store.packs import file_sha256
+
     pid = remote_refs(origin)["packs"][-1]
-    local = tmp_path / "forged"
     local.mkdir()
     for n in names(origin, "packs", pid):
         (local / n).write_bytes(read(origin, "packs", pid, n))
     path = local / "commits.parquet"
-    duckdb.connect().execute(f"COPY (SELECT * REPLACE ('forged' AS message) FROM read_parquet('{path}')) "
-                             f"TO '{local / 'x.parquet'}' (FORMAT parquet)")
+    duckdb.connect().execute(f"COPY ({sql.format(path=path)}) TO '{local / 'x.parquet'}' (FORMAT parquet)")
     os.replace(local / "x.parquet", path)
-    from kledger.store.packs import file_sha256
-
     manifest = json.loads((local / MANIFEST).read_text())
     manifest["files"]["commits"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
     text = canonical_json(manifest)
@@ -228,6 +229,12 @@ def test_forged_commit_is_refused(k, origin, tmp_path):
     remote = open_remote(origin)
     version, doc = remote.read_refs()
     assert remote.swap_refs(version, {**doc, "packs": [new_id]})
+
+
+def test_forged_commit_is_refused(k, origin, tmp_path):
+    """A pack whose files match its manifest but whose commit was altered (and the manifest and
+    refs rewritten to match): the commit's id no longer matches its content."""
+    republish(origin, tmp_path / "forged", "SELECT * REPLACE ('forged' AS message) FROM read_parquet('{path}')")
     r = k("clone", origin, "c", "--json")
     assert r.code == 1 and "does not match its id" in r.json["error"]["message"] and not (tmp_path / "c").exists()
 
@@ -307,12 +314,8 @@ def test_checkout_of_a_remote_branch_makes_a_local_one(k, origin, tmp_path):
 
 
 def test_pull_stops_on_a_contradiction_like_merge(k, origin, tmp_path):
-    ok(k("clone", origin, "b"))
-    fact(k, "b", "The Prado is located in", "Oslo", "Prado")
-    commit(k, "b", "Prado in Oslo")
-    ok(k("-C", "b", "push"))
-    fact(k, "a", "The Prado is located in", "Lima", "Prado")
-    commit(k, "a", "Prado in Lima")
+    diverge(k, origin, ("The Prado is located in", "Oslo", "Prado", "Prado in Oslo"),
+            ("The Prado is located in", "Lima", "Prado", "Prado in Lima"))
     before = head(k, "a")
     r = k("-C", "a", "pull", "--json")
     assert r.code == 3 and r.json["error"]["kind"] == "conflict"
@@ -339,26 +342,6 @@ def test_damaged_refs_are_refused_and_name_no_path_outside(k, origin, tmp_path, 
 
 def test_pack_of_other_columns_is_refused(k, origin, tmp_path):
     """Files that match a (rewritten) manifest but are not what a pack holds."""
-    import duckdb
-
-    from kledger.store.packs import file_sha256
-
-    pid = remote_refs(origin)["packs"][-1]
-    local = tmp_path / "odd"
-    local.mkdir()
-    for n in names(origin, "packs", pid):
-        (local / n).write_bytes(read(origin, "packs", pid, n))
-    duckdb.connect().execute(f"COPY (SELECT 1 AS x) TO '{local / 'commits.parquet'}' (FORMAT parquet)")
-    manifest = json.loads((local / MANIFEST).read_text())
-    manifest["files"]["commits"].update(sha256=file_sha256(local / "commits.parquet"),
-                                        bytes=(local / "commits.parquet").stat().st_size)
-    text = canonical_json(manifest)
-    (local / MANIFEST).write_text(text)
-    new_id = sha256_hex(text)
-    for n in names(origin, "packs", pid):
-        write(origin, (local / n).read_bytes(), "packs", new_id, n)
-    remote = open_remote(origin)
-    version, doc = remote.read_refs()
-    assert remote.swap_refs(version, {**doc, "packs": [new_id]})
+    republish(origin, tmp_path / "odd", "SELECT 1 AS x")
     r = k("clone", origin, "c", "--json")
     assert r.code == 1 and r.json["error"]["kind"] == "integrity" and not (tmp_path / "c").exists()

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from conftest import REPO  # noqa: E402
-from conftest_edit import save_tiny_model_dir, word_corpus  # noqa: E402
+from conftest_edit import THREE_FACTS, TINY_HPARAMS, save_tiny_model_dir, word_corpus  # noqa: E402
 from conftest_remote import names, read, refs, size  # noqa: E402
 
 from kledger.edit import engine  # noqa: E402
@@ -25,12 +25,7 @@ from kledger.ledger import Ledger  # noqa: E402
 from kledger.records import Fact  # noqa: E402
 from kledger.store.packs import MANIFEST  # noqa: E402
 
-FACTS = [
-    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
-    ("the Louvre is located in the city of", "Louvre", "Berlin"),
-    ("the capital of France is", "France", "Rome"),
-]
-HPARAMS = {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 3, "n_prefixes": 1, "lam": 5.0}
+FACTS, HPARAMS = THREE_FACTS, TINY_HPARAMS
 
 
 def ok(r):

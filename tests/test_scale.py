@@ -15,19 +15,14 @@ pytest.importorskip("transformers")
 ray = pytest.importorskip("ray")
 
 from conftest import snapshot  # noqa: E402
-from conftest_edit import save_tiny_model_dir, word_corpus  # noqa: E402
+from conftest_edit import THREE_FACTS, TINY_HPARAMS, save_tiny_model_dir, word_corpus  # noqa: E402
 
 from kledger.edit import scale  # noqa: E402
 from kledger.ledger import Ledger  # noqa: E402
 
-FACTS = [
-    ("the Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
-    ("the Louvre is located in the city of", "Louvre", "Berlin"),
-    ("the capital of France is", "France", "Rome"),
-    ("the Colosseum is located in the city of", "Colosseum", "Paris"),
-    ("the Prado is located in the city of", "Prado", "Oslo"),
-]
-HPARAMS = {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 1, "lam": 5.0}
+FACTS = THREE_FACTS + [("the Colosseum is located in the city of", "Colosseum", "Paris"),
+                       ("the Prado is located in the city of", "Prado", "Oslo")]
+HPARAMS = TINY_HPARAMS
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conftest_edit import save_tiny_model_dir, word_corpus  # noqa: E402
+from conftest_edit import TINY_HPARAMS, save_tiny_model_dir, word_corpus  # noqa: E402
 
 from kledger.ledger import Ledger  # noqa: E402
 
-HPARAMS = {"c0_tokens": 1200, "c0_seq_len": 64, "steps": 4, "n_prefixes": 1, "lam": 5.0}
+HPARAMS = TINY_HPARAMS
 FACTS = [("the capital of France is", "France", "Rome"), ("the Louvre is located in the city of", "Louvre", "Berlin")]
 SPLIT = "cpu=140000"  # bytes: the embeddings and decoder layers 0-2 of the tiny model fit, layer 3 onwards does not
 TOO_SMALL = "cpu=130000"  # layer 2, an edited layer, no longer fits
