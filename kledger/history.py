@@ -15,6 +15,8 @@ from .errors import IntegrityError, RevisionError, StateError, UsageError
 from .records import OP_ADD, Commit, Constraint, Fact, Op, constraints_hash, looks_like_id, short
 from .store import Store
 
+TRACKING_KEY = "remote_refs"  # meta: remote → {branch: commit}, kept by kledger.remotes
+
 _BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._/-]+(?<![./])")
 _REV_SUFFIX = re.compile(r"^(.*?)((?:[~^]\d*)+)$")
 
@@ -168,7 +170,7 @@ class History:
         """Remote-tracking refs ("origin/main" → commit), kept by kledger.remotes in meta
         `remote_refs`; those naming a commit not here are left out."""
         try:
-            refs = json.loads(self.store.meta("remote_refs") or "{}")
+            refs = json.loads(self.store.meta(TRACKING_KEY) or "{}")
         except ValueError:
             return {}
         g = self.graph()

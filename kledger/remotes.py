@@ -29,15 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateError, UsageError
-from .history import check_branch_name
-from .records import short
+from .history import TRACKING_KEY, check_branch_name
 from .remote_kinds import REFS_FORMAT, DirRemote, FsRemote, open_remote  # noqa: F401  (re-exported)
 from .store.packs import import_pack, read_pack, write_pack
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
 
-REMOTES_KEY, TRACKING_KEY, PACKS_KEY = "remotes", "remote_refs", "remote_packs"
+REMOTES_KEY, PACKS_KEY = "remotes", "remote_packs"
 SETUP_KEYS = ("model", "hparams", "corpus", "defaults_version")  # what a fingerprint depends on
 PULL_HINT = "run `kledger pull` (or `kledger fetch` and merge), then push again; --force replaces the remote branch"
 
@@ -54,9 +53,18 @@ def remotes(lg: "Ledger") -> dict[str, str]:
     return dict(_meta(lg, REMOTES_KEY))
 
 
-def tracking(lg: "Ledger") -> dict[str, str]:
-    """Remote-tracking refs: "origin/main" → commit."""
-    return {f"{r}/{b}": c for r, refs in _meta(lg, TRACKING_KEY).items() for b, c in refs.items()}
+def _track(lg: "Ledger", name: str, branches: dict[str, str] | None = None,
+           moved: dict[str, str] | None = None) -> None:
+    """Remote `name`'s tracking refs (meta TRACKING_KEY, read by History.tracking): all replaced
+    by `branches`, or only those in `moved` moved; with neither, dropped. In the caller's transaction."""
+    refs = _meta(lg, TRACKING_KEY)
+    if branches is not None:
+        refs[name] = dict(branches)
+    elif moved:
+        refs.setdefault(name, {}).update(moved)
+    else:
+        refs.pop(name, None)
+    lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
 
 
 def _remote(lg: "Ledger", name: str | None) -> tuple[str, Any]:
@@ -89,9 +97,7 @@ def remove_remote(lg: "Ledger", name: str) -> dict:
             raise UsageError(f"no remote named {name!r}", "see `kledger remote list`")
         url = known.pop(name)
         lg.store.set_meta(REMOTES_KEY, json.dumps(known, sort_keys=True))
-        refs = _meta(lg, TRACKING_KEY)
-        refs.pop(name, None)
-        lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
+        _track(lg, name)
     return {"name": name, "url": url}
 
 
@@ -110,11 +116,9 @@ def fetch(lg: "Ledger", name: str | None = None) -> dict:
     _, doc = remote.read_refs()
     doc = doc or {"branches": {}, "packs": []}
     got = _fetch_packs(lg, remote, doc)
-    old = {k.split("/", 1)[1]: v for k, v in tracking(lg).items() if k.startswith(name + "/")}
+    old = {k.split("/", 1)[1]: v for k, v in lg.history.tracking().items() if k.startswith(name + "/")}
     with lg.store.transaction():
-        refs = _meta(lg, TRACKING_KEY)
-        refs[name] = dict(doc["branches"])
-        lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
+        _track(lg, name, doc["branches"])
     moved = {f"{name}/{b}": {"old": old.get(b), "new": c} for b, c in doc["branches"].items() if old.get(b) != c}
     moved.update({f"{name}/{b}": {"old": c, "new": None} for b, c in old.items() if b not in doc["branches"]})
     return {"remote": name, "url": remote.url, **got, "updated": moved}
@@ -186,9 +190,7 @@ def push(lg: "Ledger", name: str | None = None, branch: str | None = None, force
     if not remote.swap_refs(version, doc):
         raise StateError(f"push of {branch} to {name} lost a race: the remote changed while pushing", PULL_HINT)
     with lg.store.transaction():
-        refs = _meta(lg, TRACKING_KEY)
-        refs.setdefault(name, {})[branch] = tip
-        lg.store.set_meta(TRACKING_KEY, json.dumps(refs, sort_keys=True))
+        _track(lg, name, moved={branch: tip})
         if pack_id:
             lg.store.set_meta(PACKS_KEY, json.dumps(sorted(set(_meta(lg, PACKS_KEY) or []) | {pack_id})))
     return {"remote": name, "branch": branch, "old": old, "new": tip, "packs": int(bool(pack_id)), "bytes": nbytes,
@@ -202,13 +204,13 @@ def pull(lg: "Ledger", name: str | None = None, branch: str | None = None, autho
     got = fetch(lg, name)
     branch = branch or lg.current_branch()
     ref = f"{got['remote']}/{branch}"
-    if branch is None or ref not in tracking(lg):
+    cid = lg.history.tracking().get(ref)
+    if branch is None or cid is None:
         raise UsageError(f"remote {got['remote']} has no branch {branch!r}", "give one: kledger pull origin BRANCH")
     if lg.head() is None:
         with lg.store.transaction():
-            lg.store.set_ref(lg.current_branch(), tracking(lg)[ref])
+            lg.store.set_ref(lg.current_branch(), cid)
             lg._changed()
-        cid = tracking(lg)[ref]
         return {"fetch": got, "merge": {"result": "fast-forward", "head": cid,
                                         "added": lg.history.count_in_force(cid), "retracted": 0}}
     return {"fetch": got, "merge": lg.merge(ref, author=author, allow_conflicts=allow_conflicts)}
@@ -259,17 +261,13 @@ def upstream(lg: "Ledger") -> dict | None:
     """The current branch against its remote-tracking ref of the same name (origin first):
     {"ref", "ahead", "behind"}; None when there is none."""
     branch = lg.current_branch()
-    refs = tracking(lg)
+    refs = lg.history.tracking()
     names = sorted({r.split("/", 1)[0] for r in refs}, key=lambda n: (n != "origin", n))
     ref = next((f"{n}/{branch}" for n in names if f"{n}/{branch}" in refs), None)
     if branch is None or ref is None:
         return None
     mine, theirs = lg.head(), refs[ref]
     a = lg.history.ancestors(mine) if mine else set()
-    b = lg.history.ancestors(theirs) if theirs in lg.graph() else set()
+    b = lg.history.ancestors(theirs)
     return {"ref": ref, "commit": theirs, "ahead": len(a - b), "behind": len(b - a)}
 
-
-def describe(moved: dict) -> list[str]:
-    return [f"{ref}: {short(v['old']) if v['old'] else '(new)'} -> {short(v['new']) if v['new'] else '(gone)'}"
-            for ref, v in moved.items()]

@@ -19,7 +19,9 @@ class RemoteVerbs:
 
     def _upstream(self) -> dict | None:
         """kledger.remotes.upstream, for a ledger that tracks a remote; None (nothing imported) else."""
-        if not self.store.meta("remote_refs"):
+        from .history import TRACKING_KEY
+
+        if not self.store.meta(TRACKING_KEY):
             return None
         from . import remotes
 

@@ -158,8 +158,9 @@ def pool(env: Settings, model: str) -> _Pool:
     return _POOLS[key]
 
 
-def _parent_weights(lm: Any, layers: Sequence[int]) -> tuple[str, dict]:
-    """The edited layers' current weights (numpy, canonical) and a key naming them."""
+def _weights(lm: Any, layers: Sequence[int]) -> tuple[str, Any]:
+    """(key, object ref) of the edited layers' current weights (numpy, canonical), put once in
+    Ray's object store for every actor; the key names them, so an actor that holds them skips the copy."""
     from .spec import get_weight
 
     h = hashlib.sha256()
@@ -169,7 +170,7 @@ def _parent_weights(lm: Any, layers: Sequence[int]) -> tuple[str, dict]:
         h.update(f"{la}\0".encode())
         h.update(w.tobytes())
         out[int(la)] = w
-    return h.hexdigest(), out
+    return h.hexdigest(), _ray().put(out)
 
 
 def run_sharded(pool: _Pool, method: str, items: Sequence[Any], args: tuple, weights: tuple[str, Any],
@@ -212,11 +213,6 @@ def run_sharded(pool: _Pool, method: str, items: Sequence[Any], args: tuple, wei
     return [results[i] for i in range(k)]
 
 
-def _weights(lm: Any, layers: Sequence[int]) -> tuple[str, Any]:
-    key, weights = _parent_weights(lm, layers)
-    return key, _ray().put(weights)
-
-
 class RayValues:
     """A stand-in for `optimise_values` (see `kledger.edit.engine.compute_constraints`'s `values`)
     that runs it across the actors of `pool(env, model)`."""
@@ -242,13 +238,11 @@ def evaluate_across(env: Settings, model: str, lm: Any, layers: Sequence[int], f
     """`kledger.edit.evaluate.evaluate_model` of the model as `lm` holds it now (its edited layers'
     weights are sent), its records sharded across the workers; without perplexity (the caller
     measures it). Records are scored independently, so the metrics are those of one process."""
-    from .evaluate import summarize
+    from .evaluate import _mean, record_kind, summarize
 
     got = run_sharded(pool(env, model), "evaluate", list(facts), (bos_id, batch_size, gen_tokens),
                       _weights(lm, layers), progress, stage="records")
     per = [m for r in got for m in r["per_record"]]
-    from .evaluate import _mean, record_kind
-
     metrics: dict[str, Any] = summarize([record_kind(f) for f in facts], per)
     metrics["perplexity"] = None
     metrics["fluency"] = _mean(m["fluency"] for m in per) if gen_tokens > 0 and per else None
