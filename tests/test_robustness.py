@@ -62,6 +62,39 @@ def test_kill_mid_commit_leaves_no_half_commit(proj):
     assert json.loads(subprocess_kledger(["status", "--json"], proj).stdout)["facts_in_force"] == 2
 
 
+def test_ctrl_c_mid_commit_exits_non_zero_and_loses_nothing(proj):
+    """A real SIGINT while `commit` runs (held inside the commit's transaction, after its first
+    write): "error: aborted", exit 1 (docs/exit-codes.md), nothing of the commit, staged facts kept."""
+    import signal
+
+    subprocess_kledger(EIFFEL, proj)
+    before = snapshot(proj / ".kledger")
+    code = textwrap.dedent("""
+        import sys, time
+        from kledger.store import Store
+        put = Store.put_commit
+        def slow(self, commit):
+            cid = put(self, commit)
+            print('inside', file=sys.stderr, flush=True)
+            time.sleep(30)
+            return cid
+        Store.put_commit = slow
+        from kledger.cli import run
+        sys.argv = ['kledger', 'commit', '-m', 'interrupted']
+        run()
+    """)
+    env = {**os.environ, "KLEDGER_AUTHOR": "Ada <ada@example.org>", "KLEDGER_MODEL": "none"}
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=proj, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr.readline().strip() == "inside"
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=30)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 1 and "error: aborted" in rest, (p.returncode, rest)
+    assert snapshot(proj / ".kledger") == before
+
+
 def test_newer_schema_is_refused(proj):
     con = duckdb.connect(str(proj / ".kledger" / "ledger.duckdb"))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")

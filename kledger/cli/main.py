@@ -16,7 +16,7 @@ from .output import JSON_VERSION, _emitted, err, escape
 from .reads import check_utf8
 
 # The order `kledger --help` lists the commands in (each module registers its own on import).
-HELP_ORDER = ("init", "add", "rm", "status", "reset", "commit", "fsck", "export", "conflicts", "check",
+HELP_ORDER = ("init", "add", "rm", "status", "reset", "commit", "fsck", "export", "report", "conflicts", "check",
               "resolve", "relation", "config", "apply", "ask", "replay", "eval", "log", "show", "diff",
               "blame", "branch", "checkout", "revert", "cherry-pick", "merge", "remote", "clone", "fetch", "push",
               "pull")
@@ -76,7 +76,9 @@ def run(argv: list[str] | None = None) -> None:
     _manners(cmd)
     try:
         check_utf8(argv)
-        cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
+        rv = cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C into Exit(130), which click returns instead of raising here
+            _fail("aborted", 1, "aborted")
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
     except typer.Exit as exc:
