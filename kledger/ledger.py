@@ -461,6 +461,13 @@ class Ledger(RemoteVerbs):
         """Write the history as text (kledger.transfer); `Ledger.init_from` replays it."""
         return transfer.write(self.store, out_dir, self.model)
 
+    def report(self, out_file: str | os.PathLike, rev: str | None = None, all_refs: bool = False,
+               evals: Iterable[str | os.PathLike] = ()) -> dict:
+        """Write the audit page of REV's history (kledger.report): one self-contained HTML file."""
+        from . import report
+
+        return report.write(self, Path(out_file), rev, all_refs, [Path(p) for p in evals])
+
     @classmethod
     def init_from(cls, path: str | os.PathLike, source: str | os.PathLike, model: str | None = None,
                   settings: dict | None = None, progress=None, env: Settings | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -416,6 +417,17 @@ def test_eval_plot_history(k, ledger, tmp_path):
     assert set(hist[1]["metrics"]) == {"counterfact", "perplexity", "fluency"}
     r = k("-C", ledger.dir, "eval", "--plot", tmp_path / "t.png", "--no-fluency", "--ppl-tokens", "0")
     assert r.code == 0 and "wrote" in r.err and (tmp_path / "t.png").is_file()
+
+    # the same document, plotted along the history by `kledger report --eval`
+    (tmp_path / "eval.json").write_text(json.dumps(doc))
+    r = k("-C", ledger.dir, "report", "--html", tmp_path / "r.html", "--eval", tmp_path / "eval.json", "--json")
+    assert r.code == 0 and r.json["metric_points"] == 3, r.err
+    page = (tmp_path / "r.html").read_text()
+    data = json.loads(re.search(r'id="kledger-data">(.*?)</script>', page, re.S).group(1))
+    series = {s["name"]: s["ys"] for s in data["metrics"]["series"]}
+    assert series["CounterFact efficacy"] == [p["metrics"]["counterfact"]["efficacy"] for p in hist]
+    assert series["perplexity"] == [p["metrics"]["perplexity"] for p in hist]
+    assert 'id="metrics-rates"' in page and 'id="metrics-perplexity"' in page
 
 
 def test_eval_limit_and_a_revision_with_no_facts(k, model_dir, tmp_path):

@@ -119,7 +119,8 @@ def test_read_commands_do_not_import_torch(proj):
         from kledger.cli.main import run
         cmds = [["status"], ["log"], ["log", "--oneline"], ["show"], ["diff", "HEAD", "HEAD"],
                 ["blame", "Eiffel Tower"], ["branch"], ["fsck"], ["log", "--json"],
-                ["conflicts"], ["conflicts", "--json"], ["check"], ["check", "--staged", "--json"], ["relation"]]
+                ["conflicts"], ["conflicts", "--json"], ["check"], ["check", "--staged", "--json"], ["relation"],
+                ["report", "--html", "report.html"]]
         for c in cmds:
             try:
                 run(c)

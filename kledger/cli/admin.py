@@ -1,4 +1,5 @@
-"""config, fsck, export: the ledger itself: its settings, its integrity, and its history as text.
+"""config, fsck, export, report: the ledger itself: its settings, its integrity, its history as text
+and as an HTML page.
 
 JSON shapes (docs/json.md): `config` → {model, soft_threshold, hparams, corpus} (or the one KEY
 asked for); `fsck` → {ok, commits, facts, problems}; `export` → {path, commits, facts}."""
@@ -78,3 +79,22 @@ def export(out_dir: Path = typer.Argument(..., help="Directory to write commits.
         emit_json("export", res)
     else:
         say(f"Exported {res['commits']} commits and {res['facts']} facts to {escape(res['path'])}")
+
+
+@app.command()
+def report(rev: str | None = typer.Argument(None, help="Revision whose history to show (default HEAD)."),
+           html: Path = typer.Option(..., "--html", help="The HTML file to write (one self-contained page)."),
+           all_: bool = typer.Option(False, "--all", help="Commits reachable from any branch."),
+           evals: list[Path] = typer.Option([], "--eval", help="A `kledger eval --json` output to plot along the "
+                                            "history (repeatable)."),
+           json_: bool = JSON_OPT) -> None:
+    """Write an audit page: the commit graph, each fact's history, conflicts and eval metrics, as one HTML file."""
+    want_json(json_)
+    with open_ledger() as ledger:
+        res = ledger.report(html, rev, all_, evals)
+    if json_:
+        emit_json("report", res)
+    else:
+        say(f"Wrote {escape(res['path'])}: {res['commits']} commits, {res['facts']} facts, "
+            f"{res['open_conflicts']} open and {res['decided_conflicts']} decided conflicts, "
+            f"{res['metric_points']} eval point(s)")

@@ -401,6 +401,12 @@ class Store(Chains, Scans):
             "SELECT DISTINCT commit_id FROM commit_ops WHERE commit_id IN (SELECT unnest(?::VARCHAR[])) "
             "AND fact_id IN (SELECT unnest(?::VARCHAR[]))", [commit_ids, list(fact_ids)]).fetchall()}
 
+    def ops_in(self, commit_ids: list[str]) -> list[tuple[str, str, str]]:
+        """(fact id, commit id, op) of every op of these commits, in commit order then position."""
+        return self.con.execute(
+            "SELECT o.fact_id, o.commit_id, o.op FROM commit_ops o JOIN commits c ON c.id = o.commit_id "
+            "WHERE o.commit_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY c.seq, o.pos", [commit_ids]).fetchall()
+
     # ----------------------------------------------------------------- staging
     def staged(self) -> list[Op]:
         return [Op(op, fid) for op, fid in
