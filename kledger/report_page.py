@@ -80,7 +80,7 @@ function pager(name, total, render) {
 // ---------------------------------------------------------------- commits
 let commitRows = DATA.commits.map((c, i) => i);
 function drawGraph(svg, lo, hi) {
-  const width = (Math.max(0, ...DATA.commits.map(c => c.col), ...DATA.edges.map(e => e[2])) + 1) * LANE + 6;
+  const width = DATA.lanes * LANE + 6;
   svg.setAttribute("width", width); svg.setAttribute("height", (hi - lo) * ROW + ROW);
   const x = c => 8 + c * LANE, y = r => ROW + (r - lo) * ROW + ROW / 2;
   for (const [child, parent, lane] of DATA.edges) {
