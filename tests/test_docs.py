@@ -26,10 +26,16 @@ FAILS = re.compile(r"#\s*fails:\s*exit\s+(\d+)\s*$")
 MARK = "@@kledger-docs-step"
 
 
-def tutorial_steps() -> list[tuple[str, int]]:
-    """(command, expected exit code) for every `$ ` line of the tutorial's console blocks."""
+def tutorial_steps(doc: Path = DOCS / "tutorial.md", section: str | None = None) -> list[tuple[str, int]]:
+    """(command, expected exit code) for every `$ ` line of the console blocks of `doc` (of its
+    `## section` only, if given)."""
     steps, in_console, pending = [], False, None
-    for line in (DOCS / "tutorial.md").read_text(encoding="utf-8").splitlines():
+    lines = doc.read_text(encoding="utf-8").splitlines()
+    if section is not None:
+        start = lines.index(f"## {section}") + 1
+        end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines = lines[start:end]
+    for line in lines:
         s = line.strip()
         if s.startswith("```"):
             in_console = (not in_console) and s[3:].strip() == "console"
@@ -65,16 +71,33 @@ def _script(steps: list[tuple[str, int]], rc_file: Path) -> str:
 def test_tutorial_runs(tmp_path):
     steps = tutorial_steps()
     assert len(steps) > 20, "the tutorial should have its commands in ```console blocks"
+    _run_steps(steps, tmp_path, timeout=300)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (DATA / "counterfact-train.json").is_file(), reason="shared data not found")
+def test_readme_using_it_runs_as_written(tmp_path):
+    """The README's "Using it", top to bottom as written, on the real default model, in a new
+    folder beside the shared data (as the README says: `../shared/data` is found from it)."""
+    steps = tutorial_steps(REPO / "README.md", "Using it")
+    assert len(steps) > 15 and steps[0][0].startswith("kledger init")
+    (tmp_path / "shared").symlink_to(DATA.parent)
+    _run_steps(steps, tmp_path, timeout=1500, work_name="try")
+    assert (tmp_path / "try" / "report.html").is_file() and (tmp_path / "try" / "history.png").is_file()
+
+
+def _run_steps(steps: list[tuple[str, int]], tmp_path: Path, timeout: int, work_name: str = "work") -> None:
     rc_file = tmp_path / "rc.txt"
-    work = tmp_path / "work"
+    work = tmp_path / work_name
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEDGER_")}
+    keep = ("KLEDGER_DEVICE", "KLEDGER_CACHE")  # the caches of the model and the corpus are shared
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEDGER_") or k in keep}
     env.update({"DATA": str(DATA), "KLEDGER_AUTHOR": "Ada <ada@example.org>",
                 "KLEDGER_DATE": "2026-01-01T00:00:00+00:00", "KLEDGER_LOCK_WAIT": "5",
                 "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
                 "NO_COLOR": "1", "COLUMNS": "120"})
     proc = subprocess.run(["bash", "--noprofile", "--norc", "-c", _script(steps, rc_file)], cwd=work, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     codes = {}
     if rc_file.exists():
         for line in rc_file.read_text().splitlines():

@@ -228,3 +228,22 @@ def test_a_prompt_longer_than_the_context_is_refused_before_measuring(model_dir,
         with pytest.raises(InputError, match=r"128.*context|context.*128"):
             lg.commit("too long", author="t")
     assert snapshot(tmp_path / ".kledger") == before
+
+
+@pytest.mark.parametrize("n, warned", [(99, False), (100, True)])
+def test_a_large_model_commit_says_what_it_costs_before_it_starts(k, model_dir, monkeypatch, n, warned):
+    """`commit` on a model ledger warns before measuring 100 facts or more; here the commit itself is
+    interrupted at once (as Ctrl-C would), and the ledger keeps its staged facts."""
+    assert k("init", "--model", str(model_dir)).code == 0
+    facts = [Fact.create(f"The colour of thing {i} is", f"colour {i}", f"thing {i}") for i in range(n)]
+    with Ledger.open(".", write=True) as lg:
+        lg.add(facts)
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "commit", interrupted)
+    r = k("commit", "-m", "many")
+    assert r.code == 1 and "aborted" in r.err, (r.code, r.err, r.out)
+    assert (f"this commit measures {n} facts on the model" in r.err) == warned, r.err
+    assert k("status", "--json").json["staged"].__len__() == n

@@ -166,6 +166,7 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
     want_json(json_)
     scale_out(workers, ray)
     with open_ledger() as ledger, progress_bar() as progress:
+        _warn_if_large(ledger)
         cid = ledger.commit(message, author=author, allow_conflicts=allow_conflicts, progress=progress)
         info = ledger.show(cid)
         branch = ledger.current_branch()
@@ -180,3 +181,17 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
             f"(+{info['added']} / -{info['retracted']} facts)")
 
 
+
+
+LARGE_COMMIT = 100  # staged facts from which a commit on a model ledger warns of its cost first
+
+
+def _warn_if_large(ledger) -> None:
+    """Before a model-ledger commit of many facts: say that measuring them takes minutes."""
+    if not (ledger.has_model and ledger.measured):
+        return
+    n = sum(1 for s in ledger.status()["staged"] if s["op"] == "add")
+    if n >= LARGE_COMMIT:
+        say(f"[yellow]note:[/] this commit measures {n} facts on the model: about {max(1, round(n * 4 / 60))} min "
+            "on one CPU core (about 4 s a fact, docs/performance.md), far less on a GPU. Ctrl-C stops it "
+            "and leaves the ledger as it was.")
