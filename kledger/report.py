@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from . import __version__
 from .errors import InputError, UsageError
-from .records import normalize, relation_key
+from .records import OP_ADD, normalize, relation_key
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -113,10 +113,18 @@ def _fact_histories(ledger: "Ledger", index: dict[str, int], in_force: set[str])
     for fid, cid, op in ledger.store.ops_in(list(index)):
         events.setdefault(fid, []).append([index[cid], op])
     facts = ledger.store.facts(events)
+    # a change: in one commit, a fact retracted and another added with the same subject and relation
+    moved: dict[tuple, dict[str, list[str]]] = {}
+    for fid, evs in events.items():
+        for row, op in evs:
+            moved.setdefault((row, facts[fid].key), {}).setdefault(op, []).append(facts[fid].target)
     rows = []
     for fid, evs in events.items():
         f = facts[fid]
         evs.sort(key=lambda ev: -ev[0])  # rows are newest first: the oldest event has the largest row
+        for ev in evs:  # [row, op, the other side's objects when the commit changed the fact]
+            other = moved[(ev[0], f.key)].get("retract" if ev[1] == OP_ADD else OP_ADD, [])
+            ev.append([t for t in other if t != f.target])
         rows.append({"id": fid, "subject": f.subject, "relation": f.relation, "prompt": f.prompt,
                      "target": f.target, "target_true": f.target_true, "in_force": fid in in_force,
                      "events": evs})

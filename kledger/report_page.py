@@ -125,9 +125,10 @@ document.getElementById("commit-filter").addEventListener("input", ev => {
 });
 // ---------------------------------------------------------------- facts
 let factRows = DATA.facts.map((f, i) => i);
-function factEvent([row, op]) {
+function factEvent([row, op, other]) {
   const c = DATA.commits[row];
-  const verb = op === "add" ? "added" : "retracted";
+  let verb = op === "add" ? "added" : "retracted";
+  if (other && other.length) verb = op === "add" ? `changed from ${other.join(", ")}` : `changed to ${other.join(", ")}`;
   return el("div", {"class": "ev"}, el("span", {"class": op === "add" ? "add" : "ret"}, verb), " in ",
     el("a", {"class": "id", "href": "#c-" + c.id, "title": c.id}, short(c.id)), ` by ${c.author}, ${c.date.slice(0, 10)}: `,
     el("span", {"class": "muted"}, firstLine(c.message)));

@@ -72,8 +72,9 @@ def test_collect_facts_conflicts_and_graph(k, tmp_path):
     facts = {(f["subject"], f["target"]): f for f in data["facts"]}
     paris = facts[("France", "Paris")]
     assert not paris["in_force"]
-    assert [(data["commits"][row]["message"], op) for row, op in paris["events"]] == [
-        ("France", "add"), ("Resolve france · capital: keep lyon", "retract")]
+    assert [(data["commits"][row]["message"], op, other) for row, op, other in paris["events"]] == [
+        ("France", "add", []), ("Resolve france · capital: keep lyon", "retract", ["Lyon"])]
+    assert [other for _, _, other in facts[("France", "Lyon")]["events"]] == [["Paris"]]  # a change, both ways
     assert facts[("France", "Lyon")]["in_force"] and facts[("Italy", "Rome")]["in_force"]
     (open_,), (decided,) = data["conflicts"]["open"], data["conflicts"]["decided"]
     assert open_["subject"] == "italy" and sorted(open_["objects"]) == ["milan", "rome"]
@@ -208,6 +209,7 @@ def test_page_in_chromium(browser, k, tmp_path):
     assert page.locator("tr.open-conflict").count() == 1 and page.locator("tr.decided-conflict").count() == 1
     assert page.locator("#conflict-graph .node").count() == 4
     assert page.locator("tr.fact", has_text=evil).count() == 1  # shown as text, not run
+    assert page.locator("tr.fact", has_text="France is Paris").locator(".ev").nth(1).inner_text().startswith("changed to Lyon in")
     page.fill("#fact-filter", "italy")
     assert page.locator("tr.fact").count() == 2
     page.select_option("#fact-state", "out")
