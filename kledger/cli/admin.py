@@ -83,9 +83,9 @@ def export(out_dir: Path = typer.Argument(..., help="Directory to write commits.
 
 @app.command()
 def report(rev: str | None = typer.Argument(None, help="Revision whose history to show (default HEAD)."),
-           html: Path = typer.Option(..., "--html", help="The HTML file to write (one self-contained page)."),
+           html: Path = typer.Option(..., "--html", metavar="FILE", help="The HTML file to write (one self-contained page)."),
            all_: bool = typer.Option(False, "--all", help="Commits reachable from any branch."),
-           evals: list[Path] = typer.Option([], "--eval", help="A `kledger eval --json` output to plot along the "
+           evals: list[Path] = typer.Option([], "--eval", metavar="EVAL_JSON", help="A `kledger eval --json` output to plot along the "
                                             "history (repeatable)."),
            json_: bool = JSON_OPT) -> None:
     """Write an audit page: the commit graph, each fact's history, conflicts and eval metrics, as one HTML file."""
