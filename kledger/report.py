@@ -65,6 +65,9 @@ def write(ledger: "Ledger", out_file: Path, rev: str | None, all_refs: bool, eva
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out_file)
+    except OSError as exc:
+        raise InputError(f"cannot write the report to {out_file}: {exc.strerror or type(exc).__name__}",
+                         "give a file path in a folder you can write to") from None
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(out_file), "bytes": len(text.encode("utf-8")), "revision": data["revision"],

@@ -139,6 +139,21 @@ def test_bad_input_is_one_line_and_writes_nothing(k, tmp_path, args, code, words
     assert not (tmp_path / "r.html").exists() and snapshot(tmp_path / ".kledger") == before
 
 
+def test_an_unwritable_folder_is_one_line(k, tmp_path):
+    _history(k)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root writes anyway: a folder no one can create files in
+            r = k("report", "--html", "/proc/kledger-report.html")
+        else:
+            r = k("report", "--html", ro / "r.html")
+    finally:
+        ro.chmod(0o700)
+    assert r.code == 2 and "cannot write the report" in r.err and r.err.strip().count("\n") == 0, r.err
+
+
 def test_empty_ledger_and_all_branches(k, tmp_path):
     assert k("init").code == 0
     assert k("report", "--html", tmp_path / "e.html").code == 0
