@@ -176,6 +176,7 @@ def score(a: argparse.Namespace) -> None:
                     continue
                 if key.startswith("base") and (done := _base_scores(Path(a.settings_dir), res["start"], key)):
                     scores[key] = done  # the same records on the same base model
+                    (d / "scores.json").write_text(json.dumps(scores, indent=1))
                     continue
                 for la, W in W0.items():
                     set_weight(lm.model, lm.spec, la, weights.get(la, W))
