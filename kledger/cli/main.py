@@ -77,8 +77,12 @@ def run(argv: list[str] | None = None) -> None:
     try:
         check_utf8(argv)
         rv = cmd.main(args=argv or ["--help"], prog_name="kledger", standalone_mode=False)
-        if rv == 130:  # typer turns Ctrl-C into Exit(130), which click returns instead of raising here
+        # Not standalone, click returns an Exit's code instead of raising it; typer turns Ctrl-C
+        # into Exit(130). Any other code is passed on as it is.
+        if rv == 130:
             _fail("aborted", 1, "aborted")
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except KledgerError as exc:
         _fail(exc.one_line(), exc.exit_code, exc.kind)
     except typer.Exit as exc:

@@ -181,8 +181,6 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
             f"(+{info['added']} / -{info['retracted']} facts)")
 
 
-
-
 LARGE_COMMIT = 100  # staged facts from which a commit on a model ledger warns of its cost first
 
 
