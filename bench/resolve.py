@@ -49,6 +49,98 @@ def corpus_c0(lm, hp, spec: str) -> dict:
     return c0
 
 
+def entity_moment(lm, hp, spec: str) -> tuple[dict, int]:
+    """E per layer: the mean of k kᵀ over the keys at the last token of capitalised names (one or
+    more capitalised words, a lone capitalised word after a sentence start left out) in a text.
+    `spec` is `wikitext:N` (the first N tokens of the WikiText-2 test file) or `sampled` (the
+    default corpus). Names are where subjects live; C0's mean over every token weights them
+    little."""
+    import re
+
+    import torch
+    from sweep import DATA, OUT
+
+    from kledger.edit.hooks import boundary_token, capture_down_inputs, pad_batch, pad_id_of, run_until
+    from kledger.edit.stats import SAMPLED_TOKENS, default_corpus
+    from kledger.edit.weights import corpus_cache_root
+    from kledger.settings import Settings
+
+    cached = OUT.parent / f"entity-{spec.replace(':', '')}-{'-'.join(map(str, hp.layers))}.pt"
+    if cached.exists():
+        return torch.load(cached), 0
+    kind, *rest = spec.split(":")
+    n = int(rest[0]) if rest else 100_000
+    if kind == "wikitext":
+        text = (DATA / "wikitext-2-test.raw").read_text(encoding="utf-8")
+    else:
+        text = default_corpus(lm, SAMPLED_TOKENS, seed=hp.seed, sampler=hp.c0_sampler,
+                              cache_dir=corpus_cache_root(Settings.from_env()))
+    tok, bos = lm.tokenizer, boundary_token(lm.tokenizer, hp.bos)
+    name = re.compile(r"[A-Z][a-zA-Z]+(?:[ -][A-Z][a-zA-Z]+)*")
+    seqs, marks, used = [], [], 0
+    for para in (p for p in text.split("\n") if len(p.strip()) > 20):
+        enc = tok(para, add_special_tokens=False, return_offsets_mapping=True)
+        ends = set()
+        for m in name.finditer(para):
+            before = para[:m.start()].rstrip()
+            if " " not in m.group() and "-" not in m.group() and (not before or before[-1] in ".!?:=\"'"):
+                continue
+            ends.add(m.end())
+        for lo in range(0, len(enc.input_ids), hp.c0_seq_len):
+            ids = enc.input_ids[lo:lo + hp.c0_seq_len]
+            offs = enc.offset_mapping[lo:lo + hp.c0_seq_len]
+            pos = [i + (bos is not None) for i, (_, e) in enumerate(offs) if e in ends]
+            if pos:
+                seqs.append(([bos] if bos is not None else []) + list(ids))
+                marks.append(pos)
+            used += len(ids)
+        if used >= n:
+            break
+    d_in = lm.model.config.intermediate_size
+    sums = {la: torch.zeros(d_in, d_in, dtype=torch.float64) for la in hp.layers}
+    count = 0
+    for b in range(0, len(seqs), 16):
+        padded = pad_batch(seqs[b:b + 16], pad_id_of(tok))
+        with torch.no_grad(), capture_down_inputs(lm.model, lm.spec, hp.layers, stop_after=max(hp.layers)) as got:
+            run_until(lm.model, padded.input_ids, padded.attention_mask)
+        for la in hp.layers:
+            x = torch.cat([got[la][j, marks[b + j]] for j in range(len(marks[b:b + 16]))]).double()
+            sums[la] += x.T @ x
+        count += sum(len(m) for m in marks[b:b + 16])
+    print(f"E from {spec}: {count} name tokens in {used} tokens", file=sys.stderr, flush=True)
+    E = {la: s / count for la, s in sums.items()}
+    torch.save(E, cached)
+    return E, count
+
+
+def refreshed(lm, hp, res: dict, batches: list, c0: dict, lam: float) -> dict:
+    """The same solve with every fact's keys measured again where the facts now stand, bottom up
+    (layer l's keys with layers below it already re-solved), and the stored values kept: whether
+    the keys' drift under later edits is what erodes the early edits. One pass is a fixed point
+    (a layer's keys depend only on the layers below it)."""
+    import torch
+    from sweep import records
+
+    from kledger.edit.engine import EditRequest, measure, prepare
+    from kledger.edit.solve import solve_history
+    from kledger.edit.spec import get_weight, set_weight
+
+    n = sum(b[hp.layers[0]][0].shape[0] for b in batches)
+    toks = prepare(lm, [EditRequest(f.prompt, f.subject, f.target) for f in records(n, res["start"])], hp)
+    W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}  # the base model's
+    W = {}
+    try:
+        for la in hp.layers:
+            K = torch.cat([measure(lm, toks[i:i + 100], la, la, hp.bare_key_weight)[0] for i in range(0, n, 100)])
+            V = torch.cat([b[la][1] for b in batches])
+            W[la] = solve_history(W0[la], [(K, V)], c0[la], lam, "accumulated").float()
+            set_weight(lm.model, lm.spec, la, W[la])
+    finally:
+        for la in hp.layers:
+            set_weight(lm.model, lm.spec, la, W0[la])
+    return W
+
+
 def main() -> None:
     import torch
     from sweep import OUT, load
@@ -62,6 +154,9 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=None, help="λ (default: the run's own)")
     ap.add_argument("--corpus", default="sampled")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--entity", default=None, help="add μ × E (entity_moment) to λ C0: wikitext:N or sampled")
+    ap.add_argument("--mu", type=float, default=0.0, help="the weight μ of E (per-token mean, like λ)")
+    ap.add_argument("--refresh-keys", action="store_true", help="measure every fact's keys again (see refreshed)")
     a = ap.parse_args()
     src = OUT / a.run
     saved = torch.load(src / "state.pt", weights_only=False)
@@ -72,16 +167,27 @@ def main() -> None:
         raise SystemExit(f"--at must be a multiple of {res['batch']} up to {len(saved['stored']) * res['batch']}")
     batches = saved["stored"][:a.at // res["batch"]]
     lm, hp = load(res.get("defaults_version", 1))
-    hp = hp.with_(**{k: v for k, v in res["hparams"].items() if k in ("lam", "layers", "bos", "c0_seq_len", "seed")})
+    hp = hp.with_(**{k: (tuple(v) if k == "layers" else v) for k, v in res["hparams"].items()})
     lam = a.lam or hp.lam
     name = a.name or f"{a.run}-lam{lam:g}-{a.corpus.replace(':', '')}"
     c0 = corpus_c0(lm, hp, a.corpus)
+    if a.entity and a.mu:
+        E, _ = entity_moment(lm, hp, a.entity)
+        c0 = {la: c0[la] + (a.mu / lam) * E[la] for la in c0}  # λ C0 + μ E
+        name = a.name or f"{name}-E{a.entity.replace(':', '')}-mu{a.mu:g}"
+    if a.refresh_keys:
+        name = a.name or f"{name}-refresh"
     dst = OUT / name
     dst.mkdir(parents=True, exist_ok=True)
-    W = {la: solve_history(get_weight(lm.model, lm.spec, la).double(), [b[la] for b in batches], c0[la], lam,
-                           "accumulated").float() for la in hp.layers}
+    if a.refresh_keys:
+        W = refreshed(lm, hp, res, batches, c0, lam)
+    else:
+        W = {la: solve_history(get_weight(lm.model, lm.spec, la).double(), [b[la] for b in batches], c0[la], lam,
+                               "accumulated").float() for la in hp.layers}
     torch.save(W, dst / f"w{a.at}.pt")
-    res.update(setting=f"{res['setting']} re-solved: λ {lam:g}, C0 {a.corpus}", n=a.at, checkpoints=[a.at],
+    extra = f", + {a.mu:g} E({a.entity})" if a.entity and a.mu else ""
+    extra += ", keys measured again" if a.refresh_keys else ""
+    res.update(setting=f"{res['setting']} re-solved: λ {lam:g}, C0 {a.corpus}{extra}", n=a.at, checkpoints=[a.at],
                resolved_from=a.run, seconds_per_fact=res.get("seconds_per_fact"), mean_steps=res.get("mean_steps"))
     res.pop("batches", None)
     (dst / "result.json").write_text(json.dumps(res, indent=1))

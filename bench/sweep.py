@@ -118,10 +118,17 @@ def edit(a: argparse.Namespace) -> None:
     reqs = [EditRequest(f.prompt, f.subject, f.target) for f in facts]
     W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     c0 = c0_for(lm, hp)
+    if a.entity and a.mu:  # λ C0 + μ E: names' keys weighted beside the corpus's (bench/resolve.py)
+        from resolve import entity_moment
+
+        E, _ = entity_moment(lm, hp, a.entity)
+        c0 = {la: c0[la] + (a.mu / hp.lam) * E[la] for la in c0}
     stored: list[dict] = []
-    result: dict[str, Any] = {"setting": a.setting, "defaults_version": a.defaults_version,
+    label = a.setting + (f" + {a.mu:g} E({a.entity})" if a.entity and a.mu else "")
+    result: dict[str, Any] = {"setting": label, "defaults_version": a.defaults_version,
                               "hparams": hp.to_dict(), "n": a.n, "batch": a.batch,
-                              "start": a.start, "threads": torch.get_num_threads(), "batches": []}
+                              "start": a.start, "threads": torch.get_num_threads(), "batches": [],
+                              **({"entity": a.entity, "mu": a.mu} if a.entity and a.mu else {})}
     if state_path.exists():  # resume: the accumulated solve of the stored batches is the state
         saved = torch.load(state_path, weights_only=False)
         stored, result = saved["stored"], saved["result"]
@@ -238,6 +245,8 @@ def main() -> None:
     e.add_argument("--checkpoints", default="100,200,300,500,1000")
     e.add_argument("--defaults-version", type=int, default=SWEEP_BASE_VERSION,
                    help="the version of kledger's default hyper-parameters the setting overrides")
+    e.add_argument("--entity", default=None, help="add μ E, the names' key moment (bench/resolve.py), to λ C0")
+    e.add_argument("--mu", type=float, default=0.0)
     for p in (e, sub.add_parser("score"), sub.add_parser("table")):
         p.add_argument("--settings-dir", default=str(OUT))
     sub.choices["score"].add_argument("--base", action="store_true", help="also score the unedited model")

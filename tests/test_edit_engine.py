@@ -390,6 +390,35 @@ def test_later_hparams_fields_keep_old_fingerprints():
         HParams(spread_passes=0)
 
 
+def test_bare_key_weight_weighs_the_bare_prompts_key_and_keeps_old_fingerprints():
+    """A key is the mean over the contexts (bare_key_weight 0, the default, left out of the
+    fingerprint) or the given weight on the bare prompt's key and the rest on the prefixed ones';
+    the stored keys and the soft-conflict keys follow it, and the model still holds the solve."""
+    from kledger.edit.engine import context_mean, first_keys, measure, prepare, spread
+
+    x = torch.arange(24, dtype=torch.float32).view(2, 4, 3)  # [N, C, d]
+    assert torch.equal(context_mean(x), x.mean(1))
+    assert torch.allclose(context_mean(x, 0.5), 0.5 * x[:, 0] + 0.5 * x[:, 1:].mean(1))
+    assert torch.equal(context_mean(x[:, :1], 0.5), x[:, 0])  # no prefixes: the bare key
+    lm, c0, W0 = setup()
+    hp = HP.with_(bare_key_weight=0.75)
+    toks = prepare(lm, FACTS[:3], hp)
+    plain = first_keys(lm, toks, hp.layers[0])
+    weighted = first_keys(lm, toks, hp.layers[0], hp.bare_key_weight)
+    assert not torch.allclose(plain, weighted)
+    assert torch.allclose(measure(lm, toks, hp.layers[0], hp.layers[-1], 0.75)[0], weighted, atol=1e-5)
+    z, _ = optimise_values(lm, toks, hp)
+    new = spread(lm, toks, z, hp, c0, W0, {})
+    assert torch.allclose(new[hp.layers[0]][0], weighted, atol=1e-5)
+    for la in hp.layers:
+        assert rel_fro(get_weight(lm.model, lm.spec, la), solve_history(W0[la], [new[la]], c0[la], hp.lam)) < 1e-9
+    assert "bare_key_weight" not in HP.to_dict() and hp.fingerprint() != HP.fingerprint()
+    assert HParams.from_dict(hp.to_dict()) == hp
+    for bad in (-0.1, 1.0):
+        with pytest.raises(InputError, match="bare_key_weight"):
+            HParams(bare_key_weight=bad)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
 def test_running_only_the_layers_above_equals_every_layer(kind):
     """Later steps run only the decoder layers above the one δ is added to (its output, which δ

@@ -535,7 +535,7 @@ class Editor:
             return {}
         hp = self.hparams
         toks = prepare(self.lm, [EditRequest(f.prompt, f.subject, f.target) for f in facts], hp)
-        K = first_keys(self.lm, toks, hp.layers[0])
+        K = first_keys(self.lm, toks, hp.layers[0], hp.bare_key_weight)
         return {f.id: K[i].to(torch.float32).numpy() for i, f in enumerate(facts)}
 
     def probe(self, pairs: Sequence[tuple[str, str]]) -> list[float]:

@@ -392,22 +392,33 @@ def _at_subjects(lm: Any, toks: Sequence[_Tokens]) -> tuple[Any, torch.Tensor, t
     return batch, rows, cols
 
 
+def context_mean(x: torch.Tensor, bare_weight: float = 0.0) -> torch.Tensor:
+    """[N, C, d] → [N, d]: the mean over the contexts, or with `bare_weight` > 0 that weight on
+    context 0 (the bare prompt) and the rest shared evenly by the prefixed contexts."""
+    C = x.shape[1]
+    if bare_weight <= 0 or C == 1:
+        return x.mean(1)
+    return bare_weight * x[:, 0] + (1 - bare_weight) * x[:, 1:].mean(1)
+
+
 @torch.no_grad()
-def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at `layer` ([N, d_in], mean over contexts) and the residual at `z_layer` ([N, d],
-    bare prompt), at the subject's last token, with the model's current weights; both on the CPU."""
+def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int,
+            bare_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` ([N, d_in], `context_mean` over contexts) and the residual at `z_layer`
+    ([N, d], bare prompt), at the subject's last token, with the model's current weights; both
+    on the CPU."""
     N, C = len(toks), len(toks[0].ctx)
     batch, rows, cols = _at_subjects(lm, toks)
     with capture_down_inputs(lm.model, lm.spec, [layer]) as keys, \
             capture_residual(lm.model, lm.spec, z_layer, stop=True) as res:
         run_until(lm.model, batch.input_ids, batch.attention_mask)
-    K = keys[layer][rows, cols].float().view(N, C, -1).mean(1)  # [N, d_in]
+    K = context_mean(keys[layer][rows, cols].float().view(N, C, -1), bare_weight)  # [N, d_in]
     z = res[z_layer][rows, cols].float().view(N, C, -1)[:, 0]  # [N, d]
     return K.cpu(), z.cpu()
 
 
 @torch.no_grad()
-def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int) -> torch.Tensor:
+def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int, bare_weight: float = 0.0) -> torch.Tensor:
     """Keys at `layer` ([N, d_in] on the CPU, mean over contexts) as `measure` gives them, with
     the forward ended after that layer's down-projection. At the first edited layer they depend
     only on unedited weights, so they are the keys a commit will store, known before any value is
@@ -416,7 +427,7 @@ def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int) -> torch.Tensor:
     batch, rows, cols = _at_subjects(lm, toks)
     with capture_down_inputs(lm.model, lm.spec, [layer], stop_after=layer) as keys:
         run_until(lm.model, batch.input_ids, batch.attention_mask)
-    return keys[layer][rows, cols].float().view(N, C, -1).mean(1).cpu()
+    return context_mean(keys[layer][rows, cols].float().view(N, C, -1), bare_weight).cpu()
 
 
 def _batches(c: LayerConstraints | None) -> list[KV]:
@@ -460,7 +471,7 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     for step in range(steps):
         i, layer = step % len(hp.layers), hp.layers[step % len(hp.layers)]
         report(progress, "layers", step, steps)
-        K, z_cur = measure(lm, toks, layer, L)  # [N, d_in], [N, d]
+        K, z_cur = measure(lm, toks, layer, L, hp.bare_key_weight)  # [N, d_in], [N, d]
         resid = (z - z_cur) / (len(hp.layers) - i)  # [N, d]
         if layer in new:  # a later pass: push the value out by the share still missing
             V = (new[layer][1].double() + resid.double()).float()

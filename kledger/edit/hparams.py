@@ -13,7 +13,7 @@ from ..errors import InputError
 
 BOS_MODES = ("auto", "always", "never")
 # fields added after the first release, with the value that behaves as kledger did before them
-LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1}
+LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class HParams:
     # contexts for keys and values
     n_prefixes: int = 5  # seeded short prefix contexts besides the bare prompt
     prefix_len: int = 8  # tokens per generated prefix
+    # a key is the mean over the contexts (0), or this weight on the bare prompt's key and the
+    # rest on the prefixed contexts' mean
+    bare_key_weight: float = 0.0
     seed: int = 0
     bos: str = "auto"  # prepend a document-boundary token: auto (if the tokenizer adds none), always, never
     # C0
@@ -41,7 +44,6 @@ class HParams:
     # out by the residual still missing at the last edited layer (the λC0 solve lands only part of
     # a value), so the edit lands as optimised
     spread_passes: int = 1
-
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.layers)
         object.__setattr__(self, "layers", layers)
@@ -62,6 +64,9 @@ class HParams:
             raise InputError(f"c0_sampler must be 1 or 2, got {self.c0_sampler!r}", "e.g. --set c0_sampler=2")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1 or self.spread_passes < 1:
             raise InputError("steps, prefix_len, c0_tokens and spread_passes must be >= 1 and n_prefixes >= 0")
+        if not 0 <= self.bare_key_weight < 1:
+            raise InputError(f"bare_key_weight must be at least 0 and below 1, got {self.bare_key_weight!r}",
+                             "e.g. --set bare_key_weight=0.5")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, except those added after the first release while they hold the value that
