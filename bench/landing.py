@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+GROUPS = (("starts with the subject", True), ("words before the subject", False))
+
 
 def single(lm, hp, facts, c0) -> list[dict]:
     from neighbours import per_record
@@ -58,8 +60,9 @@ def drift(lm, hp, facts, run_dir: Path, at: int, weights: dict, gone: set[int]) 
     checkpoint's weights and the key stored when it was committed, for the facts whose new object
     fell below 0.05 and for the rest."""
     import torch
+    from resolve import measured_keys
 
-    from kledger.edit.engine import EditRequest, measure, prepare
+    from kledger.edit.engine import EditRequest, prepare
     from kledger.edit.spec import get_weight, set_weight
 
     saved = torch.load(run_dir / "state.pt", weights_only=False)["stored"]
@@ -71,7 +74,7 @@ def drift(lm, hp, facts, run_dir: Path, at: int, weights: dict, gone: set[int]) 
     try:
         for la in hp.layers:
             stored = torch.cat([c[la][0] for c in saved])[:at]
-            now = torch.cat([measure(lm, toks[i:i + 100], la, la, hp.bare_key_weight)[0] for i in range(0, at, 100)])
+            now = measured_keys(lm, toks, la, hp.bare_key_weight)
             rel = (now - stored).norm(dim=1) / stored.norm(dim=1)
             mask = torch.tensor([i in gone for i in range(at)])
             out[la] = {"gone": round(float(rel[mask].mean()), 3) if mask.any() else None,
@@ -101,7 +104,7 @@ def main() -> None:
     per = per_record(lm, facts, weights)
     report: dict = {"run": a.run, "at": a.at, "groups": {}, "never": []}
     print(f"# {a.run} at {a.at} edits\n\n| prompt | records | efficacy | mean P(new) | P(new) < 0.05 |\n| --- | --- | --- | --- | --- |")
-    for name, first in (("starts with the subject", True), ("words before the subject", False)):
+    for name, first in GROUPS:
         rows = [m for f, m in zip(facts, per) if f.prompt.startswith(f.subject) == first]
         if not rows:
             continue
@@ -110,10 +113,10 @@ def main() -> None:
              "never": sum(m["p_new_prompt"] < 0.05 for m in rows)}
         report["groups"][name] = g
         print(f"| {name} | {g['records']} | {g['efficacy']} | {g['p_new']} | {g['never']} |")
-    report["never"] = [{"position": i, "prompt": f.prompt, "target": f.target, "p_new": round(m["p_new_prompt"], 4)}
-                       for i, (f, m) in enumerate(zip(facts, per)) if m["p_new_prompt"] < 0.05]
-    gone = {i for i, m in enumerate(per) if m["p_new_prompt"] < 0.05}
-    report["key_drift"] = drift(lm, hp, facts, OUT / a.run, a.at, weights, gone)
+    gone = [i for i, m in enumerate(per) if m["p_new_prompt"] < 0.05]
+    report["never"] = [{"position": i, "prompt": facts[i].prompt, "target": facts[i].target,
+                        "p_new": round(per[i]["p_new_prompt"], 4)} for i in gone]
+    report["key_drift"] = drift(lm, hp, facts, OUT / a.run, a.at, weights, set(gone))
     print("\n| layer | key drift, facts below 0.05 | key drift, the rest |\n| --- | --- | --- |")
     for la, d in report["key_drift"].items():
         print(f"| {la} | {d['gone']} | {d['rest']} |")
@@ -122,7 +125,7 @@ def main() -> None:
         report["single"] = got
         print("\n| one edit on the base model | records | realised share at the last edited layer | P(new) after writing |")
         print("| --- | --- | --- | --- |")
-        for name, first in (("starts with the subject", True), ("words before the subject", False)):
+        for name, first in GROUPS:
             rows = [r for r in got if r["subject_first"] == first]
             if rows:
                 print(f"| {name} | {len(rows)} | {sum(r['realised'] for r in rows) / len(rows):.2f} "

@@ -49,7 +49,7 @@ def corpus_c0(lm, hp, spec: str) -> dict:
     return c0
 
 
-def entity_moment(lm, hp, spec: str) -> tuple[dict, int]:
+def entity_moment(lm, hp, spec: str) -> dict:
     """E per layer: the mean of k kᵀ over the keys at the last token of capitalised names (one or
     more capitalised words, a lone capitalised word after a sentence start left out) in a text.
     `spec` is `wikitext:N` (the first N tokens of the WikiText-2 test file) or `sampled` (the
@@ -67,7 +67,7 @@ def entity_moment(lm, hp, spec: str) -> tuple[dict, int]:
 
     cached = OUT.parent / f"entity-{spec.replace(':', '')}-{'-'.join(map(str, hp.layers))}.pt"
     if cached.exists():
-        return torch.load(cached), 0
+        return torch.load(cached)
     kind, *rest = spec.split(":")
     n = int(rest[0]) if rest else 100_000
     if kind == "wikitext":
@@ -110,7 +110,22 @@ def entity_moment(lm, hp, spec: str) -> tuple[dict, int]:
     print(f"E from {spec}: {count} name tokens in {used} tokens", file=sys.stderr, flush=True)
     E = {la: s / count for la, s in sums.items()}
     torch.save(E, cached)
-    return E, count
+    return E
+
+
+def with_names(lm, hp, c0: dict, spec: str, mu: float, lam: float) -> dict:
+    """C0 such that the solve's λ C0 becomes λ C0 + μ E (E: `entity_moment` of `spec`)."""
+    E = entity_moment(lm, hp, spec)
+    return {la: c0[la] + (mu / lam) * E[la] for la in c0}
+
+
+def measured_keys(lm, toks: list, layer: int, bare_weight: float):
+    """Every fact's key at `layer` with the model's current weights ([N, d_in]), 100 facts a pass."""
+    import torch
+
+    from kledger.edit.engine import measure
+
+    return torch.cat([measure(lm, toks[i:i + 100], layer, layer, bare_weight)[0] for i in range(0, len(toks), 100)])
 
 
 def refreshed(lm, hp, res: dict, batches: list, c0: dict, lam: float) -> dict:
@@ -121,7 +136,7 @@ def refreshed(lm, hp, res: dict, batches: list, c0: dict, lam: float) -> dict:
     import torch
     from sweep import records
 
-    from kledger.edit.engine import EditRequest, measure, prepare
+    from kledger.edit.engine import EditRequest, prepare
     from kledger.edit.solve import solve_history
     from kledger.edit.spec import get_weight, set_weight
 
@@ -131,7 +146,7 @@ def refreshed(lm, hp, res: dict, batches: list, c0: dict, lam: float) -> dict:
     W = {}
     try:
         for la in hp.layers:
-            K = torch.cat([measure(lm, toks[i:i + 100], la, la, hp.bare_key_weight)[0] for i in range(0, n, 100)])
+            K = measured_keys(lm, toks, la, hp.bare_key_weight)
             V = torch.cat([b[la][1] for b in batches])
             W[la] = solve_history(W0[la], [(K, V)], c0[la], lam, "accumulated").float()
             set_weight(lm.model, lm.spec, la, W[la])
@@ -172,8 +187,7 @@ def main() -> None:
     name = a.name or f"{a.run}-lam{lam:g}-{a.corpus.replace(':', '')}"
     c0 = corpus_c0(lm, hp, a.corpus)
     if a.entity and a.mu:
-        E, _ = entity_moment(lm, hp, a.entity)
-        c0 = {la: c0[la] + (a.mu / lam) * E[la] for la in c0}  # λ C0 + μ E
+        c0 = with_names(lm, hp, c0, a.entity, a.mu, lam)
         name = a.name or f"{name}-E{a.entity.replace(':', '')}-mu{a.mu:g}"
     if a.refresh_keys:
         name = a.name or f"{name}-refresh"

@@ -119,10 +119,9 @@ def edit(a: argparse.Namespace) -> None:
     W0 = {la: get_weight(lm.model, lm.spec, la).double() for la in hp.layers}
     c0 = c0_for(lm, hp)
     if a.entity and a.mu:  # λ C0 + μ E: names' keys weighted beside the corpus's (bench/resolve.py)
-        from resolve import entity_moment
+        from resolve import with_names
 
-        E, _ = entity_moment(lm, hp, a.entity)
-        c0 = {la: c0[la] + (a.mu / hp.lam) * E[la] for la in c0}
+        c0 = with_names(lm, hp, c0, a.entity, a.mu, hp.lam)
     stored: list[dict] = []
     label = a.setting + (f" + {a.mu:g} E({a.entity})" if a.entity and a.mu else "")
     result: dict[str, Any] = {"setting": label, "defaults_version": a.defaults_version,

@@ -44,6 +44,7 @@ class HParams:
     # out by the residual still missing at the last edited layer (the λC0 solve lands only part of
     # a value), so the edit lands as optimised
     spread_passes: int = 1
+
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.layers)
         object.__setattr__(self, "layers", layers)
