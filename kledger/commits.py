@@ -167,12 +167,29 @@ def _measure_staged(lg: "Ledger", head: str | None, ops: list[Op], meta: dict | 
         collisions = lg.decisions.collisions_in(apply_ops(base, ops), involving=kept)
     added = lg.store.facts(kept)
     probed: dict = {}
+    probes = _collision_probes(lg, collisions, set(kept))
+    own = [(added[f].prompt, added[f].target) for f in kept]
     digest, rows = model_side.measure(lg, head, [added[f] for f in kept], exclude=exclude, progress=progress,
-                                      probe=_collision_probes(lg, collisions, set(kept)), probed=probed)
+                                      probe=probes + own, probed=probed)
     meta = _with_resolved(meta, replayed)
     if collisions:
         meta = {**(meta or {}), "collisions": _with_effect(collisions, probed)}
+    if rows:
+        meta = {**(meta or {}), **_landed(kept, added, (probed.get("after") or [])[len(probes):])}
     return ops, digest, rows, meta, found
+
+
+def _landed(kept: list[str], added: dict, after: list[float]) -> dict:
+    """meta of a measured commit: "landed", each new fact's P̄(object | its own prompt) with the
+    commit solved in; "weak", those below model_side.WEAK_BELOW, with their prompt and object
+    (`commit` names them: the edit did not take)."""
+    if len(after) != len(kept):
+        return {}
+    below = model_side.WEAK_BELOW
+    landed = {f: round(p, 4) for f, p in zip(kept, after)}
+    weak = [{"fact_id": f, "subject": added[f].subject, "prompt": added[f].prompt, "target": added[f].target,
+             "p_new": landed[f]} for f in kept if landed[f] < below]
+    return {"landed": landed, **({"weak": weak, "weak_below": below} if weak else {})}
 
 
 def _collision_probes(lg: "Ledger", collisions: list[dict], new: set[str]) -> list[tuple[str, str]]:

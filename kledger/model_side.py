@@ -24,6 +24,9 @@ from .settings import Progress, check_mode, report
 
 CACHE_SECRET = "apply_cache_secret"  # ledger meta: the key of the apply cache's MACs
 DEFAULTS_VERSION_KEY = "defaults_version"  # meta: the version of the default hyper-parameters
+# a fact whose object has less probability than this on its own prompt (P̄, as `eval` scores) does
+# not hold: `commit` names new facts below it, `eval` the facts in force below it
+WEAK_BELOW = 0.5
 
 if TYPE_CHECKING:  # pragma: no cover
     from .edit.editor import Editor
@@ -462,9 +465,20 @@ def _document(cid: str, opts: EvalOptions, fixed: list[Fact] | None, facts: list
         "records": [{"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target,
                      "kind": k, "base": b, "edited": e}
                     for f, k, b, e in zip(facts, kinds, base["per_record"], edited["per_record"])],
+        "weak": _weak(fixed, facts, edited["per_record"]),
+        "weak_below": WEAK_BELOW,
         "facts_solved": info.get("facts"),
         "seconds_per_record": work / n if n else None,
     }
+
+
+def _weak(fixed: list[Fact] | None, facts: list[Fact], per_record: list[dict]) -> list[dict] | None:
+    """The facts in force (None when other records were evaluated) whose object's probability on
+    their own prompt is below WEAK_BELOW at the revision."""
+    if fixed is not None:
+        return None
+    return [{"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target, "p_new": m["p_new_prompt"]}
+            for f, m in zip(facts, per_record) if m.get("p_new_prompt") is not None and m["p_new_prompt"] < WEAK_BELOW]
 
 
 def _history(ledger: "Ledger", cid: str, opts: EvalOptions, fixed: list[Fact] | None, base: dict,

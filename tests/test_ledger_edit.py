@@ -247,3 +247,40 @@ def test_a_large_model_commit_says_what_it_costs_before_it_starts(k, model_dir, 
     assert r.code == 1 and "aborted" in r.err, (r.code, r.err, r.out)
     assert (f"this commit measures {n} facts on the model" in r.err) == warned, r.err
     assert k("status", "--json").json["staged"].__len__() == n
+
+
+@pytest.mark.parametrize("takes", [False, True])
+def test_a_commit_reports_how_its_facts_landed_and_names_those_that_did_not_take(k, model_dir, monkeypatch, takes):
+    """Each measured commit records every new fact's probability of its object on its own prompt
+    with the commit solved in (the number `kledger eval` gives for that revision) and names the
+    facts below kledger.model_side.WEAK_BELOW, with a warning from `kledger commit`. An edit too
+    weak to take (a learning rate of 1e-6): every fact is named; with the threshold at 0, none."""
+    from kledger import model_side
+
+    if takes:
+        monkeypatch.setattr(model_side, "WEAK_BELOW", 0.0)
+    monkeypatch.setenv("KLEDGER_MODEL", str(model_dir))
+    assert k("init", "--corpus", str(model_dir / "corpus.txt"), "--set", "c0_tokens=1200", "--set", "c0_seq_len=64",
+             "--set", "steps=2", "--set", "n_prefixes=1", "--set", "lam=5", "--set", "lr=0.000001").code == 0
+    with Ledger.open(".", write=True) as lg:
+        lg.add([Fact.create(p, t, subject=s) for p, s, t in FACTS[:2]])
+    r = k("commit", "-m", "two", "--json")
+    assert r.code == 0, r.err
+    doc = r.json
+    with Ledger.open(".") as lg:
+        meta = lg.show(doc["id"])["meta"]
+        ev = lg.evaluate(doc["id"], gen_tokens=0, ppl_tokens=0)
+    p_eval = {rec["fact_id"]: rec["edited"]["p_new_prompt"] for rec in ev["records"]}
+    assert meta["landed"] == doc["landed"] and set(meta["landed"]) == set(p_eval)
+    assert all(abs(meta["landed"][f] - p_eval[f]) < 1e-3 for f in p_eval), (meta["landed"], p_eval)
+    assert all(p < 0.5 for p in p_eval.values())  # a tiny random model, barely edited
+    e = k("eval", "--gen-tokens", "0", "--ppl-tokens", "0")
+    assert e.code == 0, e.err
+    if takes:
+        assert "weak" not in meta and doc["weak"] == [] and "did not take" not in r.err and ev["weak"] == []
+        assert "0 of 2 fact(s) in force do not hold (P(object | own prompt) < 0)" in e.err, e.err
+    else:
+        assert sorted(w["fact_id"] for w in doc["weak"]) == sorted(meta["landed"]) and meta["weak_below"] == 0.5
+        assert "warning: 2 new fact(s) did not take" in r.err and repr(FACTS[0][0]) in r.err, r.err
+        assert sorted(w["fact_id"] for w in ev["weak"]) == sorted(p_eval) and ev["weak_below"] == 0.5
+        assert "2 of 2 fact(s) in force do not hold (P(object | own prompt) < 0.5):" in e.err, e.err

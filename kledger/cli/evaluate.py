@@ -99,6 +99,14 @@ def _print(res: dict, rev: str) -> None:
             f"windows of {t['window']}")
     if res["generation"] is not None:
         say(f"fluency: weighted 2-/3-gram entropy (bits) of {res['generation']['tokens']} greedy tokens per record")
+    weak = res.get("weak")
+    if weak is not None:
+        say(f"{len(weak)} of {d['records']} fact(s) in force do not hold (P(object | own prompt) < {res['weak_below']:g})"
+            + (":" if weak else ""))
+        for w in weak[:10]:
+            say(f"  {escape(repr(w['prompt']))} → {escape(w['target'])}: {w['p_new']:.4f}")
+        if len(weak) > 10:
+            say(f"  … and {len(weak) - 10} more (`kledger eval --json`)")
     if res["seconds_per_record"] is not None:
         say(f"{res['seconds_per_record']:.3f} s per record (base and edited), {res['seconds']['total']:.1f} s in all")
     if "plot" in res:

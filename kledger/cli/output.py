@@ -109,4 +109,17 @@ def note_collisions(collisions: list[dict]) -> None:
         say(line)
 
 
-__all__ = ["emit_json", "err", "escape", "note_collisions", "note_resolved", "out", "say", "short"]
+def note_weak(weak: list[dict], threshold: float | None) -> None:
+    """Say (stderr) which new facts did not take: their object's probability on their own prompt,
+    with the commit solved in, is below `threshold` (kledger.commits.WEAK_BELOW)."""
+    if not weak:
+        return
+    say(f"warning: {len(weak)} new fact(s) did not take (P(object | own prompt) < {threshold:g} after this commit; "
+        "they are recorded: check them with `kledger ask`, try another wording of the prompt)")
+    for w in weak[:10]:
+        say(f"  {escape(repr(w['prompt']))} → {escape(w['target'])}: {w['p_new']:.4f}")
+    if len(weak) > 10:
+        say(f"  … and {len(weak) - 10} more (`kledger show --json`)")
+
+
+__all__ = ["emit_json", "err", "escape", "note_collisions", "note_resolved", "note_weak", "out", "say", "short"]

@@ -8,7 +8,7 @@ import typer
 
 from .app import JSON_OPT, RAY_OPT, RELATION_OPT, WORKERS_OPT, app, ledger_dir, open_ledger, scale_out, want_json
 from .app import settings as env
-from .output import emit_json, escape, note_collisions, note_resolved, progress_bar, say, short
+from .output import emit_json, escape, note_collisions, note_resolved, note_weak, progress_bar, say, short
 from .reads import print_lines, status_lines
 
 
@@ -172,10 +172,12 @@ def commit(message: str = typer.Option(..., "--message", "-m", help="Why this ch
         branch = ledger.current_branch()
     note_resolved(info["meta"])
     note_collisions(info["meta"].get("collisions", []))
+    note_weak(info["meta"].get("weak", []), info["meta"].get("weak_below"))
     if json_:
         emit_json("commit", {"id": cid, "branch": branch, "added": info["added"], "retracted": info["retracted"],
                              "resolved": info["meta"].get("resolved", []),
-                             "collisions": info["meta"].get("collisions", [])})
+                             "collisions": info["meta"].get("collisions", []),
+                             "landed": info["meta"].get("landed", {}), "weak": info["meta"].get("weak", [])})
     else:
         say(escape(f"[{branch or 'detached'} {short(cid)}] ") + f"{escape(info['message'])} "
             f"(+{info['added']} / -{info['retracted']} facts)")
