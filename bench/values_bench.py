@@ -1,8 +1,9 @@
 """Where the value optimisation's time goes, and what running only the layers above the edited one
-saves: one batch of CounterFact facts optimised for a fixed number of steps (no early stop, so the
-two ways do the same steps), every decoder layer every step against only the layers above the one
-δ is added to (kledger's default), with the time split into the forward of the layers at and
-below it, the forward of the layers above, the LM head, and the rest (backward, Adam, bookkeeping).
+and computing their linear layers in bfloat16 save: one batch of CounterFact facts optimised for a
+fixed number of steps (no early stop, so the ways do the same steps), every decoder layer every
+step, only the layers above the one δ is added to (kledger's default), and those with
+value_dtype=bfloat16, with the time split into the forward of the layers at and below it, the
+forward of the layers above, the LM head, and the rest (backward, Adam, bookkeeping).
 
     OMP_NUM_THREADS=1 python bench/values_bench.py [--facts 10] [--steps 6] [--start 400]
 """
@@ -20,8 +21,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook  # noqa: E402
 
-from kledger.edit.engine import EditRequest, optimise_values, prepare  # noqa: E402
+from kledger.edit.engine import EditRequest, _LowPrecisionLinear, optimise_values, prepare  # noqa: E402
 from kledger.edit.spec import get_module  # noqa: E402
 
 
@@ -42,16 +44,25 @@ def timed(lm, toks, hp, reuse_below: bool) -> dict:
 
     for i, layer in enumerate(stack):
         watch(layer, "below" if i <= L else "above")
-    watch(get_module(lm.model, lm.spec.lm_head), "head")
+    head = get_module(lm.model, lm.spec.lm_head)
+    watch(head, "head")
+    # the head's low-precision stand-in (value_dtype bfloat16) is another module: found by its shape
+    is_head = lambda m: isinstance(m, _LowPrecisionLinear) and m.w.shape == head.weight.shape  # noqa: E731
+    handles.extend([register_module_forward_pre_hook(lambda m, a: setattr(m, "_t0", time.perf_counter())
+                                                     if is_head(m) else None),
+                    register_module_forward_hook(lambda m, a, o: spent.__setitem__(
+                        "head", spent["head"] + time.perf_counter() - m._t0) if is_head(m) else None)])
     try:
         t = time.perf_counter()
-        z, _ = optimise_values(lm, toks, hp, reuse_below=reuse_below)
+        z, diag = optimise_values(lm, toks, hp, reuse_below=reuse_below)
         total = time.perf_counter() - t
     finally:
         for h in handles:
             h.remove()
     return {"seconds": round(total, 2), **{f"forward_{k}_s": round(v, 2) for k, v in spent.items()},
-            "rest_s": round(total - sum(spent.values()), 2), "z": z}
+            "rest_s": round(total - sum(spent.values()), 2),
+            "mean_target_prob": round(sum(diag["target_prob"]) / len(toks), 4),
+            "mean_delta_ratio": round(sum(diag["delta_norm_ratio"]) / len(toks), 4), "z": z}
 
 
 def main() -> None:
@@ -68,11 +79,14 @@ def main() -> None:
     toks = prepare(lm, [EditRequest(f.prompt, f.subject, f.target) for f in facts], hp)
     every = timed(lm, toks, hp, reuse_below=False)
     above = timed(lm, toks, hp, reuse_below=True)
-    z_every, z_above = every.pop("z"), above.pop("z")
+    bf16 = timed(lm, toks, hp.with_(value_dtype="bfloat16"), reuse_below=True)
+    z_every, z_above, z_bf16 = every.pop("z"), above.pop("z"), bf16.pop("z")
     print(json.dumps({"facts": a.facts, "steps": a.steps, "layers": list(hp.layers), "threads": torch.get_num_threads(),
-                      "every_layer_every_step": every, "only_layers_above": above,
+                      "every_layer_every_step": every, "only_layers_above": above, "bfloat16_above": bf16,
                       "speedup": round(every["seconds"] / above["seconds"], 2),
-                      "values_rel_diff": float((z_every - z_above).norm() / z_every.norm())}, indent=1))
+                      "speedup_bfloat16": round(every["seconds"] / bf16["seconds"], 2),
+                      "values_rel_diff": float((z_every - z_above).norm() / z_every.norm()),
+                      "bfloat16_values_rel_diff": float((z_bf16 - z_above).norm() / z_above.norm())}, indent=1))
 
 
 if __name__ == "__main__":

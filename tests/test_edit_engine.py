@@ -442,3 +442,59 @@ def test_running_only_the_layers_above_equals_every_layer(kind):
         assert len(set(info_above["steps"])) > 1
     assert rel_fro(z_above, z_all) < 1e-5
     assert max(abs(a - b) for a, b in zip(info_above["target_prob"], info_all["target_prob"])) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
+def test_bfloat16_linear_layers_above_the_edit_stay_close_and_leave_the_model_as_it_was(kind, monkeypatch):
+    """value_dtype=bfloat16 computes the linear layers above the last edited layer (and the LM
+    head) in bfloat16: only those are swapped, the values stay close to float32's, the model's
+    modules are its own again afterwards, also when a step fails; float32 is left out of the
+    fingerprint and other precisions are refused."""
+    from conftest_edit import tiny_lm as make
+
+    from kledger.edit import engine
+    from kledger.edit.engine import _low_precision, prepare
+
+    lm = make(kind)
+    hp = HParams(layers=(0, 1), steps=8, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.99)
+    low = hp.with_(value_dtype="bfloat16")
+    swaps = _low_precision(lm.model, lm.spec, 1, "bfloat16")
+    linears = {id(m) for i, la in enumerate(engine.get_module(lm.model, lm.spec.layers)) if i > 1
+               for m in la.modules() if isinstance(m, torch.nn.Linear)}
+    head = engine.get_module(lm.model, lm.spec.lm_head)
+    assert {id(s[2]) for s in swaps} == linears | {id(head)} and _low_precision(lm.model, lm.spec, 1, "float32") == []
+    toks = prepare(lm, CUT_FACTS, hp)
+    before = [(n, id(m)) for n, m in lm.model.named_modules()]
+    z32, _ = optimise_values(lm, toks, hp)
+    z16, info = optimise_values(lm, toks, low)
+    assert [(n, id(m)) for n, m in lm.model.named_modules()] == before
+    assert rel_fro(z16, z32) < 0.05 and all(0 < p <= 1 for p in info["target_prob"])
+
+    def fail(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(engine, "_seq_logprobs", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        optimise_values(lm, toks, low)
+    assert [(n, id(m)) for n, m in lm.model.named_modules()] == before
+    assert "value_dtype" not in hp.to_dict() and low.fingerprint() != hp.fingerprint()
+    assert HParams.from_dict(low.to_dict()) == low
+    with pytest.raises(InputError, match="value_dtype"):
+        HParams(value_dtype="float16")
+
+
+def test_value_dtype_auto_is_bfloat16_only_where_its_products_are_fast(monkeypatch):
+    """auto: bfloat16 on a CPU with AMX units and on a GPU that supports it, float32 elsewhere (a
+    CPU without AMX runs bfloat16 products several times slower); explicit values are kept."""
+    from kledger.edit.engine import value_dtype_on
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        assert value_dtype_on(cpu, "auto") == ("bfloat16" if amx else "float32")
+        assert value_dtype_on(cpu, "float32") == "float32" and value_dtype_on(cpu, "bfloat16") == "bfloat16"
+    for ok in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda ok=ok: ok)
+        assert value_dtype_on(cuda, "auto") == ("bfloat16" if ok else "float32")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch without the probe: float32
+    assert value_dtype_on(cpu, "auto") == "float32"
+    assert HParams(value_dtype="auto").to_dict()["value_dtype"] == "auto"

@@ -210,16 +210,17 @@ def _layout(toks: Sequence[_Tokens], facts: Sequence[int], pad_id: int, device: 
 
 
 @torch.no_grad()
-def _prefix_cache(model: Any, spec: Any, toks: Sequence[_Tokens], pad_id: int,
-                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def _prefix_cache(model: Any, spec: Any, toks: Sequence[_Tokens], pad_id: int, device: torch.device,
+                  low: Sequence[tuple[Any, str, Any, Any]] = ()) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per decoder layer, the attention keys and values [B_all, heads, P, head_dim] of every
     sequence of the layout of all facts (uncut), up to the longest cut, measured once with the
-    current weights and δ = 0. None when the model returns no cache of the expected form (then
-    every step feeds whole sequences)."""
+    current weights (the stand-ins `low` in place) and δ = 0. None when the model returns no
+    cache of the expected form (then every step feeds whole sequences)."""
     full = _layout(toks, range(len(toks)), pad_id, device, cut=False)
     P = max(max(*t.subj, t.kl_subj) for t in toks)  # the longest cut (= the cut layout's prefix)
     base = get_module(model, spec.layers.rsplit(".", 1)[0])
-    out = base(input_ids=full.ids, attention_mask=full.mask, use_cache=True)
+    with _swapped(low):
+        out = base(input_ids=full.ids[:, :P], attention_mask=full.mask[:, :P], use_cache=True)
     pkv = returned_cache(out)
     layers = getattr(pkv, "layers", None)
     if not layers or not all(hasattr(la, "keys") and getattr(la, "keys", None) is not None for la in layers):
@@ -268,6 +269,63 @@ def _only_above(model: Any, spec: Any, layer: int, out: torch.Tensor | None, as_
             stack[i] = m
 
 
+class _LowPrecisionLinear(torch.nn.Module):
+    """Stands in for a linear layer: its product in `dtype` (input cast down, output cast back);
+    norms, attention and the residual stream around it keep their precision."""
+
+    def __init__(self, lin: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.w = lin.weight.detach().to(dtype)
+        self.b = None if lin.bias is None else lin.bias.detach().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.w.dtype), self.w, self.b).to(x.dtype)
+
+
+def value_dtype_on(dev: torch.device, dtype: str) -> str:
+    """The precision hp.value_dtype `dtype` means on `dev`: "auto" is bfloat16 where its products
+    are fast (a CUDA device that supports it; a CPU with AMX units, where they run about 6× faster
+    than float32's; without AMX, CPUs run them several times slower than float32's), else float32."""
+    if dtype != "auto":
+        return dtype
+    if dev.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bfloat16" if dev.type == "cpu" and amx() else "float32"
+
+
+def _low_precision(model: Any, spec: Any, layer: int, dtype: str) -> list[tuple[Any, str, Any, Any]]:
+    """(parent, name, linear, stand-in) for every linear layer above decoder layer `layer` and the
+    LM head, the stand-ins computing in `dtype` (as `value_dtype_on` reads it); none for float32."""
+    dtype = value_dtype_on(device_of(model), dtype)
+    if dtype == "float32":
+        return []
+    stack = get_module(model, spec.layers)
+    mods = [(f"{spec.layers}.{i}", stack[i]) for i in range(layer + 1, len(stack))]
+    mods.append((spec.lm_head, get_module(model, spec.lm_head)))
+    out = []
+    for path, top in mods:
+        for name, m in ([("", top)] if isinstance(top, torch.nn.Linear) else top.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                full = f"{path}.{name}" if name else path
+                parent, _, attr = full.rpartition(".")
+                out.append((get_module(model, parent) if parent else model, attr, m,
+                            _LowPrecisionLinear(m, getattr(torch, dtype))))
+    return out
+
+
+@contextlib.contextmanager
+def _swapped(swaps: Sequence[tuple[Any, str, Any, Any]]) -> Iterator[None]:
+    """Within the block, each linear layer of `swaps` is replaced by its stand-in."""
+    try:
+        for parent, attr, _, standin in swaps:
+            setattr(parent, attr, standin)
+        yield
+    finally:
+        for parent, attr, lin, _ in swaps:
+            setattr(parent, attr, lin)
+
+
 def _seq_logprobs(logits: torch.Tensor, lay: "_Layout", n: int, C: int) -> torch.Tensor:
     """[n, C] mean log-probability of the target tokens per sequence, from the first M rows of
     `logits` (the target positions). A sum over a one-hot matrix, not index_add, whose CUDA
@@ -304,20 +362,18 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
     and their attention cache reused at every step (see `_Layout`); False feeds whole sequences
     every step (the same numbers up to round-off, at about twice the cost: the reference). With
     `reuse_below` (the default), later steps run only the layers above L, whose output δ does not
-    change (`_only_above`; False: every layer). Runs on the model's device; z comes back on the CPU."""
-    model, spec = lm.model, lm.spec
-    dev = device_of(model)
-    L = hp.layers[-1]
-    N, C = len(toks), len(toks[0].ctx)
-    pad = pad_id_of(lm.tokenizer)
-    d = model.get_input_embeddings().weight.shape[1]
-    delta = torch.zeros(N, d, device=dev, requires_grad=True)
+    change (`_only_above`; False: every layer). The linear layers above L compute in
+    hp.value_dtype (`_low_precision`). Runs on the model's device; z comes back on the CPU."""
+    model, spec, dev, L = lm.model, lm.spec, device_of(lm.model), hp.layers[-1]
+    N, C, pad = len(toks), len(toks[0].ctx), pad_id_of(lm.tokenizer)
+    delta = torch.zeros(N, model.get_input_embeddings().weight.shape[1], device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     active = torch.ones(N, dtype=torch.bool, device=dev)
-    h0 = torch.zeros(N, d, device=dev)  # [N, d] unedited residual at the bare prompt's subject token
+    h0 = torch.zeros_like(delta)  # [N, d] unedited residual at the bare prompt's subject token
     kl_init = None  # [N, V] unedited log-probabilities after "{subject} is a"
     prob, steps_done = torch.zeros(N, device=dev), torch.zeros(N, dtype=torch.long, device=dev)
-    shared = _prefix_cache(model, spec, toks, pad, dev) if reuse_prefix else None
+    low = _low_precision(model, spec, L, hp.value_dtype)  # the linear layers above L
+    shared = _prefix_cache(model, spec, toks, pad, dev, low) if reuse_prefix else None
     cut = shared is not None
     lay = _layout(toks, range(N), pad, dev, cut)
     h_L, as_tuple = None, False  # [B_all, S_all, d] layer L's output at step 0 (when reused), its form
@@ -327,7 +383,8 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
             n = len(lay.facts)
             below = None if h_L is None else h_L[lay.rows, :lay.ids.shape[1]]
             with _only_above(model, spec, L, below, as_tuple), capture_residual(model, spec, L) as got, \
-                    add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]):
+                    add_to_residual(model, spec, L, lay.d_rows, lay.d_cols, delta[lay.d_fact]), \
+                    _swapped(low):
                 logits = logits_at(model, spec, lay.ids, lay.mask, lay.out_rows, lay.out_cols, position_ids=lay.pos,
                                    past_key_values=_cache_for(model, shared, lay) if cut else None).float()
             if step == 0:  # δ = 0: the unedited model; context 0 is the bare prompt

@@ -13,7 +13,9 @@ from ..errors import InputError
 
 BOS_MODES = ("auto", "always", "never")
 # fields added after the first release, with the value that behaves as kledger did before them
-LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0}
+LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0,
+                                "value_dtype": "float32"}
+VALUE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class HParams:
     kl_weight: float = 0.0625
     weight_decay: float = 0.0  # L2 on δ/‖h‖ (MEMIT's v_weight_decay); 0 = only the clamp
     early_stop_prob: float = 0.9  # stop when every fact's mean target probability exceeds it
+    # the precision of the value optimisation's linear layers above the last edited layer (the
+    # layers at and below it, which give the residual the value starts from, stay float32); auto:
+    # bfloat16 where the device has fast bfloat16 products (a GPU that supports it, a CPU with
+    # AMX units), else float32 (kledger.edit.engine.value_dtype_on)
+    value_dtype: str = "float32"
     # contexts for keys and values
     n_prefixes: int = 5  # seeded short prefix contexts besides the bare prompt
     prefix_len: int = 8  # tokens per generated prefix
@@ -51,6 +58,9 @@ class HParams:
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
             raise InputError(f"layers must be distinct, ascending and non-negative, got {list(layers)}",
                              "e.g. --layers 3,4,5,6,7")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise InputError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.value_dtype!r}",
+                             "e.g. --set value_dtype=bfloat16")
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
         for name in ("lam", "lr", "clamp"):
