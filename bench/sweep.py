@@ -56,7 +56,7 @@ def parse_setting(text: str) -> dict[str, Any]:
             out[key] = tuple(range(int(lo), int(hi or lo) + 1))
         elif key in ("steps", "n_prefixes", "prefix_len", "seed", "c0_tokens", "spread_passes"):
             out[key] = int(value)
-        elif key in ("mode", "bos"):
+        elif key in ("mode", "bos", "value_dtype"):
             out[key] = value
         else:
             out[key] = float(value)
@@ -107,6 +107,10 @@ def edit(a: argparse.Namespace) -> None:
     from kledger.edit.spec import get_weight, set_weight
 
     torch.manual_seed(0)
+    if a.two_keys:  # an experiment: two constraints per fact and layer (bench/two_keys.py)
+        import two_keys
+
+        two_keys.install()
     lm, base = load(a.defaults_version)
     hp = base.with_(**parse_setting(a.setting))
     name = a.name or setting_name(a.setting)
@@ -127,10 +131,12 @@ def edit(a: argparse.Namespace) -> None:
     result: dict[str, Any] = {"setting": label, "defaults_version": a.defaults_version,
                               "hparams": hp.to_dict(), "n": a.n, "batch": a.batch,
                               "start": a.start, "threads": torch.get_num_threads(), "batches": [],
-                              **({"entity": a.entity, "mu": a.mu} if a.entity and a.mu else {})}
+                              **({"entity": a.entity, "mu": a.mu} if a.entity and a.mu else {}),
+                              **({"two_keys": True} if a.two_keys else {})}
     if state_path.exists():  # resume: the accumulated solve of the stored batches is the state
         saved = torch.load(state_path, weights_only=False)
         stored, result = saved["stored"], saved["result"]
+        result["n"] = a.n  # a run resumed to go further than it was first asked
         for la in hp.layers:
             set_weight(lm.model, lm.spec, la, solve_history(W0[la], [c[la] for c in stored], c0[la], hp.lam, hp.mode))
         print(f"{name}: resumed at {len(stored) * a.batch} edits", file=sys.stderr, flush=True)
@@ -246,6 +252,7 @@ def main() -> None:
                    help="the version of kledger's default hyper-parameters the setting overrides")
     e.add_argument("--entity", default=None, help="add μ E, the names' key moment (bench/resolve.py), to λ C0")
     e.add_argument("--mu", type=float, default=0.0)
+    e.add_argument("--two-keys", action="store_true", help="two constraints per fact and layer (bench/two_keys.py)")
     for p in (e, sub.add_parser("score"), sub.add_parser("table")):
         p.add_argument("--settings-dir", default=str(OUT))
     sub.choices["score"].add_argument("--base", action="store_true", help="also score the unedited model")

@@ -4,6 +4,8 @@ as a local Hugging Face directory (no download)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -284,3 +286,19 @@ def test_a_commit_reports_how_its_facts_landed_and_names_those_that_did_not_take
         assert "warning: 2 new fact(s) did not take" in r.err and repr(FACTS[0][0]) in r.err, r.err
         assert sorted(w["fact_id"] for w in ev["weak"]) == sorted(p_eval) and ev["weak_below"] == 0.5
         assert "2 of 2 fact(s) in force do not hold (P(object | own prompt) < 0.5):" in e.err, e.err
+
+
+def test_value_dtype_is_set_when_the_ledger_is_made_and_a_bad_one_is_refused(k, model_dir, monkeypatch):
+    """`kledger init --set value_dtype=...`: bfloat16 commits (its fingerprint names it); an
+    unknown precision is refused in one line before any ledger is made."""
+    monkeypatch.setenv("KLEDGER_MODEL", str(model_dir))
+    bad = k("init", "--set", "value_dtype=half")
+    assert bad.code == 2 and "value_dtype must be one of float32, bfloat16, auto" in bad.err, bad.err
+    assert len(bad.err.strip().splitlines()) == 1 and not os.path.exists(".kledger")
+    assert k("init", "--corpus", str(model_dir / "corpus.txt"), "--set", "c0_tokens=1200", "--set", "c0_seq_len=64",
+             "--set", "steps=2", "--set", "n_prefixes=1", "--set", "value_dtype=bfloat16").code == 0
+    with Ledger.open(".", write=True) as lg:
+        assert lg.editor().hparams.value_dtype == "bfloat16"
+        lg.add([Fact.create(p, t, subject=s) for p, s, t in FACTS[:2]])
+    r = k("commit", "-m", "two", "--json")
+    assert r.code == 0 and len(r.json["landed"]) == 2, r.err
