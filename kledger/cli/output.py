@@ -111,7 +111,7 @@ def note_collisions(collisions: list[dict]) -> None:
 
 def note_weak(weak: list[dict], threshold: float | None) -> None:
     """Say (stderr) which new facts did not take: their object's probability on their own prompt,
-    with the commit solved in, is below `threshold` (kledger.commits.WEAK_BELOW)."""
+    with the commit solved in, is below `threshold` (kledger.model_side.WEAK_BELOW)."""
     if not weak:
         return
     say(f"warning: {len(weak)} new fact(s) did not take (P(object | own prompt) < {threshold:g} after this commit; "
