@@ -276,6 +276,9 @@ def test_a_commit_reports_how_its_facts_landed_and_names_those_that_did_not_take
     assert meta["landed"] == doc["landed"] and set(meta["landed"]) == set(p_eval)
     assert all(abs(meta["landed"][f] - p_eval[f]) < 1e-3 for f in p_eval), (meta["landed"], p_eval)
     assert all(p < 0.5 for p in p_eval.values())  # a tiny random model, barely edited
+    shown = k("show").out
+    assert "landed: 2 fact(s), P(object | own prompt) mean" in shown and not any(f in shown for f in meta["landed"])
+    assert ("did not take (P < 0.5): 2 fact(s)" in shown) != takes, shown
     e = k("eval", "--gen-tokens", "0", "--ppl-tokens", "0")
     assert e.code == 0, e.err
     if takes:

@@ -53,14 +53,31 @@ def show(rev: str = typer.Argument("HEAD", help="Revision to show."),
     out.print(f"Author: {escape(info['author'])}\nDate:   {info['timestamp']}\n")
     for line in info["message"].splitlines():
         out.print("    " + escape(line))
-    for k, v in sorted(info["meta"].items()):
-        out.print(f"    [dim]{escape(k)}: {escape(str(v))}[/]")
+    for line in _meta_lines(info["meta"]):
+        out.print(f"    [dim]{escape(line)}[/]")
     out.print("")
     if stat:
         _print_stat(info["ops"])
         return
     for op in info["ops"]:
         out.print(_fact_line("+" if op["op"] == "add" else "-", op, "green" if op["op"] == "add" else "red"))
+
+
+def _meta_lines(meta: dict) -> list[str]:
+    """A commit's meta, one line per key; how its facts landed (`landed`, `weak`) summed up, not
+    printed as raw mappings of fact ids."""
+    lines = []
+    for k, v in sorted(meta.items()):
+        if k == "landed" and v:
+            p = list(v.values())
+            lines.append(f"landed: {len(p)} fact(s), P(object | own prompt) mean {sum(p) / len(p):.3f}, "
+                         f"lowest {min(p):.3f}")
+        elif k == "weak":
+            lines.append(f"did not take (P < {meta.get('weak_below')}): {len(v)} fact(s)")
+            lines += [f"  {w['prompt']!r} → {w['target']}: {w['p_new']:.4f}" for w in v]
+        elif k not in ("landed", "weak_below"):
+            lines.append(f"{k}: {v}")
+    return lines
 
 
 def _print_stat(ops: list[dict]) -> None:
