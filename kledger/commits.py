@@ -187,8 +187,7 @@ def _landed(kept: list[str], added: dict, after: list[float]) -> dict:
         return {}
     below = model_side.WEAK_BELOW
     landed = {f: round(p, 4) for f, p in zip(kept, after)}
-    weak = [{"fact_id": f, "subject": added[f].subject, "prompt": added[f].prompt, "target": added[f].target,
-             "p_new": landed[f]} for f in kept if landed[f] < below]
+    weak = [model_side.weak_entry(added[f], landed[f]) for f in kept if landed[f] < below]
     return {"landed": landed, **({"weak": weak, "weak_below": below} if weak else {})}
 
 

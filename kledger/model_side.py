@@ -477,8 +477,13 @@ def _weak(fixed: list[Fact] | None, facts: list[Fact], per_record: list[dict]) -
     their own prompt is below WEAK_BELOW at the revision."""
     if fixed is not None:
         return None
-    return [{"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target, "p_new": m["p_new_prompt"]}
+    return [weak_entry(f, m["p_new_prompt"])
             for f, m in zip(facts, per_record) if m.get("p_new_prompt") is not None and m["p_new_prompt"] < WEAK_BELOW]
+
+
+def weak_entry(f: Fact, p_new: float) -> dict:
+    """A fact that does not hold, as `commit` (meta.weak) and `eval` (weak) report it."""
+    return {"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target, "p_new": p_new}
 
 
 def _history(ledger: "Ledger", cid: str, opts: EvalOptions, fixed: list[Fact] | None, base: dict,

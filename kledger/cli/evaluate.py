@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from .app import JSON_OPT, MODE_OPT, RAY_OPT, WORKERS_OPT, app, open_ledger, scale_out, want_json
-from .output import emit_json, escape, out, progress_bar, say, short
+from .output import emit_json, escape, list_weak, out, progress_bar, say, short
 
 _RATE_DIGITS = 3
 
@@ -103,10 +103,7 @@ def _print(res: dict, rev: str) -> None:
     if weak is not None:
         say(f"{len(weak)} of {d['records']} fact(s) in force do not hold (P(object | own prompt) < {res['weak_below']:g})"
             + (":" if weak else ""))
-        for w in weak[:10]:
-            say(f"  {escape(repr(w['prompt']))} → {escape(w['target'])}: {w['p_new']:.4f}")
-        if len(weak) > 10:
-            say(f"  … and {len(weak) - 10} more (`kledger eval --json`)")
+        list_weak(weak, "kledger eval --json")
     if res["seconds_per_record"] is not None:
         say(f"{res['seconds_per_record']:.3f} s per record (base and edited), {res['seconds']['total']:.1f} s in all")
     if "plot" in res:

@@ -116,10 +116,16 @@ def note_weak(weak: list[dict], threshold: float | None) -> None:
         return
     say(f"warning: {len(weak)} new fact(s) did not take (P(object | own prompt) < {threshold:g} after this commit; "
         "they are recorded: check them with `kledger ask`, try another wording of the prompt)")
-    for w in weak[:10]:
+    list_weak(weak, "kledger show --json")
+
+
+def list_weak(weak: list[dict], rest: str, shown: int = 10) -> None:
+    """Say (stderr) the first `shown` facts that do not hold, prompt → object: probability, and
+    where to find the rest."""
+    for w in weak[:shown]:
         say(f"  {escape(repr(w['prompt']))} → {escape(w['target'])}: {w['p_new']:.4f}")
-    if len(weak) > 10:
-        say(f"  … and {len(weak) - 10} more (`kledger show --json`)")
+    if len(weak) > shown:
+        say(f"  … and {len(weak) - shown} more (`{rest}`)")
 
 
-__all__ = ["emit_json", "err", "escape", "note_collisions", "note_resolved", "note_weak", "out", "say", "short"]
+__all__ = ["emit_json", "err", "escape", "list_weak", "note_collisions", "note_resolved", "note_weak", "out", "say", "short"]
