@@ -124,8 +124,10 @@ def measured_keys(lm, toks: list, layer: int, bare_weight: float):
     import torch
 
     from kledger.edit.engine import measure
+    from kledger.edit.hparams import HParams
 
-    return torch.cat([measure(lm, toks[i:i + 100], layer, layer, bare_weight)[0] for i in range(0, len(toks), 100)])
+    hp = HParams(bare_key_weight=bare_weight)
+    return torch.cat([measure(lm, toks[i:i + 100], layer, layer, hp)[0] for i in range(0, len(toks), 100)])
 
 
 def refreshed(lm, hp, res: dict, batches: list, c0: dict, lam: float) -> dict:

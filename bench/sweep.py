@@ -54,7 +54,7 @@ def parse_setting(text: str) -> dict[str, Any]:
         if key == "layers":
             lo, _, hi = value.partition("-")
             out[key] = tuple(range(int(lo), int(hi or lo) + 1))
-        elif key in ("steps", "n_prefixes", "prefix_len", "seed", "c0_tokens", "spread_passes"):
+        elif key in ("steps", "n_prefixes", "prefix_len", "seed", "c0_tokens", "spread_passes", "key_readings"):
             out[key] = int(value)
         elif key in ("mode", "bos", "value_dtype"):
             out[key] = value
@@ -107,12 +107,8 @@ def edit(a: argparse.Namespace) -> None:
     from kledger.edit.spec import get_weight, set_weight
 
     torch.manual_seed(0)
-    if a.two_keys:  # an experiment: two constraints per fact and layer (bench/two_keys.py)
-        import two_keys
-
-        two_keys.install()
     lm, base = load(a.defaults_version)
-    hp = base.with_(**parse_setting(a.setting))
+    hp = base.with_(**parse_setting(a.setting), **({"key_readings": 2} if a.two_keys else {}))
     name = a.name or setting_name(a.setting)
     d = Path(a.settings_dir) / name
     d.mkdir(parents=True, exist_ok=True)
@@ -252,7 +248,8 @@ def main() -> None:
                    help="the version of kledger's default hyper-parameters the setting overrides")
     e.add_argument("--entity", default=None, help="add μ E, the names' key moment (bench/resolve.py), to λ C0")
     e.add_argument("--mu", type=float, default=0.0)
-    e.add_argument("--two-keys", action="store_true", help="two constraints per fact and layer (bench/two_keys.py)")
+    e.add_argument("--two-keys", action="store_true",
+                   help="two constraints per fact and layer: the setting with key_readings=2 (kledger.edit.hparams)")
     for p in (e, sub.add_parser("score"), sub.add_parser("table")):
         p.add_argument("--settings-dir", default=str(OUT))
     sub.choices["score"].add_argument("--base", action="store_true", help="also score the unedited model")

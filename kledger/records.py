@@ -312,7 +312,8 @@ class Constraint:
     """One (key, value) constraint: a fact's key k (the down-projection's input at the subject's
     last token) and target value v at one edited layer, measured under `fingerprint` (what it
     depends on: base model, C0, hyper-parameters) by commit `commit_id` (None before it is
-    stored). `key` and `value` are float32 numpy vectors ([d_in], [d_out])."""
+    stored). `key` and `value` are float32 numpy vectors ([d_in], [d_out]), or with R key
+    readings per fact (`HParams.key_readings`) [R, d_in] and [R, d_out] rows."""
 
     fact_id: str
     layer: int
@@ -324,6 +325,12 @@ class Constraint:
     def digest(self) -> str:
         """Covers the fact, the layer, the fingerprint and the float32 bytes of key and value."""
         return constraint_digest(self.fact_id, self.layer, self.fingerprint, _f32(self.key), _f32(self.value))
+
+
+def soft_key(key: Any) -> Any:
+    """The key soft conflicts compare (kledger.conflicts) of a fact's stored key: the key itself
+    ([d]), or the mean of its readings ([R, d] → [d], `HParams.key_readings`)."""
+    return key if key.ndim == 1 else key.mean(0)
 
 
 def constraints_hash(constraints: Iterable[Constraint]) -> str | None:

@@ -404,9 +404,9 @@ def test_bare_key_weight_weighs_the_bare_prompts_key_and_keeps_old_fingerprints(
     hp = HP.with_(bare_key_weight=0.75)
     toks = prepare(lm, FACTS[:3], hp)
     plain = first_keys(lm, toks, hp.layers[0])
-    weighted = first_keys(lm, toks, hp.layers[0], hp.bare_key_weight)
+    weighted = first_keys(lm, toks, hp.layers[0], hp)
     assert not torch.allclose(plain, weighted)
-    assert torch.allclose(measure(lm, toks, hp.layers[0], hp.layers[-1], 0.75)[0], weighted, atol=1e-5)
+    assert torch.allclose(measure(lm, toks, hp.layers[0], hp.layers[-1], hp)[0], weighted, atol=1e-5)
     z, _ = optimise_values(lm, toks, hp)
     new = spread(lm, toks, z, hp, c0, W0, {})
     assert torch.allclose(new[hp.layers[0]][0], weighted, atol=1e-5)
@@ -498,3 +498,45 @@ def test_value_dtype_auto_is_bfloat16_only_where_its_products_are_fast(monkeypat
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch without the probe: float32
     assert value_dtype_on(cpu, "auto") == "float32"
     assert HParams(value_dtype="auto").to_dict()["value_dtype"] == "auto"
+
+
+def test_two_key_readings_store_the_bare_and_prefixed_keys_each_moved_by_delta():
+    """key_readings=2: each fact's constraint at a layer is two rows, the bare prompt's key and the
+    prefixed contexts' mean key, each valued to move its own reading's residual at the last
+    edited layer by the optimised δ; the model holds the solve of all rows, prior commits'
+    [N, 2, d] constraints are solved in as rows, and soft conflicts compare the mean of the two."""
+    from kledger.edit.engine import first_keys, measure, prepare, rows_of, spread
+
+    lm, c0, W0 = setup()
+    hp = HP.with_(key_readings=2)
+    toks = prepare(lm, FACTS[:3], hp)
+    L = hp.layers[-1]
+    K1, z_before = measure(lm, toks, hp.layers[0], L, hp)
+    assert K1.shape == (3, 2, 48) and z_before.shape[:2] == (3, 2)
+    one_k, one_z = measure(lm, toks, hp.layers[0], L, HP)  # one reading: context mean, bare residual
+    assert torch.allclose(one_k, (K1[:, 0] + 2 * K1[:, 1]) / 3, atol=1e-6)  # n_prefixes=2
+    assert torch.allclose(one_z, z_before[:, 0], atol=1e-6)
+    assert torch.allclose(first_keys(lm, toks, hp.layers[0], hp), K1.mean(1), atol=1e-6)
+    z, _ = optimise_values(lm, toks, hp)
+    new = spread(lm, toks, z, hp, c0, W0, {})
+    for la in hp.layers:
+        K, V = new[la]
+        assert K.shape[:2] == (3, 2) and V.shape[:2] == (3, 2)
+        assert rel_fro(get_weight(lm.model, lm.spec, la), solve_history(W0[la], [rows_of(new[la])], c0[la], hp.lam)) < 1e-9
+    delta = z - z_before[:, 0]  # what the value optimisation asks of the bare prompt
+    _, z_after = measure(lm, toks, hp.layers[0], L, hp)
+    moved = (z_after - z_before)  # each reading moves toward its own δ (a tiny model lands part of it)
+    cos = torch.nn.functional.cosine_similarity(moved.reshape(-1, moved.shape[-1]),
+                                                delta[:, None].expand_as(moved).reshape(-1, moved.shape[-1]), dim=1)
+    assert (cos > 0.5).all(), cos
+    # a second commit on top: the prior's [N, 2, d] constraints are solved in as rows
+    toks2 = prepare(lm, FACTS[3:5], hp)
+    z2, _ = optimise_values(lm, toks2, hp)
+    new2 = spread(lm, toks2, z2, hp, c0, W0, {la: [new[la]] for la in hp.layers})
+    for la in hp.layers:
+        both = solve_history(W0[la], [rows_of(new[la]), rows_of(new2[la])], c0[la], hp.lam)
+        assert rel_fro(get_weight(lm.model, lm.spec, la), both) < 1e-9
+    assert "key_readings" not in HP.to_dict() and HParams.from_dict(hp.to_dict()) == hp
+    for bad in ({"key_readings": 3}, {"key_readings": 2, "n_prefixes": 0}, {"key_readings": 2, "bare_key_weight": 0.5}):
+        with pytest.raises(InputError, match="key_readings"):
+            HP.with_(**bad)

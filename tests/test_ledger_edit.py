@@ -305,3 +305,58 @@ def test_value_dtype_is_set_when_the_ledger_is_made_and_a_bad_one_is_refused(k, 
         lg.add([Fact.create(p, t, subject=s) for p, s, t in FACTS[:2]])
     r = k("commit", "-m", "two", "--json")
     assert r.code == 0 and len(r.json["landed"]) == 2, r.err
+
+
+def test_two_key_readings_are_stored_as_rows_solved_reverted_and_checked(model_dir, tmp_path):
+    """A ledger made with key_readings=2 stores each fact's constraint at a layer as [2, d] key
+    and value rows (the fingerprint names it), apply of any revision is the one-shot solve of
+    every stored row, revert drops both rows of a fact, soft conflicts read one key per fact
+    (the mean of its readings), and a row cut short is caught by fsck and by the reads."""
+    from kledger.errors import IntegrityError
+
+    settings = {"hparams": {**SETTINGS["hparams"], "key_readings": 2}, "corpus": str(model_dir / "corpus.txt")}
+    lg = Ledger.init(tmp_path / "two", model=str(model_dir), settings=settings)
+    try:
+        ids = []
+        for i in range(3):
+            lg.add([Fact.create(p, t, subject=s) for p, s, t in FACTS[2 * i:2 * i + 2]])
+            ids.append(lg.commit(f"batch {i}", author="t"))
+        ed = lg.editor()
+        fp_id, body = ed.fingerprint()
+        assert body["hparams"]["key_readings"] == 2
+        rows = rows_at(lg, ids[-1])
+        assert len(rows) == 6 * len(ed.hparams.layers)
+        assert all(r.key.shape == (2, 48) and r.value.shape[0] == 2 and r.fingerprint == fp_id for r in rows)
+        assert not all(np.allclose(r.key[0], r.key[1]) for r in rows)  # the bare and the prefixed readings differ
+
+        def rows_of(sel, la):
+            sel = sorted((r for r in sel if r.layer == la), key=lambda r: r.fact_id)
+            return (torch.from_numpy(np.concatenate([r.key for r in sel])).double(),
+                    torch.from_numpy(np.concatenate([r.value for r in sel])).double())
+
+        head, _ = ed.solve(lg.history.constraints_at(ids[-1]))
+        for la in ed.hparams.layers:
+            K, V = rows_of(rows, la)
+            assert K.shape[0] == 12
+            assert rel_fro(head[la].double(), solve_layer(ed.W0[la], K, V, ed.c0()[la], ed.hparams.lam)) < 1e-6
+        lg.revert(ids[1], author="t")
+        after, info = ed.solve(lg.history.constraints_at(lg.head()))
+        gone = {o.fact_id for o in lg.store.commit(ids[1]).ops}
+        assert info["facts"] == 4 and len(gone) == 2
+        for la in ed.hparams.layers:
+            K, V = rows_of([r for r in rows if r.fact_id not in gone], la)
+            assert rel_fro(after[la].double(), solve_layer(ed.W0[la], K, V, ed.c0()[la], ed.hparams.lam)) < 1e-6
+        keys = lg.store.first_layer_keys(sorted({r.fact_id for r in rows}))
+        first = min(ed.hparams.layers)
+        for r in rows:
+            if r.layer == first:
+                assert keys[r.fact_id].shape == (48,) and np.allclose(keys[r.fact_id], r.key.mean(0))
+        staged = ed.first_keys([lg.store.facts([rows[0].fact_id])[rows[0].fact_id]])[rows[0].fact_id]
+        assert np.allclose(staged, keys[rows[0].fact_id], atol=1e-5)  # a staged fact's key is read the same way
+        assert lg.fsck()["ok"]
+        lg.store.con.execute("UPDATE constraints SET value = value[:-4] WHERE commit_id = ?", [ids[0]])
+        assert not lg.fsck()["ok"]
+        with pytest.raises(IntegrityError, match="not whole float32 rows"):
+            lg.store.constraints([ids[0]])
+    finally:
+        lg.close()

@@ -103,3 +103,31 @@ def test_check_on_a_clone_imports_no_torch(k, origin, tmp_path):
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr and json.loads(r.stdout)["ok"] is True
+
+
+def test_two_key_readings_travel_and_apply_identically(k, tmp_path, remote_url):
+    """A ledger with two key readings per fact (key_readings=2: [2, d] rows per constraint) pushes
+    and clones like any other: the clone applies to the same weights without measuring, its
+    constraints are the origin's rows, and fsck passes on both."""
+    model = save_tiny_model_dir(tmp_path / "model", corpus_words=None)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(word_corpus())
+    hp = {**HPARAMS, "key_readings": 2}
+    lg = Ledger.init(tmp_path / "a", model=str(model), settings={"hparams": hp, "corpus": str(corpus)})
+    for i, (p, s, t) in enumerate(FACTS[:2]):
+        lg.add([Fact.create(p, t, subject=s)])
+        lg.commit(f"fact {i}", author="t")
+    lg.add_remote("origin", remote_url)
+    assert lg.push()["commits"] == 2
+    lg.close()
+    a = ok(k("-C", "a", "apply", "--delta", tmp_path / "a.safetensors", "--json"))
+    ok(k("clone", remote_url, "b", "--json"))
+    b = ok(k("-C", "b", "apply", "--delta", tmp_path / "b.safetensors", "--json"))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert a["facts"] == b["facts"] == 2
+    with Ledger.open(tmp_path / "a") as la, Ledger.open(tmp_path / "b") as lb:
+        ra = la.store.constraints(la.store.commit_order())
+        rb = lb.store.constraints(lb.store.commit_order())
+        assert len(ra) == len(rb) > 0 and all(r.key.shape[0] == 2 for r in rb)
+        assert all((x.key == y.key).all() and (x.value == y.value).all() for x, y in zip(ra, rb))
+    assert ok(k("-C", "b", "fsck", "--json"))["ok"]

@@ -360,7 +360,8 @@ class Editor:
     # ------------------------------------------------------------------ solve
     @staticmethod
     def by_layer(rows: Iterable[Constraint], layers: Iterable[int]) -> dict[int, KV]:
-        """{layer: (K [n, d_in], V [n, d_out])} of `rows`, sorted by fact id (float32, CPU)."""
+        """{layer: (K [n, d_in], V [n, d_out])} of `rows`, sorted by fact id (float32, CPU); a
+        fact's readings ([R, d] keys and values, `HParams.key_readings`) are R rows."""
         import numpy as np
         import torch
 
@@ -369,8 +370,8 @@ class Editor:
         for la in layers:
             sel = sorted((r for r in rows if r.layer == la), key=lambda r: r.fact_id)
             if sel:
-                out[la] = (torch.from_numpy(np.stack([r.key for r in sel])),
-                           torch.from_numpy(np.stack([r.value for r in sel])))
+                out[la] = (torch.from_numpy(np.concatenate([r.key.reshape(-1, r.key.shape[-1]) for r in sel])),
+                           torch.from_numpy(np.concatenate([r.value.reshape(-1, r.value.shape[-1]) for r in sel])))
         return out
 
     @staticmethod
@@ -535,7 +536,7 @@ class Editor:
             return {}
         hp = self.hparams
         toks = prepare(self.lm, [EditRequest(f.prompt, f.subject, f.target) for f in facts], hp)
-        K = first_keys(self.lm, toks, hp.layers[0], hp.bare_key_weight)
+        K = first_keys(self.lm, toks, hp.layers[0], hp)
         return {f.id: K[i].to(torch.float32).numpy() for i, f in enumerate(facts)}
 
     def probe(self, pairs: Sequence[tuple[str, str]]) -> list[float]:

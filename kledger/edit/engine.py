@@ -458,41 +458,59 @@ def context_mean(x: torch.Tensor, bare_weight: float = 0.0) -> torch.Tensor:
     return bare_weight * x[:, 0] + (1 - bare_weight) * x[:, 1:].mean(1)
 
 
+def readings(x: torch.Tensor, hp: HParams) -> torch.Tensor:
+    """[N, C, d] over the contexts → the readings a constraint is stored for: [N, d] with one
+    reading (`context_mean`), [N, 2, d] with two (the bare prompt's, the prefixed contexts' mean)."""
+    if hp.key_readings == 1:
+        return context_mean(x, hp.bare_key_weight)
+    return torch.stack([x[:, 0], x[:, 1:].mean(1)], 1)
+
+
 @torch.no_grad()
 def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int,
-            bare_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at `layer` ([N, d_in], `context_mean` over contexts) and the residual at `z_layer`
-    ([N, d], bare prompt), at the subject's last token, with the model's current weights; both
-    on the CPU."""
+            hp: HParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` and residuals at `z_layer` at the subject's last token, as `readings`
+    ([N, d] or [N, 2, d]), with the model's current weights; both on the CPU. With one reading
+    the residual is the bare prompt's (the one the value was optimised on). No `hp`: one reading,
+    the mean over the contexts."""
+    hp = hp or HParams()
     N, C = len(toks), len(toks[0].ctx)
     batch, rows, cols = _at_subjects(lm, toks)
     with capture_down_inputs(lm.model, lm.spec, [layer]) as keys, \
             capture_residual(lm.model, lm.spec, z_layer, stop=True) as res:
         run_until(lm.model, batch.input_ids, batch.attention_mask)
-    K = context_mean(keys[layer][rows, cols].float().view(N, C, -1), bare_weight)  # [N, d_in]
-    z = res[z_layer][rows, cols].float().view(N, C, -1)[:, 0]  # [N, d]
-    return K.cpu(), z.cpu()
+    K = readings(keys[layer][rows, cols].float().view(N, C, -1), hp)
+    z = res[z_layer][rows, cols].float().view(N, C, -1)
+    return K.cpu(), (z[:, 0] if hp.key_readings == 1 else readings(z, hp)).cpu()
 
 
 @torch.no_grad()
-def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int, bare_weight: float = 0.0) -> torch.Tensor:
-    """Keys at `layer` ([N, d_in] on the CPU, mean over contexts) as `measure` gives them, with
+def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int, hp: HParams | None = None) -> torch.Tensor:
+    """Keys at `layer` ([N, d_in] on the CPU, `soft_key` of the readings `measure` gives), with
     the forward ended after that layer's down-projection. At the first edited layer they depend
     only on unedited weights, so they are the keys a commit will store, known before any value is
     optimised: what soft conflicts compare."""
+    hp = hp or HParams()
     N, C = len(toks), len(toks[0].ctx)
     batch, rows, cols = _at_subjects(lm, toks)
     with capture_down_inputs(lm.model, lm.spec, [layer], stop_after=layer) as keys:
         run_until(lm.model, batch.input_ids, batch.attention_mask)
-    return context_mean(keys[layer][rows, cols].float().view(N, C, -1), bare_weight).cpu()
+    K = readings(keys[layer][rows, cols].float().view(N, C, -1), hp)
+    return (K if K.ndim == 2 else K.mean(1)).cpu()  # `soft_key` of each fact's readings
+
+
+def rows_of(kv: KV) -> KV:
+    """(K, V) with the readings as rows: [N, d] stays, [N, R, d] → [N·R, d] (fact-major)."""
+    K, V = kv
+    return (K, V) if K.ndim == 2 else (K.reshape(-1, K.shape[-1]), V.reshape(-1, V.shape[-1]))
 
 
 def _batches(c: LayerConstraints | None) -> list[KV]:
     if c is None:
         return []
     if isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], torch.Tensor):
-        return [c]
-    return list(c)
+        return [rows_of(c)]
+    return [rows_of(b) for b in c]
 
 
 def prepare(lm: Any, requests: Sequence[EditRequest], hp: HParams) -> list[_Tokens]:
@@ -524,21 +542,24 @@ def spread(lm: Any, toks: Sequence[_Tokens], z: torch.Tensor, hp: HParams,
     _require_layers(hp, c0, W0)
     L = hp.layers[-1]
     new: dict[int, KV] = {}
+    target = None  # [N, d] or [N, 2, d]: the residual each reading should reach at L
     steps = hp.spread_passes * len(hp.layers)
     for step in range(steps):
         i, layer = step % len(hp.layers), hp.layers[step % len(hp.layers)]
         report(progress, "layers", step, steps)
-        K, z_cur = measure(lm, toks, layer, L, hp.bare_key_weight)  # [N, d_in], [N, d]
-        resid = (z - z_cur) / (len(hp.layers) - i)  # [N, d]
+        K, z_cur = measure(lm, toks, layer, L, hp)  # readings: [N, d_in], [N, d] or [N, 2, *]
+        if target is None:  # nothing of this commit written yet: each reading's residual + δ
+            target = z if z_cur.ndim == 2 else z_cur + (z - z_cur[:, 0])[:, None]
+        resid = (target - z_cur) / (len(hp.layers) - i)
         if layer in new:  # a later pass: push the value out by the share still missing
             V = (new[layer][1].double() + resid.double()).float()
         else:
             W_cur = get_weight(lm.model, lm.spec, layer).double()  # [d_out, d_in]
-            V = (K.double() @ W_cur.T + resid.double()).float()  # [N, d_out]
+            V = (K.double() @ W_cur.T + resid.double()).float()  # [N, (2,) d_out]
         _check_finite(V, f"the values of layer {layer}")
         new[layer] = (K, V)
-        W = solve_history(W0[layer], _batches(prior.get(layer)) + [new[layer]], c0[layer], hp.lam, hp.mode,
-                          device=dev)
+        W = solve_history(W0[layer], _batches(prior.get(layer)) + [rows_of(new[layer])], c0[layer], hp.lam,
+                          hp.mode, device=dev)
         _check_finite(W, f"the solved weight of layer {layer}")
         set_weight(lm.model, lm.spec, layer, W)
     report(progress, "layers", steps, steps)
@@ -550,7 +571,8 @@ def compute_constraints(lm: Any, requests: Sequence[EditRequest], hp: HParams,
                         prior: Mapping[int, LayerConstraints] | None = None,
                         progress: Progress | None = None,
                         diagnostics: dict | None = None, values: Any = None) -> dict[int, KV]:
-    """New constraints {layer: (K [N, d_in], V [N, d_out])} (float32, CPU) for `requests`.
+    """New constraints {layer: (K [N, d_in], V [N, d_out])} (float32, CPU) for `requests`; with
+    two key readings (`HParams.key_readings`) K [N, 2, d_in] and V [N, 2, d_out].
 
     Precondition: lm's edited layers hold apply(prior) (W0 when prior is empty).
     Postcondition: they hold apply(prior + new), solved with hp.mode. `prior[layer]` is one

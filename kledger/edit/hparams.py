@@ -14,7 +14,7 @@ from ..errors import InputError
 BOS_MODES = ("auto", "always", "never")
 # fields added after the first release, with the value that behaves as kledger did before them
 LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0,
-                                "value_dtype": "float32"}
+                                "value_dtype": "float32", "key_readings": 1}
 VALUE_DTYPES = ("float32", "bfloat16", "auto")
 
 
@@ -41,6 +41,11 @@ class HParams:
     # a key is the mean over the contexts (0), or this weight on the bare prompt's key and the
     # rest on the prefixed contexts' mean
     bare_key_weight: float = 0.0
+    # constraints per fact and layer: 1, one key (as above) and its value; 2, one for the bare
+    # prompt's key and one for the prefixed contexts' mean key, each with the value that moves its
+    # own reading's residual by the optimised δ (each reading edited where it is read; the
+    # stored key and value of a fact are then [2, d] rows)
+    key_readings: int = 1
     seed: int = 0
     bos: str = "auto"  # prepend a document-boundary token: auto (if the tokenizer adds none), always, never
     # C0
@@ -78,6 +83,11 @@ class HParams:
         if not 0 <= self.bare_key_weight < 1:
             raise InputError(f"bare_key_weight must be at least 0 and below 1, got {self.bare_key_weight!r}",
                              "e.g. --set bare_key_weight=0.5")
+        if type(self.key_readings) is not int or self.key_readings not in (1, 2):
+            raise InputError(f"key_readings must be 1 or 2, got {self.key_readings!r}", "e.g. --set key_readings=2")
+        if self.key_readings == 2 and (self.n_prefixes < 1 or self.bare_key_weight):
+            raise InputError("key_readings=2 needs prefixed contexts and no bare_key_weight (its keys are the bare "
+                             "prompt's and the prefixed contexts' mean)", "set n_prefixes >= 1 and bare_key_weight=0")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, except those added after the first release while they hold the value that

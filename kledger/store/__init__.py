@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import duckdb
 
 from ..errors import RESTORE_HINT, IntegrityError, LedgerLocked, LedgerNotFound, SchemaError
-from ..records import ById, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key
+from ..records import ById, Commit, Constraint, Fact, Op, blob_digest, normalize, relation_key, soft_key
 from .chains import Chains
-from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key
+from .codec import constraint_from_row, decode, encode, fact_from_row, stats_key, vector_shape
 from .scans import Scans
 from .sql import COLUMNS, DERIVED, DERIVED_INDEXES, DERIVED_TABLES, FACT_COLS, MIGRATIONS, SCHEMA
 
@@ -527,11 +527,13 @@ class Store(Chains, Scans):
         return json.loads(row[0]) if row else None
 
     def put_constraints(self, commit_id: str, constraints: Iterable[Constraint]) -> None:
-        """Store a commit's constraints (key and value as little-endian float32 bytes)."""
+        """Store a commit's constraints (key and value as little-endian float32 bytes; a fact's
+        readings, [R, d], as R rows of the stated width d_in / d_out one after another)."""
         rows = []
         for c in constraints:
-            dtype, d_in, key = encode(c.key)
-            _, d_out, value = encode(c.value)
+            dtype, _, key = encode(c.key)
+            _, _, value = encode(c.value)
+            d_in, d_out = int(c.key.shape[-1]), int(c.value.shape[-1])
             rows.append((commit_id, c.fact_id, int(c.layer), dtype, d_in, d_out, key, value, c.fingerprint))
         if rows:
             self.con.executemany("INSERT INTO constraints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -574,8 +576,9 @@ class Store(Chains, Scans):
 
     def first_layer_keys(self, fact_ids: Iterable[str]) -> dict[str, "np.ndarray"]:
         """fact id → its key at the lowest layer any constraint is stored for (the first edited
-        layer), for each of those facts that has stored constraints, from one of the commits that
-        measured it: keys there depend only on the unedited layers below, so they agree."""
+        layer; of a fact's key readings, their mean: `records.soft_key`), for each of those facts
+        that has stored constraints, from one of the commits that measured it: keys there depend
+        only on the unedited layers below, so they agree."""
         fact_ids = list(fact_ids)
         if not fact_ids:
             return {}
@@ -585,7 +588,7 @@ class Store(Chains, Scans):
             "SELECT fact_id, arg_max(dtype, commit_id), arg_max(d_in, commit_id), arg_max(key, commit_id) "
             "FROM c WHERE layer = (SELECT layer FROM low) GROUP BY fact_id ORDER BY fact_id",
             [fact_ids]).fetchall()
-        return {f: decode(blob, dt, (n,)) for f, dt, n, blob in rows}
+        return {f: soft_key(decode(blob, dt, vector_shape(blob, dt, n))) for f, dt, n, blob in rows}
 
     def stats(self, model_fp: str, corpus_fp: str) -> dict[int, tuple[int, "np.ndarray"]]:
         """C0 by layer for that base model and corpus: layer → (tokens it was measured over, the

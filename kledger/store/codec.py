@@ -43,9 +43,24 @@ def decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> "np.ndarray":
     return a.reshape(shape).copy()
 
 
+def vector_shape(blob: bytes, dtype: str, width: int) -> tuple[int, ...]:
+    """The shape of a stored constraint vector of rows `width` wide: (width,) for one row (one
+    reading), (R, width) for R rows; an IntegrityError when the bytes are not whole rows."""
+    size = {"float32": 4, "float64": 8}.get(dtype)
+    rows, left = divmod(len(blob), (size or 1) * max(int(width), 1))
+    if not size or left or rows < 1:
+        raise IntegrityError(f"a stored vector of {len(blob)} bytes is not whole {dtype} rows of {width} values",
+                             "run `kledger fsck`, and restore the ledger from a backup or a text export")
+    return (int(width),) if rows == 1 else (rows, int(width))
+
+
 def constraint_from_row(r: tuple) -> Constraint:
     cid, fid, layer, dtype, d_in, d_out, key, value, fp = r
-    return Constraint(fid, layer, decode(key, dtype, (d_in,)), decode(value, dtype, (d_out,)), fp, cid)
+    k_shape, v_shape = vector_shape(key, dtype, d_in), vector_shape(value, dtype, d_out)
+    if k_shape[:-1] != v_shape[:-1]:
+        raise IntegrityError(f"a stored constraint of fact {fid[:10]} has {k_shape[0]} key rows and {v_shape[0]} value rows",
+                             "run `kledger fsck`, and restore the ledger from a backup or a text export")
+    return Constraint(fid, layer, decode(key, dtype, k_shape), decode(value, dtype, v_shape), fp, cid)
 
 
 def fact_from_row(r) -> Fact:

@@ -223,9 +223,11 @@ def _read_pack(store: "Store", pack_id: str, where: Path) -> Pack:
 
 
 def _constraint_row(pack_id: str, r: tuple) -> tuple:
-    """A constraints row as stored (float32 bytes of the sizes it states), checked."""
+    """A constraints row as stored (float32 bytes: as many key rows of its stated width d_in as
+    value rows of width d_out, one row per key reading), checked."""
     _, fid, layer, dtype, d_in, d_out, key, value, fp = r
-    if dtype != "float32" or len(key) != 4 * d_in or len(value) != 4 * d_out:
+    if (dtype != "float32" or d_in < 1 or d_out < 1 or not key or len(key) % (4 * d_in)
+            or len(value) != len(key) // (4 * d_in) * 4 * d_out):
         raise _bad(pack_id, f"a constraint of fact {short(fid)} is not float32 vectors of its stated sizes")
     return r
 
