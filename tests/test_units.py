@@ -78,6 +78,32 @@ def test_store_constraints_round_trip_as_records(tmp_path):
     store.close()
 
 
+def test_store_keeps_a_facts_key_readings_as_rows(tmp_path):
+    """Two key readings per fact ([2, d] key and value): stored as rows of the stated widths,
+    read back with their shape and hash; soft conflicts read their mean; bytes that are not whole
+    rows, or key and value row counts that differ, are refused as damage."""
+    from kledger.errors import IntegrityError
+    from kledger.store.codec import constraint_from_row
+
+    rng = np.random.default_rng(1)
+    store = Store.create(tmp_path / LEDGER_DIR, {"HEAD": "ref: main"})
+    rows = [Constraint(f"f{i}", la, rng.standard_normal((2, 6)).astype(np.float32),
+                       rng.standard_normal((2, 4)).astype(np.float32), "fp") for i in range(2) for la in (2, 3)]
+    with store.transaction():
+        store.put_constraints("c1", rows)
+    assert store.con.execute("SELECT DISTINCT d_in, d_out FROM constraints").fetchall() == [(6, 4)]
+    back = {(c.fact_id, c.layer): c for c in store.constraints(["c1"])}
+    assert constraints_hash(back.values()) == constraints_hash(rows)
+    for r in rows:
+        assert back[(r.fact_id, r.layer)].key.shape == (2, 6) and np.array_equal(back[(r.fact_id, r.layer)].value, r.value)
+    assert np.allclose(store.first_layer_keys(["f0"])["f0"], rows[0].key.mean(0))
+    key, value = rows[0].key.tobytes(), rows[0].value.tobytes()
+    for bad_key, bad_value, says in ((key[:-4], value, "not whole float32 rows"), (key, value[:16], "2 key rows and 1 value rows")):
+        with pytest.raises(IntegrityError, match=says):
+            constraint_from_row(("c", "f0", 2, "float32", 6, 4, bad_key, bad_value, "fp"))
+    store.close()
+
+
 def test_store_stats_round_trip_in_float64(tmp_path):
     store = Store.create(tmp_path / LEDGER_DIR, {"HEAD": "ref: main"})
     m = np.arange(9, dtype=np.float64).reshape(3, 3) / 7

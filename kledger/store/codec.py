@@ -47,8 +47,10 @@ def vector_shape(blob: bytes, dtype: str, width: int) -> tuple[int, ...]:
     """The shape of a stored constraint vector of rows `width` wide: (width,) for one row (one
     reading), (R, width) for R rows; an IntegrityError when the bytes are not whole rows."""
     size = {"float32": 4, "float64": 8}.get(dtype)
-    rows, left = divmod(len(blob), (size or 1) * max(int(width), 1))
-    if not size or left or rows < 1:
+    if size is None:
+        return (int(width),)  # `decode` names the unknown dtype
+    rows, left = divmod(len(blob), size * max(int(width), 1))
+    if left or rows < 1:
         raise IntegrityError(f"a stored vector of {len(blob)} bytes is not whole {dtype} rows of {width} values",
                              "run `kledger fsck`, and restore the ledger from a backup or a text export")
     return (int(width),) if rows == 1 else (rows, int(width))
@@ -58,7 +60,8 @@ def constraint_from_row(r: tuple) -> Constraint:
     cid, fid, layer, dtype, d_in, d_out, key, value, fp = r
     k_shape, v_shape = vector_shape(key, dtype, d_in), vector_shape(value, dtype, d_out)
     if k_shape[:-1] != v_shape[:-1]:
-        raise IntegrityError(f"a stored constraint of fact {fid[:10]} has {k_shape[0]} key rows and {v_shape[0]} value rows",
+        raise IntegrityError(f"a stored constraint of fact {fid[:10]} has {(k_shape[:-1] or (1,))[0]} key rows and "
+                             f"{(v_shape[:-1] or (1,))[0]} value rows",
                              "run `kledger fsck`, and restore the ledger from a backup or a text export")
     return Constraint(fid, layer, decode(key, dtype, k_shape), decode(value, dtype, v_shape), fp, cid)
 
