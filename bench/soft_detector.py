@@ -19,7 +19,7 @@ Prints, per label, how many pairs the detector calls a conflict (hard, soft or i
 collision, or nothing; precision and recall of "conflict" for "contradiction"; and the collisions
 found, with their cosines.
 
-    OMP_NUM_THREADS=1 python bench/soft_detector.py [--records 1000] [--start 0]
+    OMP_NUM_THREADS=1 python bench/soft_detector.py [--records 1000] [--start 0] [--key-readings 2]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def all_keys(lm, hp, facts: list[Fact], batch: int = 64) -> dict:
     for i in range(0, len(facts), batch):
         chunk = facts[i:i + batch]
         toks = prepare(lm, [EditRequest(f.prompt, f.subject, f.target) for f in chunk], hp)
-        K = first_keys(lm, toks, hp.layers[0])
+        K = first_keys(lm, toks, hp.layers[0], hp)
         out.update({f.id: K[j].numpy() for j, f in enumerate(chunk)})
     return out
 
@@ -99,11 +99,13 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=SOFT_THRESHOLD)
+    ap.add_argument("--key-readings", type=int, default=1,
+                    help="2: the keys of a ledger made with key_readings=2 (the mean of the bare and prefixed readings)")
     a = ap.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
     lm = load_model(env=Settings.from_env())
-    hp = defaults_for(lm.model_type, lm.n_layers)
+    hp = defaults_for(lm.model_type, lm.n_layers).with_(key_readings=a.key_readings)
     rng = random.Random(a.seed)
     recs = json.loads((DATA / "counterfact-train.json").read_text())
     recs = [r for r in recs if r["subject"] in r["prompt"]][a.start:a.start + a.records]
@@ -138,7 +140,7 @@ def main() -> None:
     tp = sum(c["conflict"] for k, c in counts.items() if k.startswith("contradiction"))
     fn = sum(c["none"] + c["collision"] for k, c in counts.items() if k.startswith("contradiction"))
     fp = counts["different subjects"]["conflict"]
-    out = {"model": "smollm2-135m", "layer": hp.layers[0], "threshold": a.threshold,
+    out = {"model": "smollm2-135m", "layer": hp.layers[0], "threshold": a.threshold, "key_readings": a.key_readings,
            "data": f"counterfact-train.json records {a.start}..{a.start + len(recs) - 1} (subject in prompt)",
            "pairs": {k: dict(v) | {"total": sum(v.values())} for k, v in sorted(counts.items())},
            "precision": round(tp / max(1, tp + fp), 4), "recall": round(tp / max(1, tp + fn), 4),

@@ -2,9 +2,9 @@
 ΔW = W − W0 of the down-projection, from a float64 SVD ΔW = U S Vᵀ, as lora_B = U_r √S_r and
 lora_A = √S_r V_rᵀ, with lora_alpha = r so that PEFT's scaling (lora_alpha / r) is 1 and
 W0 + B A = W (to the float32 rounding of the stored weights). The rank r is one for all layers: by
-default the largest rank that any layer's change has (at most the number of facts; singular
-values at the level of float32 rounding are not counted; a layer of lower rank is padded with
-zero columns, which changes nothing), else `rank`, truncating where a change needs more; the
+default the largest rank that any layer's change has (at most the number of constraint rows,
+facts × key readings; singular values at the level of float32 rounding are not counted; a layer
+of lower rank is padded with zero columns, which changes nothing), else `rank`, truncating where a change needs more; the
 share of each layer's change kept (Σ S_r² over the sum for the exact rank, its "energy") is
 reported. numpy and safetensors
 only: writing an adapter needs neither torch nor peft (loading it needs peft).
