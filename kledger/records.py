@@ -329,8 +329,9 @@ class Constraint:
 
 def soft_key(key: Any) -> Any:
     """The key soft conflicts compare (kledger.conflicts) of a fact's stored key: the key itself
-    ([d]), or the mean of its readings ([R, d] → [d], `HParams.key_readings`)."""
-    return key if key.ndim == 1 else key.mean(0)
+    ([d]), or of its readings ([R, d], `HParams.key_readings`) the last, the prefixed contexts'
+    mean, which is nearest the context mean the soft threshold was chosen on."""
+    return key if key.ndim == 1 else key[-1]
 
 
 def constraints_hash(constraints: Iterable[Constraint]) -> str | None:

@@ -486,7 +486,7 @@ def measure(lm: Any, toks: Sequence[_Tokens], layer: int, z_layer: int,
 
 @torch.no_grad()
 def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int, hp: HParams | None = None) -> torch.Tensor:
-    """Keys at `layer` ([N, d_in] on the CPU, `soft_key` of the readings `measure` gives), with
+    """Keys at `layer` ([N, d_in] on the CPU, `records.soft_key` of the readings `measure` gives), with
     the forward ended after that layer's down-projection. At the first edited layer they depend
     only on unedited weights, so they are the keys a commit will store, known before any value is
     optimised: what soft conflicts compare."""
@@ -496,7 +496,7 @@ def first_keys(lm: Any, toks: Sequence[_Tokens], layer: int, hp: HParams | None 
     with capture_down_inputs(lm.model, lm.spec, [layer], stop_after=layer) as keys:
         run_until(lm.model, batch.input_ids, batch.attention_mask)
     K = readings(keys[layer][rows, cols].float().view(N, C, -1), hp)
-    return (K if K.ndim == 2 else K.mean(1)).cpu()  # `soft_key` of each fact's readings
+    return (K if K.ndim == 2 else K[:, -1]).cpu()  # `records.soft_key` of each fact's readings
 
 
 def rows_of(kv: KV) -> KV:

@@ -576,7 +576,7 @@ class Store(Chains, Scans):
 
     def first_layer_keys(self, fact_ids: Iterable[str]) -> dict[str, "np.ndarray"]:
         """fact id → its key at the lowest layer any constraint is stored for (the first edited
-        layer; of a fact's key readings, their mean: `records.soft_key`), for each of those facts
+        layer; of a fact's key readings, the prefixed one: `records.soft_key`), for each of those facts
         that has stored constraints, from one of the commits that measured it: keys there depend
         only on the unedited layers below, so they agree."""
         fact_ids = list(fact_ids)
