@@ -33,12 +33,12 @@ def ok(r):
     return r.json
 
 
-@pytest.fixture
-def origin(tmp_path, remote_url):
+def pushed_ledger(tmp_path, remote_url, hparams=HPARAMS) -> str:
+    """Ledger `a` (tiny model) with one commit for each of two facts, pushed to `remote_url`."""
     model = save_tiny_model_dir(tmp_path / "model", corpus_words=None)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(word_corpus())
-    lg = Ledger.init(tmp_path / "a", model=str(model), settings={"hparams": HPARAMS, "corpus": str(corpus)})
+    lg = Ledger.init(tmp_path / "a", model=str(model), settings={"hparams": hparams, "corpus": str(corpus)})
     for i, (p, s, t) in enumerate(FACTS[:2]):
         lg.add([Fact.create(p, t, subject=s)])
         lg.commit(f"fact {i}", author="t")
@@ -46,6 +46,11 @@ def origin(tmp_path, remote_url):
     assert lg.push()["commits"] == 2
     lg.close()
     return remote_url
+
+
+@pytest.fixture
+def origin(tmp_path, remote_url):
+    return pushed_ledger(tmp_path, remote_url)
 
 
 def packs(remote):
@@ -109,17 +114,7 @@ def test_two_key_readings_travel_and_apply_identically(k, tmp_path, remote_url):
     """A ledger with two key readings per fact (key_readings=2: [2, d] rows per constraint) pushes
     and clones like any other: the clone applies to the same weights without measuring, its
     constraints are the origin's rows, and fsck passes on both."""
-    model = save_tiny_model_dir(tmp_path / "model", corpus_words=None)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(word_corpus())
-    hp = {**HPARAMS, "key_readings": 2}
-    lg = Ledger.init(tmp_path / "a", model=str(model), settings={"hparams": hp, "corpus": str(corpus)})
-    for i, (p, s, t) in enumerate(FACTS[:2]):
-        lg.add([Fact.create(p, t, subject=s)])
-        lg.commit(f"fact {i}", author="t")
-    lg.add_remote("origin", remote_url)
-    assert lg.push()["commits"] == 2
-    lg.close()
+    pushed_ledger(tmp_path, remote_url, {**HPARAMS, "key_readings": 2})
     a = ok(k("-C", "a", "apply", "--delta", tmp_path / "a.safetensors", "--json"))
     ok(k("clone", remote_url, "b", "--json"))
     b = ok(k("-C", "b", "apply", "--delta", tmp_path / "b.safetensors", "--json"))
