@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .app import JSON_OPT, RELATION_OPT, app, open_ledger, want_json
-from .output import emit_json, escape, out, short
+from .output import emit_json, escape, out, short, weak_line
 from .reads import log_lines, print_lines, read_log
 
 
@@ -74,7 +74,7 @@ def _meta_lines(meta: dict) -> list[str]:
                          f"lowest {min(p):.3f}")
         elif k == "weak":
             lines.append(f"did not take (P < {meta.get('weak_below')}): {len(v)} fact(s)")
-            lines += [f"  {w['prompt']!r} → {w['target']}: {w['p_new']:.4f}" for w in v]
+            lines += ["  " + weak_line(w) for w in v]
         elif k not in ("landed", "weak_below"):
             lines.append(f"{k}: {v}")
     return lines

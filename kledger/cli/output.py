@@ -119,13 +119,19 @@ def note_weak(weak: list[dict], threshold: float | None) -> None:
     list_weak(weak, "kledger show --json")
 
 
+def weak_line(w: dict) -> str:
+    """One fact that does not hold (`model_side.weak_entry`): prompt → object: probability."""
+    return f"{w['prompt']!r} → {w['target']}: {w['p_new']:.4f}"
+
+
 def list_weak(weak: list[dict], rest: str, shown: int = 10) -> None:
     """Say (stderr) the first `shown` facts that do not hold, prompt → object: probability, and
     where to find the rest."""
     for w in weak[:shown]:
-        say(f"  {escape(repr(w['prompt']))} → {escape(w['target'])}: {w['p_new']:.4f}")
+        say("  " + escape(weak_line(w)))
     if len(weak) > shown:
         say(f"  … and {len(weak) - shown} more (`{rest}`)")
 
 
-__all__ = ["emit_json", "err", "escape", "list_weak", "note_collisions", "note_resolved", "note_weak", "out", "say", "short"]
+__all__ = ["emit_json", "err", "escape", "list_weak", "note_collisions", "note_resolved", "note_weak", "out", "say", "short",
+           "weak_line"]

@@ -56,13 +56,21 @@ def vector_shape(blob: bytes, dtype: str, width: int) -> tuple[int, ...]:
     return (int(width),) if rows == 1 else (rows, int(width))
 
 
-def constraint_from_row(r: tuple) -> Constraint:
-    cid, fid, layer, dtype, d_in, d_out, key, value, fp = r
+def constraint_shapes(r: tuple) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of a constraints row's key and value (`vector_shape`); an IntegrityError when
+    they are not whole rows or not as many key rows as value rows (one per key reading)."""
+    _, fid, _, dtype, d_in, d_out, key, value, _ = r
     k_shape, v_shape = vector_shape(key, dtype, d_in), vector_shape(value, dtype, d_out)
     if k_shape[:-1] != v_shape[:-1]:
         raise IntegrityError(f"a stored constraint of fact {fid[:10]} has {(k_shape[:-1] or (1,))[0]} key rows and "
                              f"{(v_shape[:-1] or (1,))[0]} value rows",
                              "run `kledger fsck`, and restore the ledger from a backup or a text export")
+    return k_shape, v_shape
+
+
+def constraint_from_row(r: tuple) -> Constraint:
+    cid, fid, layer, dtype, d_in, d_out, key, value, fp = r
+    k_shape, v_shape = constraint_shapes(r)
     return Constraint(fid, layer, decode(key, dtype, k_shape), decode(value, dtype, v_shape), fp, cid)
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
 from ..records import Commit, Fact, Op, blob_digest, canonical_json, commit_id, constraint_digest, digests_hash, fact_id, sha256_hex, short
-from .codec import fact_from_row, stats_key
+from .codec import constraint_shapes, fact_from_row, stats_key
 from .sql import FACT_COLS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -224,10 +224,13 @@ def _read_pack(store: "Store", pack_id: str, where: Path) -> Pack:
 
 def _constraint_row(pack_id: str, r: tuple) -> tuple:
     """A constraints row as stored (float32 bytes: as many key rows of its stated width d_in as
-    value rows of width d_out, one row per key reading), checked."""
+    value rows of width d_out, one row per key reading: `codec.constraint_shapes`), checked."""
     _, fid, layer, dtype, d_in, d_out, key, value, fp = r
-    if (dtype != "float32" or d_in < 1 or d_out < 1 or not key or len(key) % (4 * d_in)
-            or len(value) != len(key) // (4 * d_in) * 4 * d_out):
+    try:
+        whole = dtype == "float32" and d_in >= 1 and d_out >= 1 and bool(constraint_shapes(r))
+    except IntegrityError:
+        whole = False
+    if not whole:
         raise _bad(pack_id, f"a constraint of fact {short(fid)} is not float32 vectors of its stated sizes")
     return r
 
