@@ -10,7 +10,10 @@ this one), to time an older commit on the same ledger. Each run deletes the ledg
 first, then times `kledger apply REV --json` and `kledger apply REV --out DIR --json` as fresh
 processes (median of `--runs`). The floor is timed in this process on the same tensors: per edited
 layer the Gram matrices λC0 + KᵀK and Kᵀ(V − K W0ᵀ) and one float64 Cholesky solve (as in
-bench/apply_bench.py). Prints the ratios and writes bench/out/cold_apply_bench.json.
+bench/apply_bench.py); for a small revision, also the Woodbury solve's arithmetic that `apply`
+now runs instead (kledger.edit.prior). Prints the ratios and writes bench/out/cold_apply_bench.json.
+The kept inverse of λC0 (`.kledger/cache/prior/`) is not deleted: like C0, it is made once per
+ledger (when C0 is stored, or by the first apply of code that keeps it).
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ def run_cold(code: Path, root: Path, args: list[str]) -> tuple[float, dict, str]
     return dt, json.loads(p.stdout), mods[-1] if mods else "?"
 
 
-def floor(root: Path, rev: str) -> float:
-    """Seconds of the bare arithmetic of the accumulated solve at `rev`, in this process."""
+def floor(root: Path, rev: str) -> tuple[float, float | None]:
+    """Seconds of the bare arithmetic of the accumulated solve at `rev`, in this process: the
+    direct solve (the floor the speed issue set), and the Woodbury solve on the kept inverse of
+    λC0 that `apply` now uses for small revisions (kledger.edit.prior; None when `rev` is not
+    small)."""
     sys.path.insert(0, str(REPO))
     import torch
 
@@ -59,6 +65,7 @@ def floor(root: Path, rev: str) -> float:
         ed = lg.editor()
         hp, c0 = ed.hparams, ed.c0()
         groups = Editor.by_layer(flatten(lg.history.constraints_at(lg.history.resolve(rev))), hp.layers)
+        small = woodbury_floor(ed, groups)
         total = 0.0
         for la in hp.layers:
             K, V = (t.to(torch.float64) for t in groups[la])
@@ -69,9 +76,23 @@ def floor(root: Path, rev: str) -> float:
             L, _ = torch.linalg.cholesky_ex(A)
             torch.cholesky_solve(B, L)
             total += time.perf_counter() - t0
-        return total
+        return total, small
     finally:
         lg.close()
+
+
+def woodbury_floor(ed, groups: dict) -> float | None:
+    """Seconds of `prior.woodbury` over the edited layers, M at hand (None: not a small revision)."""
+    from kledger.edit import prior
+
+    hp = ed.hparams
+    if not all(prior.small(K.shape[0], K.shape[1]) for K, _ in groups.values()):
+        return None
+    M = {la: prior.invert(ed.c0()[la].double().numpy(), hp.lam) for la in groups}
+    t0 = time.perf_counter()
+    for la, (K, V) in groups.items():
+        prior.woodbury(ed.W0[la].numpy(), K.numpy(), V.numpy(), M[la])
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -87,8 +108,11 @@ def main() -> None:
     out_dir = root / "edited-model"
     report: dict = {"code": str(code), "runs": a.runs, "cases": {}}
     for rev in ("main", "synthetic"):
-        fl = floor(root, rev)
-        report["cases"][f"{rev} floor"] = {"seconds": round(fl, 3)}
+        fl, small = floor(root, rev)
+        report["cases"][f"{rev} floor"] = {"seconds": round(fl, 3),
+                                           "woodbury_seconds": None if small is None else round(small, 4)}
+        if small is not None:
+            print(f"{rev}: the direct solve's arithmetic {fl:.3f} s; the Woodbury solve's {small * 1000:.1f} ms", flush=True)
         for extra in ([], ["--out", str(out_dir)]):
             args = ["apply", rev, *extra, "--json"]
             runs = [run_cold(code, root, args) for _ in range(a.runs)]

@@ -50,7 +50,8 @@ def editor(ledger: "Ledger", progress: Progress | None = None, **options: Any) -
         opts = {"model": ledger.model, "overrides": json.loads(ledger.store.meta("hparams") or "{}"),
                 "corpus": ledger.store.meta("corpus"), "defaults_version": defaults_version(ledger), **options}
         ledger._editor = Editor(opts.pop("model"), store=ledger.store, cache_dir=ledger.path / "cache" / "apply",
-                                env=ledger.env, progress=progress, cache_secret=_cache_secret(ledger), **opts)
+                                prior_dir=ledger.path / "cache" / "prior", env=ledger.env, progress=progress,
+                                cache_secret=_cache_secret(ledger), **opts)
     elif progress is not None:
         ledger._editor.progress = progress
     return ledger._editor

@@ -168,7 +168,10 @@ def test_changed_model_file_is_not_read_unloaded(k, tmp_path, monkeypatch):
 
 
 def test_cold_out_imports_no_transformers(tmp_path):
+    """Nor torch: a small revision is solved by Woodbury on the kept inverse of λC0, in numpy
+    (kledger.edit.prior)."""
     root = build(tmp_path)
+    assert list((root / "proj" / ".kledger" / "cache" / "prior").glob("*.safetensors"))  # kept at init
     code = textwrap.dedent("""
         import sys
         from kledger.cli.main import run
@@ -176,7 +179,7 @@ def test_cold_out_imports_no_transformers(tmp_path):
             run(["-C", sys.argv[1], "apply", "--json", "--out", sys.argv[2]])
         except SystemExit as e:
             assert e.code in (0, None), e.code
-        print("HEAVY", [m for m in ("transformers",) if m in sys.modules], file=sys.stderr)
+        print("HEAVY", [m for m in ("transformers", "torch") if m in sys.modules], file=sys.stderr)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", code, str(root / "proj"), str(root / "out")],

@@ -120,3 +120,62 @@ def test_alphaedit_projector_and_null_space_preservation():
     W = solve_history(W0, [(K, V)], C0, LAM, mode="alphaedit", null_threshold=1e-8)
     # the update lives in the null space: preserved keys (rows of X) see the same output
     assert torch.allclose(X @ W.T, X @ W0.T, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------- small solves (kledger.edit.prior)
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_woodbury_equals_the_direct_solve(rows):
+    from kledger.edit import prior
+
+    W0, C0, batches = make(3, n_batches=1, per=rows)
+    K, V = batches[0]
+    M = prior.invert(C0.numpy(), LAM)
+    got = prior.woodbury(W0.numpy(), K.numpy(), V.numpy(), M)
+    want = solve_layer(W0, K, V, C0, LAM).numpy()
+    assert abs(got - want).max() <= 1e-10 * abs(want - W0.numpy()).max()
+    assert prior.small(rows, D_IN)  # a quarter of the key width at most
+    assert not prior.small(D_IN // 4 + 1, D_IN) and not prior.small(0, D_IN)
+    assert prior.small(2 * D_IN // 3, D_IN, cpu=True) and not prior.small(2 * D_IN // 3 + 1, D_IN, cpu=True)
+    assert prior.cpu_only("cpu") and not prior.cpu_only("cuda:0")
+
+
+def test_an_untrustworthy_inverse_is_refused():
+    from kledger.edit import prior
+
+    _, C0, _ = make(4)
+    singular = C0.numpy().copy()
+    singular[:, 0] = singular[0, :] = 0.0
+    assert prior.invert(singular, LAM) is None
+    Q, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    ill = (Q * torch.logspace(0, -15, D_IN, dtype=torch.float64)) @ Q.T  # condition number 1e15
+    assert prior.invert(ill.numpy(), LAM) is None
+    assert prior.invert(C0.numpy(), LAM) is not None
+
+
+def test_the_kept_inverse_is_signed_and_recomputed_when_damaged(tmp_path):
+    from kledger.edit import prior
+
+    W0, C0, batches = make(5, n_batches=1, per=2)
+    calls = []
+
+    def c0():
+        calls.append(1)
+        return {3: C0.numpy()}
+
+    digests = {3: "d" * 64}
+    kv = {3: (batches[0][0].numpy(), batches[0][1].numpy())}
+    first = prior.solve_small({3: W0.numpy()}, kv, LAM, digests, tmp_path, "secret", c0)
+    again = prior.solve_small({3: W0.numpy()}, kv, LAM, digests, tmp_path, "secret", c0)
+    assert len(calls) == 1 and (first[3] == again[3]).all() and first[3].dtype.name == "float32"
+    (path,) = tmp_path.glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # one byte of M changed outside kledger
+    path.write_bytes(bytes(data))
+    third = prior.solve_small({3: W0.numpy()}, kv, LAM, digests, tmp_path, "secret", c0)
+    assert len(calls) == 2 and (third[3] == first[3]).all()
+    # another λ or another C0 checksum is another key; too many rows or C0 not stored: no small solve
+    assert prior.prior_key(digests, LAM) != prior.prior_key(digests, 2 * LAM) != prior.prior_key({3: "e" * 64}, LAM)
+    big = {3: (torch.randn(D_IN // 4 + 1, D_IN).numpy(), torch.randn(D_IN // 4 + 1, D_OUT).numpy())}
+    assert prior.solve_small({3: W0.numpy()}, big, LAM, digests, tmp_path, "secret", c0) is None
+    assert prior.solve_small({3: W0.numpy()}, kv, LAM, {3: None}, tmp_path, "secret", c0) is None

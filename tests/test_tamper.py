@@ -122,6 +122,28 @@ def test_a_forged_cache_entry_is_not_served(ledger):
     assert all(torch.allclose(torch.from_numpy(solved[la]), torch.from_numpy(weights[la])) for la in weights)
 
 
+
+def test_a_forged_inverse_of_the_prior_is_not_used(ledger):
+    """The kept inverse of λC0 (kledger.edit.prior) rewritten outside kledger with a MAC made
+    without the ledger's secret: the small solve computes it again and gives the same weights."""
+    from kledger.edit.prior import PRIOR_FORMAT
+
+    first = ledger.apply()
+    secret = ledger.store.meta("apply_cache_secret")
+    (path,) = (ledger.path / "cache" / "prior").glob("*.safetensors")
+    key = path.stem
+    M = read_cache(path, key, secret, fmt=PRIOR_FORMAT, dtype="<f8")
+    assert M is not None
+    write_cache(path, key, {la: m * 3.0 for la, m in M.items()}, "0" * 64, fmt=PRIOR_FORMAT, dtype="<f8")
+    before = read_cache(ledger.path / "cache" / "apply" / f"{first['cache_key']}.safetensors", first["cache_key"], secret)
+    shutil.rmtree(ledger.path / "cache" / "apply")
+    ledger._editor = None
+    again = ledger.apply()
+    assert not again["cached"]
+    solved = read_cache(ledger.path / "cache" / "apply" / f"{first['cache_key']}.safetensors", first["cache_key"], secret)
+    assert all((solved[la] == before[la]).all() for la in before)  # bit for bit: M computed again
+    assert read_cache(path, key, secret, fmt=PRIOR_FORMAT, dtype="<f8") is not None  # and kept again
+
 # ------------------------------------------------------------------------------ fsck's coverage
 @pytest.fixture
 def facts_only(tmp_path, monkeypatch):

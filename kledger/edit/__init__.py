@@ -9,6 +9,7 @@ transformers; import its modules directly (this package imports nothing heavy).
   engine   EditRequest → constraints (keys, values, spreading)
   solve    the float64 least-squares solve and its modes (no model)
   cache    the apply cache: solved weights on disk (no torch)
+  prior    small revisions solved by Woodbury on the kept inverse of λC0 (numpy, no torch)
   editor   Editor: a base model, its C0, the cached solve of constraints, measuring new ones;
            knows nothing of commits (kledger.model_side is the glue to them)
   ask      the model's answer and top next tokens

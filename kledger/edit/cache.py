@@ -29,24 +29,27 @@ def cache_key(fp_id: str, mode: str, digests: Iterable[str]) -> str:
     return sha256_hex(canonical_json([fp_id, mode, sorted(digests)]))
 
 
-def _weights_mac(weights: Mapping[int, "np.ndarray"], key: str, secret: str) -> str:
+def _weights_mac(weights: Mapping[int, "np.ndarray"], key: str, secret: str, fmt: str = CACHE_FORMAT,
+                 dtype: str = "<f4") -> str:
     """HMAC-SHA256, under the ledger's secret, of the format, the key and the tensors."""
     import hmac
 
     import numpy as np
 
-    h = hmac.new(secret.encode(), f"{CACHE_FORMAT}\0{key}\0".encode(), hashlib.sha256)
+    h = hmac.new(secret.encode(), f"{fmt}\0{key}\0".encode(), hashlib.sha256)
     for la in sorted(weights):
-        a = np.ascontiguousarray(weights[la], dtype=np.float32)
+        a = np.ascontiguousarray(weights[la], dtype=dtype)
         h.update(f"{int(la)} {tuple(a.shape)}\0".encode())
         h.update(a.data)
     return h.hexdigest()
 
 
-def read_cache(path: Path, key: str, secret: str | None) -> dict[int, "np.ndarray"] | None:
+def read_cache(path: Path, key: str, secret: str | None, *, fmt: str = CACHE_FORMAT,
+               dtype: str = "<f4") -> dict[int, "np.ndarray"] | None:
     """The weights cached under `key` ([d_out, d_in] float32 numpy arrays by layer), or None. A
     file that is unreadable, of another format or key, or whose tensors fail the MAC stored with
-    them, is deleted (it is recomputed). No secret (a ledger that cannot store one): no cache."""
+    them, is deleted (it is recomputed). No secret (a ledger that cannot store one): no cache.
+    `fmt` and `dtype`: another kind of entry kept the same way (kledger.edit.prior)."""
     if secret is None or not path.is_file():
         return None
     import hmac
@@ -57,8 +60,9 @@ def read_cache(path: Path, key: str, secret: str | None) -> dict[int, "np.ndarra
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
             weights = {int(name): f.get_tensor(name) for name in f.keys()}
-        if (meta.get("format") == CACHE_FORMAT and meta.get("key") == key and weights
-                and hmac.compare_digest(meta.get("mac", ""), _weights_mac(weights, key, secret))):
+        if (meta.get("format") == fmt and meta.get("key") == key and weights
+                and all(w.dtype.str == dtype for w in weights.values())
+                and hmac.compare_digest(meta.get("mac", ""), _weights_mac(weights, key, secret, fmt, dtype))):
             return weights
     except Exception:  # noqa: BLE001 - any damage means: not a usable cache entry
         pass
@@ -66,7 +70,8 @@ def read_cache(path: Path, key: str, secret: str | None) -> dict[int, "np.ndarra
     return None
 
 
-def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"], secret: str | None) -> None:
+def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"], secret: str | None, *,
+                fmt: str = CACHE_FORMAT, dtype: str = "<f4") -> None:
     """Write atomically, with the key and the MAC of the tensors in the file's metadata (nothing
     without a secret)."""
     if secret is None:
@@ -74,8 +79,8 @@ def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"], secre
     import numpy as np
     from safetensors.numpy import save_file
 
-    arrays = {str(int(la)): np.ascontiguousarray(w, dtype=np.float32) for la, w in weights.items()}
-    meta = {"format": CACHE_FORMAT, "key": key, "mac": _weights_mac({int(k): v for k, v in arrays.items()}, key, secret)}
+    arrays = {str(int(la)): np.ascontiguousarray(w, dtype=dtype) for la, w in weights.items()}
+    meta = {"format": fmt, "key": key, "mac": _weights_mac({int(k): v for k, v in arrays.items()}, key, secret, fmt, dtype)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(arrays, str(tmp), metadata=meta)

@@ -95,16 +95,18 @@ class Editor:
     def __init__(self, model: str, *, store: EditorStore, cache_dir: str | os.PathLike,
                  overrides: Mapping[str, Any] | None = None, corpus: str | os.PathLike | None = None,
                  env: Settings | None = None, progress: Progress | None = None, cache_secret: str | None = None,
-                 defaults_version: int = DEFAULTS_VERSION):
+                 defaults_version: int = DEFAULTS_VERSION, prior_dir: str | os.PathLike | None = None):
         """`cache_secret`: the key of the apply cache's MACs (kledger.edit.cache); None: no cache.
         `defaults_version`: which version of the default hyper-parameters the overrides apply to
-        (the one the ledger was made with)."""
+        (the one the ledger was made with). `prior_dir`: where the inverse of λC0 is kept for
+        small solves (kledger.edit.prior; default: `prior` in `cache_dir`)."""
         if model in (None, "", "none"):
             raise StateError("no model to edit", "give a model name or directory")
         self.model_name = model
         self.store = store
         self.cache_dir = Path(cache_dir)
         self.cache_secret = cache_secret
+        self.prior_dir = Path(prior_dir) if prior_dir is not None else self.cache_dir / "prior"
         self.overrides = dict(overrides or {})  # hyper-parameters over the model's defaults
         self.defaults_version = defaults_version
         self.corpus_path = Path(corpus) if corpus else None
@@ -167,7 +169,7 @@ class Editor:
     def _corpus_identity(self, hp: HParams, base: Any) -> tuple[str, str | None]:
         """`corpus_identity` under `hp`; `base` gives the base fingerprint (a string, or a function
         returning it), asked only for the default corpus."""
-        from .stats import SAMPLED_TOKENS, corpus_fingerprint
+        from .hparams import SAMPLED_TOKENS, corpus_fingerprint
 
         if self.corpus_path is None:
             what = ["model-sampled", base() if callable(base) else base, hp.seed, SAMPLED_TOKENS, hp.c0_seq_len]
@@ -244,11 +246,21 @@ class Editor:
             text, n_tokens = self.sampled_corpus(), SAMPLED_TOKENS
         c0, n = compute_c0(self.lm, hp.layers, text, n_tokens=n_tokens, seq_len=hp.c0_seq_len, bos=hp.bos,
                            progress=self.progress)
+        arrays = {la: m.to("cpu", torch.float64).numpy() for la, m in c0.items()}
         with self.store.transaction():
-            for la, m in c0.items():
-                self.store.put_stats(base, corpus_fp, la, n, m.to("cpu", torch.float64).numpy())
+            for la, m in arrays.items():
+                self.store.put_stats(base, corpus_fp, la, n, m)
         self._c0, self._c0_tokens = c0, n
+        self._keep_prior(hp, base, arrays)
         return c0
+
+    def _keep_prior(self, hp: HParams, base: str, c0: Mapping[int, "np.ndarray"]) -> None:
+        """Invert λC0 once, as it is stored, for the small solves to come (kledger.edit.prior)."""
+        from .prior import inverses
+
+        digests = self._c0_digests(hp, base)
+        if self.cache_secret is not None and all(d is not None for d in digests.values()):
+            inverses(self.prior_dir, self.cache_secret, hp.lam, digests, lambda: c0, self.progress)
 
     def fingerprint(self) -> tuple[str, dict]:
         """(id, body) of what every constraint computed now depends on."""
@@ -359,20 +371,26 @@ class Editor:
 
     # ------------------------------------------------------------------ solve
     @staticmethod
-    def by_layer(rows: Iterable[Constraint], layers: Iterable[int]) -> dict[int, KV]:
-        """{layer: (K [n, d_in], V [n, d_out])} of `rows`, sorted by fact id (float32, CPU); a
+    def arrays_by_layer(rows: Iterable[Constraint], layers: Iterable[int]) -> dict[int, tuple["np.ndarray", "np.ndarray"]]:
+        """{layer: (K [n, d_in], V [n, d_out])} of `rows`, sorted by fact id (float32 numpy); a
         fact's readings ([R, d] keys and values, `HParams.key_readings`) are R rows."""
         import numpy as np
-        import torch
 
         rows = list(rows)
         out = {}
         for la in layers:
             sel = sorted((r for r in rows if r.layer == la), key=lambda r: r.fact_id)
             if sel:
-                out[la] = (torch.from_numpy(np.concatenate([r.key.reshape(-1, r.key.shape[-1]) for r in sel])),
-                           torch.from_numpy(np.concatenate([r.value.reshape(-1, r.value.shape[-1]) for r in sel])))
+                out[la] = (np.concatenate([r.key.reshape(-1, r.key.shape[-1]) for r in sel]),
+                           np.concatenate([r.value.reshape(-1, r.value.shape[-1]) for r in sel]))
         return out
+
+    @classmethod
+    def by_layer(cls, rows: Iterable[Constraint], layers: Iterable[int]) -> dict[int, KV]:
+        """`arrays_by_layer` as CPU torch tensors."""
+        import torch
+
+        return {la: (torch.from_numpy(K), torch.from_numpy(V)) for la, (K, V) in cls.arrays_by_layer(rows, layers).items()}
 
     @staticmethod
     def _info(rows: list[Constraint], mode: str, hp: HParams, key: str, cached: bool) -> dict:
@@ -428,8 +446,37 @@ class Editor:
                     self.cache_secret)
 
     def _solve_batches(self, batches: Batches, mode: str) -> dict[int, "torch.Tensor"]:
-        """The solve itself, uncached, on the model's device (see `_solve_with`)."""
-        return self._solve_with(self.W0, self.c0(), self.hparams, batches, mode, self.lm.device)
+        """The solve itself, uncached: a small one by Woodbury (`_solve_small`), else on the
+        model's device (see `_solve_with`)."""
+        import torch
+
+        hp, base = self.hparams, self._base_fp()
+        small = self._solve_small({la: w.detach().cpu().numpy() for la, w in self.W0.items()}, batches, mode, hp, base,
+                                  lambda: {la: c.double().numpy() for la, c in self.c0().items()})
+        if small is not None:
+            return {la: torch.from_numpy(w) for la, w in small.items()}
+        return self._solve_with(self.W0, self.c0(), hp, batches, mode, self.lm.device)
+
+    def _solve_small(self, W0: Mapping[int, "np.ndarray"], batches: Batches, mode: str, hp: HParams, base: str,
+                     c0: Any) -> dict[int, "np.ndarray"] | None:
+        """`prior.solve_small` of these constraints (Woodbury on the kept inverse of λC0, numpy,
+        when every layer has few rows), else None. The loaded and the unloaded paths both come
+        here first, so they give the same bits. `c0`: returns C0 by layer (numpy), called only
+        when the inverse is not kept yet."""
+        from .prior import cpu_only, solve_small
+
+        if mode != "accumulated":
+            return None
+        return solve_small(W0, self.arrays_by_layer(flatten(batches), hp.layers), hp.lam,
+                           self._c0_digests(hp, base), self.prior_dir, self.cache_secret, c0, self.progress,
+                           cpu_only(self.env.device))
+
+    def _c0_digests(self, hp: HParams, base: str) -> dict[int, str | None]:
+        """The stored C0's checksums by edited layer (None where not stored), read without C0."""
+        from ..store.codec import stats_key
+
+        corpus_fp = self._corpus_identity(hp, base)[0]
+        return {la: self.store.meta(stats_key(base, corpus_fp, la)) for la in hp.layers}
 
     @classmethod
     def _solve_with(cls, W0: Mapping[int, "torch.Tensor"], c0: Mapping[int, "torch.Tensor"], hp: HParams,
@@ -486,20 +533,26 @@ class Editor:
             W0 = read_weights(directory, spec, slots)
         except OSError:
             return None
-        stored = self.store.stats(base, self._corpus_identity(hp, base)[0])
-        if source_identity(self.model_name, self.env) != source or not all(la in stored for la in hp.layers):
+        if source_identity(self.model_name, self.env) != source:
             return None
-        import torch
-
-        from .device import resolve_device
-
-        c0 = {la: torch.from_numpy(stored[la][1]) for la in hp.layers}
-        weights = self._solve_with({la: torch.from_numpy(w) for la, w in W0.items()}, c0, hp, batches, mode,
-                                   resolve_device(self.env.device))
         key = cache_key(fp_id, mode, (r.digest() for r in rows))
-        self._store_cache(self.cache_dir / f"{key}.safetensors", key, weights)
-        return CachedApply({la: w.numpy() for la, w in weights.items()}, self._info(rows, mode, hp, key, False),
-                           fp_id, model_type)
+        corpus_fp = self._corpus_identity(hp, base)[0]
+        weights = self._solve_small(W0, batches, mode, hp, base,
+                                    lambda: {la: c for la, (_, c) in self.store.stats(base, corpus_fp).items()})
+        if weights is None:
+            stored = self.store.stats(base, corpus_fp)
+            if not all(la in stored for la in hp.layers):
+                return None
+            import torch
+
+            from .device import resolve_device
+
+            c0 = {la: torch.from_numpy(stored[la][1]) for la in hp.layers}
+            solved = self._solve_with({la: torch.from_numpy(w) for la, w in W0.items()}, c0, hp, batches, mode,
+                                      resolve_device(self.env.device))
+            weights = {la: w.numpy() for la, w in solved.items()}
+        write_cache(self.cache_dir / f"{key}.safetensors", key, weights, self.cache_secret)
+        return CachedApply(weights, self._info(rows, mode, hp, key, False), fp_id, model_type)
 
     # ------------------------------------------------------------------ the in-memory model
     def load(self, weights: Mapping[int, "torch.Tensor"] | None = None) -> None:

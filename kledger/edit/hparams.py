@@ -11,6 +11,17 @@ from typing import Any
 
 from ..errors import InputError
 
+SAMPLED_TOKENS = 20_000  # size of the default, model-sampled C0 corpus (sampling is the slow part)
+
+
+def corpus_fingerprint(text: str, n_tokens: int) -> str:
+    """SHA-256 of the corpus text and the number of tokens C0 was measured on."""
+    h = hashlib.sha256(b"corpus\0")
+    h.update(text.encode("utf-8"))
+    h.update(f"\0{int(n_tokens)}".encode())
+    return h.hexdigest()
+
+
 BOS_MODES = ("auto", "always", "never")
 # fields added after the first release, with the value that behaves as kledger did before them
 LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0,

@@ -8,7 +8,6 @@ The default corpus needs no download: text sampled from the model itself with a 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,23 +18,15 @@ from ..errors import InputError, ModelError
 from ..settings import Progress, report
 from .device import device_of
 from .hooks import boundary_token, cache_kwargs, capture_down_inputs, encode, growing_cache, pad_batch, pad_id_of, returned_cache, run_until
+from .hparams import SAMPLED_TOKENS, corpus_fingerprint  # noqa: F401  (torch-free, kept here by name)
 from .solve import no_tf32
 from .spec import down_proj, to_canonical
 
-SAMPLED_TOKENS = 20_000  # size of the default, model-sampled corpus (sampling is the slow part)
 # corpus samplers: version → most sequences drawn at once. 1: transformers' generate (the first
 # release); 2: a cached loop with a partial sort (same distribution, other random numbers), the
 # default corpus's 157 sequences in one round
 SAMPLERS = {1: 32, 2: 160}
 SAMPLER = 2
-
-
-def corpus_fingerprint(text: str, n_tokens: int) -> str:
-    """SHA-256 of the corpus text and the number of tokens C0 was measured on."""
-    h = hashlib.sha256(b"corpus\0")
-    h.update(text.encode("utf-8"))
-    h.update(f"\0{int(n_tokens)}".encode())
-    return h.hexdigest()
 
 
 def corpus_chunks(tokenizer: Any, text: str, n_tokens: int, seq_len: int,
