@@ -119,6 +119,21 @@ def with_names(lm, hp, c0: dict, spec: str, mu: float, lam: float) -> dict:
     return {la: c0[la] + (mu / lam) * E[la] for la in c0}
 
 
+def with_mean_key(c0: dict, batches: list, mu: float, lam: float) -> dict:
+    """C0 such that the solve's λ C0 becomes λ C0 + μ m mᵀ, m the mean of the solved facts' keys
+    at each layer: the solve is asked to leave the direction every edit's key shares alone (a
+    change that moves every subject alike), and to write each edit through what sets its key
+    apart."""
+    import torch
+
+    out = {}
+    for la in c0:
+        K = torch.cat([b[la][0].double().reshape(-1, b[la][0].shape[-1]) for b in batches])
+        m = K.mean(0)
+        out[la] = c0[la].double() + (mu / lam) * torch.outer(m, m)
+    return out
+
+
 def measured_keys(lm, toks: list, layer: int, bare_weight: float):
     """Every fact's key at `layer` with the model's current weights ([N, d_in]), 100 facts a pass."""
     import torch
@@ -174,6 +189,7 @@ def main() -> None:
     ap.add_argument("--entity", default=None, help="add μ × E (entity_moment) to λ C0: wikitext:N or sampled")
     ap.add_argument("--mu", type=float, default=0.0, help="the weight μ of E (per-token mean, like λ)")
     ap.add_argument("--refresh-keys", action="store_true", help="measure every fact's keys again (see refreshed)")
+    ap.add_argument("--mean-key", type=float, default=0.0, help="add μ m mᵀ, m the mean key (see with_mean_key)")
     a = ap.parse_args()
     src = OUT / a.run
     saved = torch.load(src / "state.pt", weights_only=False)
@@ -191,6 +207,9 @@ def main() -> None:
     if a.entity and a.mu:
         c0 = with_names(lm, hp, c0, a.entity, a.mu, lam)
         name = a.name or f"{name}-E{a.entity.replace(':', '')}-mu{a.mu:g}"
+    if a.mean_key:
+        c0 = with_mean_key(c0, batches, a.mean_key, lam)
+        name = a.name or f"{name}-meankey{a.mean_key:g}"
     if a.refresh_keys:
         name = a.name or f"{name}-refresh"
     dst = OUT / name
@@ -203,6 +222,7 @@ def main() -> None:
     torch.save(W, dst / f"w{a.at}.pt")
     extra = f", + {a.mu:g} E({a.entity})" if a.entity and a.mu else ""
     extra += ", keys measured again" if a.refresh_keys else ""
+    extra += f", + {a.mean_key:g} m mT (the mean key)" if a.mean_key else ""
     res.update(setting=f"{res['setting']} re-solved: λ {lam:g}, C0 {a.corpus}{extra}", n=a.at, checkpoints=[a.at],
                resolved_from=a.run, seconds_per_fact=res.get("seconds_per_fact"), mean_steps=res.get("mean_steps"))
     res.pop("batches", None)
