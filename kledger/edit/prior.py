@@ -12,7 +12,8 @@ a few facts, milliseconds instead of most of a second per layer. M is a pure fun
 stored C0 and λ; it is computed once, with numpy, and kept on disk beside the apply cache, keyed
 by the stored C0's checksums and λ and signed with the ledger's secret like the apply cache
 (kledger.edit.cache). A layer is solved this way when it has at most a quarter as many rows as
-its key width (`small`); the direct solve is cheaper beyond that. The loaded and the unloaded
+its key width, or two thirds where the solve runs on the CPU anyway (`small`, `cpu_only`); the
+direct solve is cheaper beyond that. The loaded and the unloaded
 `apply` both take this path for the same constraints, on the CPU with numpy, so they give the same
 bits, and the unloaded one needs no torch for it.
 
