@@ -179,3 +179,14 @@ def test_the_kept_inverse_is_signed_and_recomputed_when_damaged(tmp_path):
     big = {3: (torch.randn(D_IN // 4 + 1, D_IN).numpy(), torch.randn(D_IN // 4 + 1, D_OUT).numpy())}
     assert prior.solve_small({3: W0.numpy()}, big, LAM, digests, tmp_path, "secret", c0) is None
     assert prior.solve_small({3: W0.numpy()}, kv, LAM, {3: None}, tmp_path, "secret", c0) is None
+
+
+def test_an_unwritable_folder_for_the_inverse_is_not_an_error(tmp_path):
+    from kledger.edit import prior
+
+    W0, C0, batches = make(7, n_batches=1, per=2)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    kv = {3: (batches[0][0].numpy(), batches[0][1].numpy())}
+    got = prior.solve_small({3: W0.numpy()}, kv, LAM, {3: "d" * 64}, blocked / "prior", "secret", lambda: {3: C0.numpy()})
+    assert got is not None and not (blocked / "prior").exists()

@@ -119,7 +119,10 @@ def inverses(cache_dir: Path, secret: str | None, lam: float, digests: Mapping[i
             return None
         out[la] = M
     report(progress, "invert C0", len(digests), len(digests))
-    write_cache(path, key, out, secret, fmt=PRIOR_FORMAT, dtype="<f8")
+    try:
+        write_cache(path, key, out, secret, fmt=PRIOR_FORMAT, dtype="<f8")
+    except OSError:  # a folder kledger cannot write (a read-only ledger): computed again next time
+        pass
     return out
 
 
