@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -134,6 +135,10 @@ def test_woodbury_equals_the_direct_solve(rows):
     got = prior.woodbury(W0.numpy(), K.numpy(), V.numpy(), M)
     want = solve_layer(W0, K, V, C0, LAM).numpy()
     assert abs(got - want).max() <= 1e-10 * abs(want - W0.numpy()).max()
+    # the same bits whatever the memory layout of the inputs (a transposed view, as a loaded
+    # GPT-2 layer gives, or a C-ordered file read)
+    W0f = np.asfortranarray(W0.numpy())
+    assert (prior.woodbury(W0f, K.numpy(), V.numpy(), M) == got).all()
     assert prior.small(rows, D_IN)  # a quarter of the key width at most
     assert not prior.small(D_IN // 4 + 1, D_IN) and not prior.small(0, D_IN)
     assert prior.small(2 * D_IN // 3, D_IN, cpu=True) and not prior.small(2 * D_IN // 3 + 1, D_IN, cpu=True)
@@ -153,6 +158,13 @@ def test_an_untrustworthy_inverse_is_refused():
     assert prior.invert(C0.numpy(), LAM) is not None
 
 
+def digest_of(C0):
+    from kledger.records import blob_digest
+    from kledger.store.codec import encode
+
+    return blob_digest(encode(C0.numpy(), "<f8")[2])
+
+
 def test_the_kept_inverse_is_signed_and_recomputed_when_damaged(tmp_path):
     from kledger.edit import prior
 
@@ -163,7 +175,7 @@ def test_the_kept_inverse_is_signed_and_recomputed_when_damaged(tmp_path):
         calls.append(1)
         return {3: C0.numpy()}
 
-    digests = {3: "d" * 64}
+    digests = {3: digest_of(C0)}
     kv = {3: (batches[0][0].numpy(), batches[0][1].numpy())}
     first = prior.solve_small({3: W0.numpy()}, kv, LAM, digests, tmp_path, "secret", c0)
     again = prior.solve_small({3: W0.numpy()}, kv, LAM, digests, tmp_path, "secret", c0)
@@ -179,6 +191,27 @@ def test_the_kept_inverse_is_signed_and_recomputed_when_damaged(tmp_path):
     big = {3: (torch.randn(D_IN // 4 + 1, D_IN).numpy(), torch.randn(D_IN // 4 + 1, D_OUT).numpy())}
     assert prior.solve_small({3: W0.numpy()}, big, LAM, digests, tmp_path, "secret", c0) is None
     assert prior.solve_small({3: W0.numpy()}, kv, LAM, {3: None}, tmp_path, "secret", c0) is None
+    # C0 that does not have the stored checksum (changed since), or no secret: no small solve
+    assert prior.solve_small({3: W0.numpy()}, kv, LAM, {3: "e" * 64}, tmp_path, "secret", c0) is None
+    assert prior.solve_small({3: W0.numpy()}, kv, LAM, digests, tmp_path, None, c0) is None
+
+
+def test_a_refused_inverse_is_remembered(tmp_path):
+    from kledger.edit import prior
+
+    W0, _, batches = make(8, n_batches=1, per=2)
+    Q, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    ill = (Q * torch.logspace(0, -15, D_IN, dtype=torch.float64)) @ Q.T
+    calls = []
+
+    def c0():
+        calls.append(1)
+        return {3: ill.numpy()}
+
+    kv = {3: (batches[0][0].numpy(), batches[0][1].numpy())}
+    for _ in range(2):
+        assert prior.solve_small({3: W0.numpy()}, kv, LAM, {3: digest_of(ill)}, tmp_path, "secret", c0) is None
+    assert len(calls) == 1  # the refusal was kept, not computed again
 
 
 def test_an_unwritable_folder_for_the_inverse_is_not_an_error(tmp_path):
@@ -188,5 +221,6 @@ def test_an_unwritable_folder_for_the_inverse_is_not_an_error(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     kv = {3: (batches[0][0].numpy(), batches[0][1].numpy())}
-    got = prior.solve_small({3: W0.numpy()}, kv, LAM, {3: "d" * 64}, blocked / "prior", "secret", lambda: {3: C0.numpy()})
+    got = prior.solve_small({3: W0.numpy()}, kv, LAM, {3: digest_of(C0)}, blocked / "prior", "secret",
+                            lambda: {3: C0.numpy()})
     assert got is not None and not (blocked / "prior").exists()

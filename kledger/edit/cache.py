@@ -66,7 +66,10 @@ def read_cache(path: Path, key: str, secret: str | None, *, fmt: str = CACHE_FOR
             return weights
     except Exception:  # noqa: BLE001 - any damage means: not a usable cache entry
         pass
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a folder kledger cannot write: the entry is just not used
+        pass
     return None
 
 
@@ -83,8 +86,11 @@ def write_cache(path: Path, key: str, weights: Mapping[int, "np.ndarray"], secre
     meta = {"format": fmt, "key": key, "mac": _weights_mac({int(k): v for k, v in arrays.items()}, key, secret, fmt, dtype)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(arrays, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(arrays, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

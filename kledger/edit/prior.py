@@ -18,7 +18,9 @@ direct solve is cheaper beyond that. The loaded and the unloaded
 bits, and the unloaded one needs no torch for it.
 
 M is refused (None: the direct solve is used) when λC0 is too ill-conditioned for its inverse to
-be trusted: when λC0 M differs from the identity by more than `INVERSE_TOLERANCE` anywhere.
+be trusted: when λC0 M differs from the identity by more than `INVERSE_TOLERANCE` anywhere; the
+refusal is kept like M. M is computed only from a C0 whose bytes have the stored checksums, and
+only for a ledger with a secret.
 numpy and safetensors only.
 """
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 PRIOR_FORMAT = "kledger-prior-inverse/1"
-INVERSE_TOLERANCE = 1e-8  # max |λC0 M − I| for M to be used
+INVERSE_TOLERANCE = 1e-11  # max |λC0 M − I| for M to be used (the default model's C0: 5e-15 to 5e-13)
 
 
 def small(rows: int, d_in: int, cpu: bool = False) -> bool:
@@ -92,7 +94,9 @@ def woodbury(W0: "np.ndarray", K: "np.ndarray", V: "np.ndarray", M: "np.ndarray"
     V [n, d_out], from M = (λC0)⁻¹."""
     import numpy as np
 
-    W0, K, V = (np.asarray(a, dtype=np.float64) for a in (W0, K, V))
+    # C-ordered copies: the same BLAS route whatever layout the caller's arrays have (a loaded
+    # model's transposed view or a file's), so both `apply` paths give the same bits
+    W0, K, V = (np.ascontiguousarray(a, dtype=np.float64) for a in (W0, K, V))
     R = V - K @ W0.T  # [n, d_out]
     MK = M @ K.T  # [d_in, n]
     S = np.eye(K.shape[0]) + K @ MK  # [n, n], symmetric positive definite
@@ -103,27 +107,39 @@ def inverses(cache_dir: Path, secret: str | None, lam: float, digests: Mapping[i
              c0: Callable[[], Mapping[int, "np.ndarray"]], progress: Progress | None = None) -> dict[int, "np.ndarray"] | None:
     """M by layer for the stored C0 with these checksums (by layer) and λ: read from `cache_dir`
     when written there before (checked with the ledger's secret), else computed from `c0()` and
-    written there. None when any layer's λC0 cannot be trusted inverted (see `invert`): the
-    caller then solves directly."""
+    written there. None when C0 as `c0()` gives it does not have these checksums (changed since,
+    or not stored yet) or any layer's λC0 cannot be trusted inverted (see `invert`; remembered
+    in the same file, as empty arrays): the caller then solves directly. Without a secret
+    nothing is kept, and nothing is computed either (it would be computed at every solve)."""
+    import numpy as np
+
+    from ..records import blob_digest
+    from ..store.codec import encode
+
+    if secret is None:
+        return None
     key = prior_key(digests, lam)
     path = cache_dir / f"{key}.safetensors"
     got = read_cache(path, key, secret, fmt=PRIOR_FORMAT, dtype="<f8")
     if got is not None and sorted(got) == sorted(digests):
-        return got
+        return None if any(m.size == 0 for m in got.values()) else got
     mats = c0()
+    if any(mats.get(la) is None or blob_digest(encode(mats[la], "<f8")[2]) != d for la, d in digests.items()):
+        return None
     out = {}
     for i, la in enumerate(sorted(digests)):
         report(progress, "invert C0", i, len(digests))
-        M = invert(mats[la], lam)
-        if M is None:
-            return None
-        out[la] = M
+        out[la] = invert(mats[la], lam)
+        if out[la] is None:
+            break
     report(progress, "invert C0", len(digests), len(digests))
+    usable = all(m is not None for m in out.values()) and len(out) == len(digests)
+    kept = out if usable else {la: np.zeros(0) for la in digests}
     try:
-        write_cache(path, key, out, secret, fmt=PRIOR_FORMAT, dtype="<f8")
-    except OSError:  # a folder kledger cannot write (a read-only ledger): computed again next time
+        write_cache(path, key, kept, secret, fmt=PRIOR_FORMAT, dtype="<f8")
+    except Exception:  # noqa: BLE001 - a folder kledger cannot write, a full disk: computed again next time
         pass
-    return out
+    return out if usable else None
 
 
 def solve_small(W0: Mapping[int, "np.ndarray"], kv: Mapping[int, tuple["np.ndarray", "np.ndarray"]], lam: float,
