@@ -251,15 +251,15 @@ class Editor:
             for la, m in arrays.items():
                 self.store.put_stats(base, corpus_fp, la, n, m)
         self._c0, self._c0_tokens = c0, n
-        self._keep_prior(hp, base, arrays)
+        self._keep_prior(hp, base, corpus_fp, arrays)
         return c0
 
-    def _keep_prior(self, hp: HParams, base: str, c0: Mapping[int, "np.ndarray"]) -> None:
+    def _keep_prior(self, hp: HParams, base: str, corpus_fp: str, c0: Mapping[int, "np.ndarray"]) -> None:
         """Invert λC0 once, as it is stored, for the small solves to come (kledger.edit.prior)."""
         from .prior import inverses
 
-        digests = self._c0_digests(hp, base)
-        if self.cache_secret is not None and all(d is not None for d in digests.values()):
+        digests = self._c0_digests(hp, base, corpus_fp)
+        if all(d is not None for d in digests.values()):
             inverses(self.prior_dir, self.cache_secret, hp.lam, digests, lambda: c0, self.progress)
 
     def fingerprint(self) -> tuple[str, dict]:
@@ -452,13 +452,14 @@ class Editor:
 
         hp, base = self.hparams, self._base_fp()
         small = self._solve_small({la: w.detach().cpu().numpy() for la, w in self.W0.items()}, batches, mode, hp, base,
+                                  self._corpus_identity(hp, base)[0],
                                   lambda: {la: c.double().numpy() for la, c in self.c0().items()})
         if small is not None:
             return {la: torch.from_numpy(w) for la, w in small.items()}
         return self._solve_with(self.W0, self.c0(), hp, batches, mode, self.lm.device)
 
     def _solve_small(self, W0: Mapping[int, "np.ndarray"], batches: Batches, mode: str, hp: HParams, base: str,
-                     c0: Any) -> dict[int, "np.ndarray"] | None:
+                     corpus_fp: str, c0: Any) -> dict[int, "np.ndarray"] | None:
         """`prior.solve_small` of these constraints (Woodbury on the kept inverse of λC0, numpy,
         when every layer has few rows), else None. The loaded and the unloaded paths both come
         here first, so they give the same bits. `c0`: returns C0 by layer (numpy), called only
@@ -468,14 +469,13 @@ class Editor:
         if mode != "accumulated":
             return None
         return solve_small(W0, self.arrays_by_layer(flatten(batches), hp.layers), hp.lam,
-                           self._c0_digests(hp, base), self.prior_dir, self.cache_secret, c0, self.progress,
+                           self._c0_digests(hp, base, corpus_fp), self.prior_dir, self.cache_secret, c0, self.progress,
                            cpu_only(self.env.device))
 
-    def _c0_digests(self, hp: HParams, base: str) -> dict[int, str | None]:
+    def _c0_digests(self, hp: HParams, base: str, corpus_fp: str) -> dict[int, str | None]:
         """The stored C0's checksums by edited layer (None where not stored), read without C0."""
         from ..store.codec import stats_key
 
-        corpus_fp = self._corpus_identity(hp, base)[0]
         return {la: self.store.meta(stats_key(base, corpus_fp, la)) for la in hp.layers}
 
     @classmethod
@@ -537,7 +537,7 @@ class Editor:
             return None
         key = cache_key(fp_id, mode, (r.digest() for r in rows))
         corpus_fp = self._corpus_identity(hp, base)[0]
-        weights = self._solve_small(W0, batches, mode, hp, base,
+        weights = self._solve_small(W0, batches, mode, hp, base, corpus_fp,
                                     lambda: {la: c for la, (_, c) in self.store.stats(base, corpus_fp).items()})
         if weights is None:
             stored = self.store.stats(base, corpus_fp)

@@ -13,15 +13,14 @@ stored C0 and λ; it is computed once, with numpy, and kept on disk beside the a
 by the stored C0's checksums and λ and signed with the ledger's secret like the apply cache
 (kledger.edit.cache). A layer is solved this way when it has at most a quarter as many rows as
 its key width, or two thirds where the solve runs on the CPU anyway (`small`, `cpu_only`); the
-direct solve is cheaper beyond that. The loaded and the unloaded
-`apply` both take this path for the same constraints, on the CPU with numpy, so they give the same
-bits, and the unloaded one needs no torch for it.
+direct solve is cheaper beyond that. The loaded and the unloaded `apply` both take this path for
+the same constraints, on the CPU with numpy, so they give the same bits, and the unloaded one
+needs no torch for it.
 
 M is refused (None: the direct solve is used) when λC0 is too ill-conditioned for its inverse to
 be trusted: when λC0 M differs from the identity by more than `INVERSE_TOLERANCE` anywhere; the
 refusal is kept like M. M is computed only from a C0 whose bytes have the stored checksums, and
-only for a ledger with a secret.
-numpy and safetensors only.
+only for a ledger with a secret. numpy and safetensors only.
 """
 
 from __future__ import annotations
