@@ -1,9 +1,11 @@
 """Where the value optimisation's time goes, and what running only the layers above the edited one
 and computing their linear layers in bfloat16 save: one batch of CounterFact facts optimised for a
 fixed number of steps (no early stop, so the ways do the same steps), every decoder layer every
-step, only the layers above the one δ is added to (kledger's default), and those with
-value_dtype=bfloat16, with the time split into the forward of the layers at and below it, the
-forward of the layers above, the LM head, and the rest (backward, Adam, bookkeeping).
+step; only the layers above the one δ is added to, fed as one padded batch (kledger's default
+before 2026-12-07's grouping); the same fed in groups of about one length (the default); and that
+with value_dtype=bfloat16. The time is split into the forward of the layers at and below it, the
+forward of the layers above, the LM head, the backward passes with Adam's steps, and the rest
+(bookkeeping).
 
     OMP_NUM_THREADS=1 python bench/values_bench.py [--facts 10] [--steps 6] [--start 400]
 """
@@ -23,13 +25,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook  # noqa: E402
 
-from kledger.edit.engine import EditRequest, _LowPrecisionLinear, optimise_values, prepare  # noqa: E402
+from kledger.edit.engine import EditRequest, optimise_values, prepare  # noqa: E402
 from kledger.edit.spec import get_module  # noqa: E402
+from kledger.edit.values import _LowPrecisionLinear  # noqa: E402
 
 
-def timed(lm, toks, hp, reuse_below: bool) -> dict:
-    """Seconds of one optimisation, split by where the forward time went (hooks on the layers)."""
+def timed(lm, toks, hp, reuse_below: bool, by_length: bool = True) -> dict:
+    """Seconds of one optimisation, split by where the forward time went (hooks on the layers) and
+    the time of the backward passes with Adam's steps (`values._descend`)."""
+    from kledger.edit import values
+
     spent: dict = {"below": 0.0, "above": 0.0, "head": 0.0}
+    backward = [0.0]
+    descend = values._descend
+
+    def timed_descend(*args, **kwargs):
+        t0 = time.perf_counter()
+        descend(*args, **kwargs)
+        backward[0] += time.perf_counter() - t0
+    values._descend = timed_descend
     L = hp.layers[-1]
     stack = get_module(lm.model, lm.spec.layers)
     handles = []
@@ -54,13 +68,15 @@ def timed(lm, toks, hp, reuse_below: bool) -> dict:
                         "head", spent["head"] + time.perf_counter() - m._t0) if is_head(m) else None)])
     try:
         t = time.perf_counter()
-        z, diag = optimise_values(lm, toks, hp, reuse_below=reuse_below)
+        z, diag = optimise_values(lm, toks, hp, reuse_below=reuse_below, by_length=by_length)
         total = time.perf_counter() - t
     finally:
+        values._descend = descend
         for h in handles:
             h.remove()
     return {"seconds": round(total, 2), **{f"forward_{k}_s": round(v, 2) for k, v in spent.items()},
-            "rest_s": round(total - sum(spent.values()), 2),
+            "backward_and_adam_s": round(backward[0], 2),
+            "rest_s": round(total - sum(spent.values()) - backward[0], 2),
             "mean_target_prob": round(sum(diag["target_prob"]) / len(toks), 4),
             "mean_delta_ratio": round(sum(diag["delta_norm_ratio"]) / len(toks), 4), "z": z}
 
@@ -77,17 +93,18 @@ def main() -> None:
     hp = hp.with_(steps=a.steps, early_stop_prob=1.01)  # every fact runs every step
     facts = sweep.records(a.facts, a.start)
     toks = prepare(lm, [EditRequest(f.prompt, f.subject, f.target) for f in facts], hp)
-    every = timed(lm, toks, hp, reuse_below=False)
-    above = timed(lm, toks, hp, reuse_below=True)
-    bf16 = timed(lm, toks, hp.with_(value_dtype="bfloat16"), reuse_below=True)
-    z_every, z_above, z_bf16 = every.pop("z"), above.pop("z"), bf16.pop("z")
+    ways = {"every_layer_every_step": timed(lm, toks, hp, reuse_below=False, by_length=False),
+            "only_layers_above_one_padded_batch": timed(lm, toks, hp, reuse_below=True, by_length=False),
+            "only_layers_above_by_length": timed(lm, toks, hp, reuse_below=True),
+            "bfloat16_above_by_length": timed(lm, toks, hp.with_(value_dtype="bfloat16"), reuse_below=True)}
+    z = {k: w.pop("z") for k, w in ways.items()}
+    ref, default = z["every_layer_every_step"], z["only_layers_above_by_length"]
+    first = ways["every_layer_every_step"]["seconds"]
     print(json.dumps({"facts": a.facts, "steps": a.steps, "layers": list(hp.layers), "threads": torch.get_num_threads(),
-                      "every_layer_every_step": every, "only_layers_above": above, "bfloat16_above": bf16,
-                      "speedup": round(every["seconds"] / above["seconds"], 2),
-                      "speedup_bfloat16": round(every["seconds"] / bf16["seconds"], 2),
-                      "values_rel_diff": float((z_every - z_above).norm() / z_every.norm()),
-                      "bfloat16_values_rel_diff": float((z_bf16 - z_above).norm() / z_above.norm())}, indent=1))
-
+                      **ways, "speedup": {k: round(first / w["seconds"], 2) for k, w in ways.items()},
+                      "values_rel_diff": {k: float((v - ref).norm() / ref.norm()) for k, v in z.items()},
+                      "bfloat16_values_rel_diff": float((z["bfloat16_above_by_length"] - default).norm()
+                                                        / default.norm())}, indent=1))
 
 if __name__ == "__main__":
     main()

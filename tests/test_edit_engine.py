@@ -137,8 +137,9 @@ def test_reused_prefix_equals_whole_sequences(kind):
     facts leave the batch (llama, qwen3: the first fact freezes at step 5)."""
     from conftest_edit import tiny_lm as make
 
-    from kledger.edit.engine import _layout, _prefix_cache, prepare
+    from kledger.edit.engine import prepare
     from kledger.edit.hooks import pad_id_of
+    from kledger.edit.values import _layout, _prefix_cache
 
     lm = make(kind)
     reqs = CUT_FACTS
@@ -155,6 +156,60 @@ def test_reused_prefix_equals_whole_sequences(kind):
         assert len(set(info_cut["steps"])) > 1
     assert rel_fro(z_cut, z_whole) < 1e-5
     assert max(abs(a - b) for a, b in zip(info_cut["target_prob"], info_whole["target_prob"])) < 1e-5
+
+
+def test_groups_trade_padding_against_a_cost_per_group(monkeypatch):
+    """The grouping of fed lengths has the fewest positions, padding included, at GROUP_COST per
+    group: lengths far apart in many rows get groups of their own, a few rows join a longer group."""
+    from types import SimpleNamespace
+
+    from kledger.edit import values
+
+    def groups(lengths, cost):
+        monkeypatch.setattr(values, "GROUP_COST", cost)
+        S = max(lengths)
+        mask = torch.tensor([[1] * 2 + [1] * n + [0] * (S - n) for n in lengths])
+        lay = SimpleNamespace(mask=mask, prefix=2, ids=torch.zeros(len(lengths), S, dtype=torch.long),
+                              d_rows=torch.arange(len(lengths)), out_rows=torch.arange(len(lengths)))
+        return sorted((g.S, len(g.seq)) for g in values._groups(lay))
+
+    assert groups([2] * 50 + [8] * 50, 40) == [(2, 50), (8, 50)]  # 580 positions against 840
+    assert groups([2] * 3 + [8] * 50, 40) == [(8, 53)]  # 464 against 486
+    assert groups([2, 3, 4, 8], 0) == [(2, 1), (3, 1), (4, 1), (8, 1)]
+    assert groups([5] * 7, 40) == [(5, 7)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
+def test_sequences_fed_by_length_equal_one_padded_batch(kind, monkeypatch):
+    """Each step feeds the sequences in groups of about one fed length (here, with no cost per
+    group, exactly one: no padding computed, the cache cut to the group's longest cut): the values
+    of one padded batch, also after facts leave the batch, with or without the reused prefix."""
+    from conftest_edit import tiny_lm as make
+
+    from kledger.edit import values
+    from kledger.edit.engine import prepare
+    from kledger.edit.hooks import pad_id_of
+    from kledger.edit.values import _groups, _layout
+
+    monkeypatch.setattr(values, "GROUP_COST", 0)
+    lm = make(kind)
+    hp = HParams(layers=(0, 1), steps=12, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.2)
+    toks = prepare(lm, CUT_FACTS, hp)
+    lay = _layout(toks, range(4), pad_id_of(lm.tokenizer), torch.device("cpu"))
+    groups = _groups(lay)
+    assert len(groups) > 1 and sum(len(g.seq) for g in groups) == lay.ids.shape[0]
+    assert sorted(torch.cat([g.out_idx for g in groups]).tolist()) == list(range(len(lay.out_rows)))
+    assert all(int(lay.mask[g.seq, lay.prefix:].sum(1).min()) == g.S for g in groups)  # no padding fed
+    assert min(g.P for g in groups) < lay.prefix  # some cache cut shorter
+    assert len(_groups(lay, by_length=False)) == 1
+    for reuse in (True, False):
+        z_len, info_len = optimise_values(lm, toks, hp, reuse_prefix=reuse)
+        z_pad, info_pad = optimise_values(lm, toks, hp, reuse_prefix=reuse, by_length=False)
+        assert info_len["steps"] == info_pad["steps"]
+        if kind in ("llama", "qwen3"):
+            assert len(set(info_len["steps"])) > 1
+        assert rel_fro(z_len, z_pad) < 1e-5
+        assert max(abs(a - b) for a, b in zip(info_len["target_prob"], info_pad["target_prob"])) < 1e-5
 
 
 def test_edit_raises_target_probability():
@@ -452,16 +507,18 @@ def test_bfloat16_linear_layers_above_the_edit_stay_close_and_leave_the_model_as
     fingerprint and other precisions are refused."""
     from conftest_edit import tiny_lm as make
 
-    from kledger.edit import engine
-    from kledger.edit.engine import _low_precision, prepare
+    from kledger.edit import values
+    from kledger.edit.engine import prepare
+    from kledger.edit.spec import get_module
+    from kledger.edit.values import _low_precision
 
     lm = make(kind)
     hp = HParams(layers=(0, 1), steps=8, n_prefixes=2, lr=1.0, clamp=4.0, early_stop_prob=0.99)
     low = hp.with_(value_dtype="bfloat16")
     swaps = _low_precision(lm.model, lm.spec, 1, "bfloat16")
-    linears = {id(m) for i, la in enumerate(engine.get_module(lm.model, lm.spec.layers)) if i > 1
+    linears = {id(m) for i, la in enumerate(get_module(lm.model, lm.spec.layers)) if i > 1
                for m in la.modules() if isinstance(m, torch.nn.Linear)}
-    head = engine.get_module(lm.model, lm.spec.lm_head)
+    head = get_module(lm.model, lm.spec.lm_head)
     assert {id(s[2]) for s in swaps} == linears | {id(head)} and _low_precision(lm.model, lm.spec, 1, "float32") == []
     toks = prepare(lm, CUT_FACTS, hp)
     before = [(n, id(m)) for n, m in lm.model.named_modules()]
@@ -472,7 +529,7 @@ def test_bfloat16_linear_layers_above_the_edit_stay_close_and_leave_the_model_as
 
     def fail(*a, **k):
         raise RuntimeError("boom")
-    monkeypatch.setattr(engine, "_seq_logprobs", fail)
+    monkeypatch.setattr(values, "_seq_logprobs", fail)
     with pytest.raises(RuntimeError, match="boom"):
         optimise_values(lm, toks, low)
     assert [(n, id(m)) for n, m in lm.model.named_modules()] == before

@@ -169,6 +169,15 @@ def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mas
     on the CPU; the logits are on the model's device. With `past_key_values` (an attention cache
     of P positions), `attention_mask` covers P + T positions and `position_ids` [B, T] places the
     fed tokens."""
+    return head_logits(model, spec, hidden_at(model, spec, input_ids, attention_mask, rows, cols,
+                                              position_ids=position_ids, past_key_values=past_key_values))
+
+
+def hidden_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              rows: torch.Tensor, cols: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+              past_key_values: Any = None) -> torch.Tensor:
+    """The decoder stack's final hidden states [M, d] at positions (rows[j], cols[j]) (the
+    arguments as `logits_at`'s)."""
     dev = device_of(model)
     base = get_module(model, spec.layers.rsplit(".", 1)[0])
     extra: dict[str, Any] = {"use_cache": past_key_values is not None}
@@ -177,7 +186,12 @@ def logits_at(model: Any, spec: ArchSpec, input_ids: torch.Tensor, attention_mas
     if past_key_values is not None:
         extra.update(cache_kwargs(base, past_key_values))
     h = base(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **extra).last_hidden_state
-    logits = get_module(model, spec.lm_head)(h[rows.to(dev), cols.to(dev)])  # [M, V]
+    return h[rows.to(dev), cols.to(dev)]
+
+
+def head_logits(model: Any, spec: ArchSpec, h: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits [M, V] for final hidden states [M, d] (soft-capped where the model does)."""
+    logits = get_module(model, spec.lm_head)(h)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
