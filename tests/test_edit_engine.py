@@ -181,9 +181,10 @@ def test_groups_trade_padding_against_a_cost_per_group(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"])
 def test_sequences_fed_by_length_equal_one_padded_batch(kind, monkeypatch):
-    """Each step feeds the sequences in groups of about one fed length (here, with no cost per
-    group, exactly one: no padding computed, the cache cut to the group's longest cut): the values
-    of one padded batch, also after facts leave the batch, with or without the reused prefix."""
+    """Each step feeds the sequences in groups of about one fed length (with no cost per group,
+    exactly one: no padding computed, the cache cut to the group's longest cut; with a small cost,
+    mixed lengths padded within a group): the values of one padded batch, also after facts leave
+    the batch and the groups are chosen again, with or without the reused prefix."""
     from conftest_edit import tiny_lm as make
 
     from kledger.edit import values
@@ -202,7 +203,11 @@ def test_sequences_fed_by_length_equal_one_padded_batch(kind, monkeypatch):
     assert all(int(lay.mask[g.seq, lay.prefix:].sum(1).min()) == g.S for g in groups)  # no padding fed
     assert min(g.P for g in groups) < lay.prefix  # some cache cut shorter
     assert len(_groups(lay, by_length=False)) == 1
-    for reuse in (True, False):
+    monkeypatch.setattr(values, "GROUP_COST", 3)  # groups of mixed lengths, padded within
+    mixed = _groups(lay)
+    assert 1 < len(mixed) < len(groups) and any(int(lay.mask[g.seq, lay.prefix:].sum(1).min()) < g.S for g in mixed)
+    for reuse, cost in ((True, 0), (False, 0), (True, 3)):
+        monkeypatch.setattr(values, "GROUP_COST", cost)
         z_len, info_len = optimise_values(lm, toks, hp, reuse_prefix=reuse)
         z_pad, info_pad = optimise_values(lm, toks, hp, reuse_prefix=reuse, by_length=False)
         assert info_len["steps"] == info_pad["steps"]

@@ -6,7 +6,8 @@ transformers; import its modules directly (this package imports nothing heavy).
   hparams  HParams and per-model defaults (no torch)
   stats    C0 over a corpus; the default, model-sampled corpus
   hooks    scoped forward hooks and tokenisation helpers
-  engine   EditRequest → constraints (keys, values, spreading)
+  engine   EditRequest → constraints (keys, spreading)
+  values   the value optimisation (the residual change per fact that makes the model say it)
   solve    the float64 least-squares solve and its modes (no model)
   cache    the apply cache: solved weights on disk (no torch)
   prior    small revisions solved by Woodbury on the kept inverse of λC0 (numpy, no torch)

@@ -44,7 +44,7 @@ class HParams:
     # the precision of the value optimisation's linear layers above the last edited layer (the
     # layers at and below it, which give the residual the value starts from, stay float32); auto:
     # bfloat16 where the device has fast bfloat16 products (a GPU that supports it, a CPU with
-    # AMX units), else float32 (kledger.edit.engine.value_dtype_on)
+    # AMX units), else float32 (kledger.edit.values.value_dtype_on)
     value_dtype: str = "float32"
     # contexts for keys and values
     n_prefixes: int = 5  # seeded short prefix contexts besides the bare prompt

@@ -178,8 +178,8 @@ def _forward(model: Any, spec: Any, L: int, lay: _Layout, groups: Sequence[_Grou
              as_tuple: bool, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """One value-optimisation forward of `lay`, group by group, then the LM head once (reading its
     weight is much of its cost): the logits at the layout's output positions (in its order), layer
-    L's output [B, S, d] (before δ; zero at padding; with `keep`, else None) and whether the layer
-    returns a tuple. `h_L` (layer L's output at step 0, rows of the layout of all facts)
+    L's output [B, S, d] (before δ; zero past each group's fed width; with `keep`, else None) and
+    whether the layer returns a tuple. `h_L` (layer L's output at step 0, rows of the layout of all facts)
     stands in for the layers at and below L (`_only_above`); None runs them."""
     hidden, h, tup = [], None, as_tuple
     for g in groups:
@@ -317,17 +317,17 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                     progress: Progress | None = None, *, reuse_prefix: bool = True,
                     reuse_below: bool = True, by_length: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
-    prompt) and diagnostics. One forward/backward per step for all facts still optimising: each
-    fact has its own delta, and once its mean target probability exceeds hp.early_stop_prob it
-    is frozen and leaves the batch (so a batch costs no more than its facts one at a time).
-    With `reuse_prefix` (the default) the tokens before each subject's last token are run once
-    and their attention cache reused at every step (see `_Layout`); False feeds whole sequences
-    every step (the same numbers up to round-off, at about twice the cost: the reference). With
+    prompt) and diagnostics. One forward (group by group) and backward per step for all facts
+    still optimising: each fact has its own delta, and once its mean target probability exceeds
+    hp.early_stop_prob it is frozen and leaves the batch. With `reuse_prefix` (the default) the
+    tokens before each subject's last token are run once and their attention cache reused at
+    every step (`_Layout`; False, the reference: whole sequences, twice the cost). With
     `reuse_below` (the default), later steps run only the layers above L, whose output δ does not
     change (`_only_above`; False: every layer). With `by_length` (the default) a CPU step feeds
     the sequences in groups of about one fed length, little padding computed (`_groups`; False,
-    and on a GPU, where padding is cheap: one padded batch; the same numbers up to round-off). The linear layers above L compute in
-    hp.value_dtype (`_low_precision`). Runs on the model's device; z comes back on the CPU."""
+    and on a GPU, where padding is cheap: one padded batch). Each way gives the same numbers up
+    to round-off. The linear layers above L compute in hp.value_dtype (`_low_precision`). Runs
+    on the model's device; z comes back on the CPU."""
     model, spec, dev, L = lm.model, lm.spec, device_of(lm.model), hp.layers[-1]
     N, C, pad = len(toks), len(toks[0].ctx), pad_id_of(lm.tokenizer)
     delta = torch.zeros(N, model.get_input_embeddings().weight.shape[1], device=dev, requires_grad=True)
