@@ -43,7 +43,6 @@ def timed(lm, toks, hp, reuse_below: bool, by_length: bool = True) -> dict:
         t0 = time.perf_counter()
         descend(*args, **kwargs)
         backward[0] += time.perf_counter() - t0
-    values._descend = timed_descend
     L = hp.layers[-1]
     stack = get_module(lm.model, lm.spec.layers)
     handles = []
@@ -67,6 +66,7 @@ def timed(lm, toks, hp, reuse_below: bool, by_length: bool = True) -> dict:
                     register_module_forward_hook(lambda m, a, o: spent.__setitem__(
                         "head", spent["head"] + time.perf_counter() - m._t0) if is_head(m) else None)])
     try:
+        values._descend = timed_descend
         t = time.perf_counter()
         z, diag = optimise_values(lm, toks, hp, reuse_below=reuse_below, by_length=by_length)
         total = time.perf_counter() - t

@@ -547,7 +547,7 @@ def test_bfloat16_linear_layers_above_the_edit_stay_close_and_leave_the_model_as
 def test_value_dtype_auto_is_bfloat16_only_where_its_products_are_fast(monkeypatch):
     """auto: bfloat16 on a CPU with AMX units and on a GPU that supports it, float32 elsewhere (a
     CPU without AMX runs bfloat16 products several times slower); explicit values are kept."""
-    from kledger.edit.engine import value_dtype_on
+    from kledger.edit.values import value_dtype_on
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for amx in (True, False):

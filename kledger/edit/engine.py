@@ -38,7 +38,7 @@ from .hooks import (
 from .hparams import HParams
 from .solve import KV, solve_history
 from .spec import get_weight, set_weight
-from .values import _check_finite, optimise_values, value_dtype_on  # noqa: F401  (re-exported)
+from .values import _check_finite, optimise_values
 
 LayerConstraints = Union[KV, Sequence[KV]]  # one (K, V) or the batches of commits in order
 

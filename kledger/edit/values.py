@@ -179,8 +179,8 @@ def _forward(model: Any, spec: Any, L: int, lay: _Layout, groups: Sequence[_Grou
     """One value-optimisation forward of `lay`, group by group, then the LM head once (reading its
     weight is much of its cost): the logits at the layout's output positions (in its order), layer
     L's output [B, S, d] (before δ; zero past each group's fed width; with `keep`, else None) and
-    whether the layer returns a tuple. `h_L` (layer L's output at step 0, rows of the layout of all facts)
-    stands in for the layers at and below L (`_only_above`); None runs them."""
+    whether the layer returns a tuple. `h_L` (layer L's output at step 0, rows of the layout of
+    all facts) stands in for the layers at and below L (`_only_above`); None runs them."""
     hidden, h, tup = [], None, as_tuple
     for g in groups:
         ids, pos, rows = lay.ids[g.seq, :g.S], lay.pos[g.seq, :g.S], lay.rows[g.seq]
