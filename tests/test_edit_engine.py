@@ -85,7 +85,9 @@ def test_sequential_commits_equal_one_solve_and_retraction():
     assert all(torch.equal(base[la], W0[la]) for la in HP.layers)
 
 
-def test_batched_values_match_one_at_a_time():
+@pytest.mark.parametrize("step_norm", [0.0, 0.3])
+def test_batched_values_match_one_at_a_time(step_norm):
+    """Adam's steps and plain gradient steps of a set length (`step_norm`) alike."""
     lm, _, _ = setup(torch.float32)
     # subjects at the end of the prompt, so that facts reach the threshold at different steps and
     # leave the batch one by one
@@ -93,7 +95,7 @@ def test_batched_values_match_one_at_a_time():
             EditRequest("the city of Louvre", "Louvre", "Berlin"),
             EditRequest("the capital of France", "France", "London"),
             EditRequest("Big Ben", "Big Ben", "Madrid")]
-    hp = HP.with_(steps=12, lr=0.5, clamp=4.0, early_stop_prob=0.2)
+    hp = HP.with_(steps=12, lr=0.5, clamp=4.0, early_stop_prob=0.2, step_norm=step_norm)
     tok = lm.tokenizer
     bos = boundary_token(tok, hp.bos)
     toks = [tokenize_request(tok, r, context_prefixes(hp), bos) for r in reqs]
@@ -104,6 +106,29 @@ def test_batched_values_match_one_at_a_time():
         z_one, info_one = optimise_values(lm, toks[i:i + 1], hp)
         assert info_one["steps"][0] == info["steps"][i]
         assert torch.allclose(z_one[0], z_batch[i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_gradient_step_has_the_set_length_and_raises_the_target():
+    """With step_norm, the first step moves δ by step_norm × ‖h‖ (the clamp far away), downhill:
+    the target's probability rises with a small step and the fact's δ is the same direction
+    whatever the length."""
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    toks = [tokenize_request(tok, r, context_prefixes(HP), boundary_token(tok, HP.bos)) for r in FACTS[:3]]
+    got = {}
+    for sn in (1e-4, 0.05, 0.2):
+        z, info = optimise_values(lm, toks, HP.with_(steps=1, clamp=4.0, early_stop_prob=0.9999, step_norm=sn))
+        assert info["steps"] == [1, 1, 1]
+        assert info["delta_norm_ratio"] == pytest.approx([sn] * 3, rel=1e-4)
+        got[sn] = (z, info["target_prob"])
+    h0, base = optimise_values(lm, toks, HP.with_(steps=1, early_stop_prob=0.0))  # stops at step 0: δ = 0
+    assert base["steps"] == [0, 0, 0]
+    assert all(p > b for p, b in zip(got[0.05][1], base["target_prob"]))
+    d1, d2 = got[0.05][0] - h0, got[0.2][0] - h0
+    assert torch.nn.functional.cosine_similarity(d1, d2).min() > 0.999
+    with pytest.raises(InputError):
+        HParams(step_norm=-0.1)
+    assert "step_norm" not in HP.to_dict() and HP.with_(step_norm=0.3).to_dict()["step_norm"] == 0.3
 
 
 def test_a_value_optimisation_that_stops_early_says_why():

@@ -25,7 +25,7 @@ def corpus_fingerprint(text: str, n_tokens: int) -> str:
 BOS_MODES = ("auto", "always", "never")
 # fields added after the first release, with the value that behaves as kledger did before them
 LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0,
-                                "value_dtype": "float32", "key_readings": 1}
+                                "value_dtype": "float32", "key_readings": 1, "step_norm": 0.0}
 VALUE_DTYPES = ("float32", "bfloat16", "auto")
 
 
@@ -35,8 +35,11 @@ class HParams:
     lam: float = 3000.0  # λ, the weight of C0 (a per-token mean second moment)
     mode: str = "accumulated"  # solver mode, see kledger.edit.solve.MODES
     # value optimisation
-    steps: int = 25  # Adam steps at most
+    steps: int = 25  # value-optimisation steps at most
     lr: float = 0.5
+    # 0: Adam steps with learning rate lr; > 0: plain gradient steps of this length relative to
+    # ‖h‖ (the unedited residual's norm), along the gradient's direction (lr unused)
+    step_norm: float = 0.0
     clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖ at the last edited layer
     kl_weight: float = 0.0625
     weight_decay: float = 0.0  # L2 on δ/‖h‖ (MEMIT's v_weight_decay); 0 = only the clamp
@@ -89,6 +92,9 @@ class HParams:
                                  f"e.g. --set {name}=5000")
         if type(self.c0_sampler) is not int or self.c0_sampler not in (1, 2):
             raise InputError(f"c0_sampler must be 1 or 2, got {self.c0_sampler!r}", "e.g. --set c0_sampler=2")
+        if not 0 <= float(self.step_norm) < math.inf:
+            raise InputError(f"step_norm must be 0 (Adam) or a positive, finite number, got {self.step_norm!r}",
+                             "e.g. --set step_norm=0.3")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1 or self.spread_passes < 1:
             raise InputError("steps, prefix_len, c0_tokens and spread_passes must be >= 1 and n_prefixes >= 0")
         if not 0 <= self.bare_key_weight < 1:

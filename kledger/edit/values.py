@@ -299,16 +299,25 @@ def _seq_logprobs(logits: torch.Tensor, lay: "_Layout", n: int, C: int) -> torch
     return (per_seq.sum(1) / lay.n_tok).view(n, C)
 
 
-def _descend(opt: torch.optim.Optimizer, delta: torch.Tensor, active: torch.Tensor, loss: torch.Tensor,
-             max_norm: torch.Tensor) -> None:
-    """One Adam step on the active facts' deltas [N, d]; the frozen ones stay where they are
-    (Adam's momentum would move them still); then each delta is clamped to `max_norm` [N, 1]."""
-    opt.zero_grad()
+def _descend(opt: torch.optim.Optimizer | None, delta: torch.Tensor, active: torch.Tensor, loss: torch.Tensor,
+             h_norm: torch.Tensor, hp: HParams) -> None:
+    """One step on the active facts' deltas [N, d]: Adam's (`opt`), or with hp.step_norm > 0 (and
+    `opt` None) a step of hp.step_norm × ‖h‖ along each delta's negative gradient; the frozen ones
+    stay where they are (Adam's momentum would move them still); then each delta is clamped to
+    hp.clamp × ‖h‖ (`h_norm` [N, 1])."""
+    if opt is not None:
+        opt.zero_grad()
+    delta.grad = None
     loss.backward()
     frozen = delta.detach()[~active].clone()
-    opt.step()
     with torch.no_grad():
+        if opt is not None:
+            opt.step()
+        else:
+            g = delta.grad
+            delta.sub_(hp.step_norm * h_norm * g / g.norm(dim=1, keepdim=True).clamp_min(1e-30))
         delta[~active] = frozen
+        max_norm = hp.clamp * h_norm
         norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
         delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
 
@@ -316,22 +325,22 @@ def _descend(opt: torch.optim.Optimizer, delta: torch.Tensor, active: torch.Tens
 def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
                     progress: Progress | None = None, *, reuse_prefix: bool = True,
                     reuse_below: bool = True, by_length: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare
-    prompt) and diagnostics. One forward (group by group) and backward per step for all facts
-    still optimising: each fact has its own delta, and once its mean target probability exceeds
-    hp.early_stop_prob it is frozen and leaves the batch. With `reuse_prefix` (the default) the
-    tokens before each subject's last token are run once and their attention cache reused at
-    every step (`_Layout`; False, the reference: whole sequences, twice the cost). With
-    `reuse_below` (the default), later steps run only the layers above L, whose output δ does not
-    change (`_only_above`; False: every layer). With `by_length` (the default) a CPU step feeds
-    the sequences in groups of about one fed length, little padding computed (`_groups`; False,
-    and on a GPU, where padding is cheap: one padded batch). Each way gives the same numbers up
-    to round-off. The linear layers above L compute in hp.value_dtype (`_low_precision`). Runs
-    on the model's device; z comes back on the CPU."""
+    """Target residuals z [N, d] at layer hp.layers[-1] (the subject's last token of the bare prompt)
+    and diagnostics. A forward (group by group) and backward per step for all facts still optimising
+    (Adam's step, or with hp.step_norm a gradient step of that length relative to ‖h‖: `_descend`):
+    each fact has its own delta, and once its mean target probability exceeds hp.early_stop_prob it
+    is frozen and leaves the batch. With `reuse_prefix` (these three are on by default) the tokens
+    before each subject's last token run once, their attention cache reused at every step
+    (`_Layout`; False, the reference: whole sequences, twice the cost). With `reuse_below`, later
+    steps run only the layers above L, whose output δ does not change (`_only_above`; False: every
+    layer). With `by_length` a CPU step feeds the sequences in groups of about one fed length,
+    little padding computed (`_groups`; False, and on a GPU, where padding is cheap: one padded
+    batch). Each way gives the same numbers up to round-off. The linear layers above L compute in
+    hp.value_dtype (`_low_precision`). On the model's device, z returned on the CPU."""
     model, spec, dev, L = lm.model, lm.spec, device_of(lm.model), hp.layers[-1]
     N, C, pad = len(toks), len(toks[0].ctx), pad_id_of(lm.tokenizer)
     delta = torch.zeros(N, model.get_input_embeddings().weight.shape[1], device=dev, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.lr)
+    opt = torch.optim.Adam([delta], lr=hp.lr) if not hp.step_norm else None
     active = torch.ones(N, dtype=torch.bool, device=dev)
     h0 = torch.zeros_like(delta)  # [N, d] unedited residual at the bare prompt's subject token
     kl_init = None  # [N, V] unedited log-probabilities after "{subject} is a"
@@ -363,7 +372,7 @@ def optimise_values(lm: Any, toks: Sequence[_Tokens], hp: HParams,
             if _done(progress, step, hp, bool(active.any())):
                 break
             steps_done += active.long()
-            _descend(opt, delta, active, loss_each[active[lay.facts]].sum(), hp.clamp * h0.norm(dim=1, keepdim=True))
+            _descend(opt, delta, active, loss_each[active[lay.facts]].sum(), h0.norm(dim=1, keepdim=True), hp)
             if int(active.sum()) < n:
                 lay = _layout(toks, active.nonzero()[:, 0].tolist(), pad, dev, cut)
                 groups = _groups(lay, by_length)
