@@ -134,6 +134,21 @@ def with_mean_key(c0: dict, batches: list, mu: float, lam: float) -> dict:
     return out
 
 
+def with_ridge(c0: dict, rho: float) -> dict:
+    """C0 such that the solve's λ C0 becomes λ (C0 + ρ c̄ I), c̄ the mean of C0's diagonal (its mean
+    eigenvalue) at each layer: a penalty on the change's size in every direction alike (the
+    Frobenius norm of ΔW, as ENCORE's norm constraint: Gupta et al., "Lifelong Sequential
+    Knowledge Editing without Model Degradation", 2025), where C0 alone leaves the directions
+    ordinary text seldom uses almost free to change."""
+    import torch
+
+    out = {}
+    for la, c in c0.items():
+        c = c.double()
+        out[la] = c + rho * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    return out
+
+
 def measured_keys(lm, toks: list, layer: int, bare_weight: float):
     """Every fact's key at `layer` with the model's current weights ([N, d_in]), 100 facts a pass."""
     import torch
@@ -190,6 +205,7 @@ def main() -> None:
     ap.add_argument("--mu", type=float, default=0.0, help="the weight μ of E (per-token mean, like λ)")
     ap.add_argument("--refresh-keys", action="store_true", help="measure every fact's keys again (see refreshed)")
     ap.add_argument("--mean-key", type=float, default=0.0, help="add μ m mᵀ, m the mean key (see with_mean_key)")
+    ap.add_argument("--ridge", type=float, default=0.0, help="add ρ × C0's mean eigenvalue × I to C0 (see with_ridge)")
     a = ap.parse_args()
     src = OUT / a.run
     saved = torch.load(src / "state.pt", weights_only=False)
@@ -210,6 +226,9 @@ def main() -> None:
     if a.mean_key:
         c0 = with_mean_key(c0, batches, a.mean_key, lam)
         name = a.name or f"{name}-meankey{a.mean_key:g}"
+    if a.ridge:
+        c0 = with_ridge(c0, a.ridge)
+        name = a.name or f"{name}-ridge{a.ridge:g}"
     if a.refresh_keys:
         name = a.name or f"{name}-refresh"
     dst = OUT / name
@@ -223,6 +242,7 @@ def main() -> None:
     extra = f", + {a.mu:g} E({a.entity})" if a.entity and a.mu else ""
     extra += ", keys measured again" if a.refresh_keys else ""
     extra += f", + {a.mean_key:g} m mT (the mean key)" if a.mean_key else ""
+    extra += f", + {a.ridge:g} × mean eigenvalue × I (a ridge)" if a.ridge else ""
     res.update(setting=f"{res['setting']} re-solved: λ {lam:g}, C0 {a.corpus}{extra}", n=a.at, checkpoints=[a.at],
                resolved_from=a.run, seconds_per_fact=res.get("seconds_per_fact"), mean_steps=res.get("mean_steps"))
     res.pop("batches", None)

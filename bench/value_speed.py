@@ -55,7 +55,7 @@ def main() -> None:
            "n_prefixes": hp.n_prefixes, "value_dtype": getattr(hp, "value_dtype", "float32"), "runs": {}}
     optimise_values(lm, prepare(lm, reqs[:2], hp.with_(steps=1)), hp.with_(steps=1))  # warm-up
     for B in (int(x) for x in a.batches.split(",")):
-        secs, steps, probs, n = 0.0, [], [], 0
+        secs, steps, probs, ratios, n = 0.0, [], [], [], 0
         for i in range(0, a.n - B + 1, B):
             toks = prepare(lm, reqs[i:i + B], hp)
             t = time.perf_counter()
@@ -63,10 +63,13 @@ def main() -> None:
             secs += time.perf_counter() - t
             steps += diag["steps"]
             probs += diag["target_prob"]
+            ratios += diag.get("delta_norm_ratio", [float("nan")] * B)  # older checkouts: not reported
             n += B
         out["runs"][str(B)] = {"facts": n, "seconds_per_fact": round(secs / n, 3),
                                "mean_steps": round(sum(steps) / n, 2), "mean_target_prob": round(sum(probs) / n, 4),
-                               "share_stopped": round(sum(p >= hp.early_stop_prob for p in probs) / n, 3)}
+                               "share_stopped": round(sum(p >= hp.early_stop_prob for p in probs) / n, 3),
+                               "mean_delta_ratio": round(sum(ratios) / n, 3),  # ‖δ‖ / ‖h‖
+                               "share_at_clamp": round(sum(r >= hp.clamp - 1e-3 for r in ratios) / n, 3)}
         print(f"batch {B}: {out['runs'][str(B)]}", file=sys.stderr, flush=True)
     text = json.dumps(out, indent=1)
     print(text)
