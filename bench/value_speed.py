@@ -52,7 +52,8 @@ def main() -> None:
     reqs = [EditRequest(f.prompt, f.subject, f.target) for f in facts]
     out = {"code": str(Path(kledger.__file__).parents[1]), "threads": torch.get_num_threads(), "n": a.n,
            "start": a.start, "steps": hp.steps, "lr": hp.lr, "early_stop_prob": hp.early_stop_prob,
-           "n_prefixes": hp.n_prefixes, "value_dtype": getattr(hp, "value_dtype", "float32"), "runs": {}}
+           "n_prefixes": hp.n_prefixes, "value_dtype": getattr(hp, "value_dtype", "float32"),
+           "step_norm": getattr(hp, "step_norm", 0.0), "sets": a.sets, "runs": {}}
     optimise_values(lm, prepare(lm, reqs[:2], hp.with_(steps=1)), hp.with_(steps=1))  # warm-up
     for B in (int(x) for x in a.batches.split(",")):
         secs, steps, probs, ratios, n = 0.0, [], [], [], 0
@@ -63,13 +64,13 @@ def main() -> None:
             secs += time.perf_counter() - t
             steps += diag["steps"]
             probs += diag["target_prob"]
-            ratios += diag.get("delta_norm_ratio", [float("nan")] * B)  # older checkouts: not reported
+            ratios += diag.get("delta_norm_ratio", [])  # older checkouts may not report it
             n += B
         out["runs"][str(B)] = {"facts": n, "seconds_per_fact": round(secs / n, 3),
                                "mean_steps": round(sum(steps) / n, 2), "mean_target_prob": round(sum(probs) / n, 4),
                                "share_stopped": round(sum(p >= hp.early_stop_prob for p in probs) / n, 3),
-                               "mean_delta_ratio": round(sum(ratios) / n, 3),  # ‖δ‖ / ‖h‖
-                               "share_at_clamp": round(sum(r >= hp.clamp - 1e-3 for r in ratios) / n, 3)}
+                               "mean_delta_ratio": round(sum(ratios) / n, 3) if ratios else None,  # ‖δ‖ / ‖h‖
+                               "share_at_clamp": round(sum(r >= hp.clamp - 1e-3 for r in ratios) / n, 3) if ratios else None}
         print(f"batch {B}: {out['runs'][str(B)]}", file=sys.stderr, flush=True)
     text = json.dumps(out, indent=1)
     print(text)

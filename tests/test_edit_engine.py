@@ -110,8 +110,9 @@ def test_batched_values_match_one_at_a_time(step_norm):
 
 def test_a_gradient_step_has_the_set_length_and_raises_the_target():
     """With step_norm, the first step moves δ by step_norm × ‖h‖ (the clamp far away), downhill:
-    the target's probability rises with a small step and the fact's δ is the same direction
-    whatever the length."""
+    the target's probability rises with a small step, δ points the same way whatever the length,
+    and it is the gradient's direction, not Adam's first step (lr × the gradient's sign): the same
+    sign in every coordinate, another direction."""
     lm = tiny_lm("llama")
     tok = lm.tokenizer
     toks = [tokenize_request(tok, r, context_prefixes(HP), boundary_token(tok, HP.bos)) for r in FACTS[:3]]
@@ -126,8 +127,13 @@ def test_a_gradient_step_has_the_set_length_and_raises_the_target():
     assert all(p > b for p, b in zip(got[0.05][1], base["target_prob"]))
     d1, d2 = got[0.05][0] - h0, got[0.2][0] - h0
     assert torch.nn.functional.cosine_similarity(d1, d2).min() > 0.999
-    with pytest.raises(InputError):
-        HParams(step_norm=-0.1)
+    z_adam, _ = optimise_values(lm, toks, HP.with_(steps=1, clamp=4.0, early_stop_prob=0.9999, lr=0.01))
+    adam = z_adam - h0
+    assert (torch.sign(adam) == torch.sign(d1)).float().mean() > 0.99
+    assert torch.nn.functional.cosine_similarity(adam, d1).max() < 0.97
+    for bad in (-0.1, float("inf"), float("nan"), "0.3", True, 10 ** 400):
+        with pytest.raises(InputError, match="step_norm"):
+            HParams(step_norm=bad)
     assert "step_norm" not in HP.to_dict() and HP.with_(step_norm=0.3).to_dict()["step_norm"] == 0.3
 
 

@@ -38,7 +38,7 @@ class HParams:
     steps: int = 25  # value-optimisation steps at most
     lr: float = 0.5
     # 0: Adam steps with learning rate lr; > 0: plain gradient steps of this length relative to
-    # ‖h‖ (the unedited residual's norm), along the gradient's direction (lr unused)
+    # ‖h‖ (the unedited residual's norm), along the negative gradient (lr unused)
     step_norm: float = 0.0
     clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖ at the last edited layer
     kl_weight: float = 0.0625
@@ -92,8 +92,13 @@ class HParams:
                                  f"e.g. --set {name}=5000")
         if type(self.c0_sampler) is not int or self.c0_sampler not in (1, 2):
             raise InputError(f"c0_sampler must be 1 or 2, got {self.c0_sampler!r}", "e.g. --set c0_sampler=2")
-        if not 0 <= float(self.step_norm) < math.inf:
-            raise InputError(f"step_norm must be 0 (Adam) or a positive, finite number, got {self.step_norm!r}",
+        sn = self.step_norm
+        try:
+            ok = isinstance(sn, (int, float)) and not isinstance(sn, bool) and 0 <= float(sn) < math.inf
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if not ok:
+            raise InputError(f"step_norm must be 0 (Adam) or a positive, finite number, got {str(sn)[:20]}",
                              "e.g. --set step_norm=0.3")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1 or self.spread_passes < 1:
             raise InputError("steps, prefix_len, c0_tokens and spread_passes must be >= 1 and n_prefixes >= 0")

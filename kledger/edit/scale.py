@@ -1,7 +1,7 @@
 """Scale-out: a commit's value optimisation sharded across Ray actors (the `scale` extra).
 
 Given the parent's weights, each fact's value optimisation is independent of the others' (its own
-δ, its own Adam state, its own stop rule; kledger.edit.values.optimise_values), and it is almost
+δ, its own optimiser state, its own stop rule; kledger.edit.values.optimise_values), and it is almost
 all of a commit's cost. So with `Settings.workers` (`commit --workers N`, a local Ray cluster) or
 `Settings.ray_address` (`--ray ADDRESS`, an existing one), `Editor.measure` hands the value
 optimisation to `RayValues`: a pool of actors, each holding one replica of the model, loaded once
