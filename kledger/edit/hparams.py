@@ -22,6 +22,16 @@ def corpus_fingerprint(text: str, n_tokens: int) -> str:
     return h.hexdigest()
 
 
+def _finite_at_least(value: Any, low: float, strict: bool = False) -> bool:
+    """Whether float(value) is finite and at least `low` (above it with `strict`); False for nan
+    and for an integer too large for a float."""
+    try:
+        x = float(value)
+    except OverflowError:
+        return False
+    return (x > low if strict else x >= low) and x < math.inf
+
+
 BOS_MODES = ("auto", "always", "never")
 # fields added after the first release, with the value that behaves as kledger did before them
 LATER_FIELDS: dict[str, Any] = {"spread_passes": 1, "c0_sampler": 1, "bare_key_weight": 0.0,
@@ -83,21 +93,13 @@ class HParams:
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
         for name in ("lam", "lr", "clamp"):
-            try:
-                ok = 0 < float(getattr(self, name)) < math.inf
-            except OverflowError:  # an integer too large for a float
-                ok = False
-            if not ok:
+            if not _finite_at_least(getattr(self, name), 0.0, strict=True):
                 raise InputError(f"{name} must be a positive, finite number, got {str(getattr(self, name))[:20]}",
                                  f"e.g. --set {name}=5000")
         if type(self.c0_sampler) is not int or self.c0_sampler not in (1, 2):
             raise InputError(f"c0_sampler must be 1 or 2, got {self.c0_sampler!r}", "e.g. --set c0_sampler=2")
         sn = self.step_norm
-        try:
-            ok = isinstance(sn, (int, float)) and not isinstance(sn, bool) and 0 <= float(sn) < math.inf
-        except OverflowError:  # an integer too large for a float
-            ok = False
-        if not ok:
+        if isinstance(sn, bool) or not isinstance(sn, (int, float)) or not _finite_at_least(sn, 0.0):
             raise InputError(f"step_norm must be 0 (Adam) or a positive, finite number, got {str(sn)[:20]}",
                              "e.g. --set step_norm=0.3")
         if self.steps < 1 or self.n_prefixes < 0 or self.prefix_len < 1 or self.c0_tokens < 1 or self.spread_passes < 1:

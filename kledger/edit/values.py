@@ -305,9 +305,7 @@ def _descend(opt: torch.optim.Optimizer | None, delta: torch.Tensor, active: tor
     `opt` None) a step of hp.step_norm × ‖h‖ along each delta's negative gradient; the frozen ones
     stay where they are (Adam's momentum would move them still); then each delta is clamped to
     hp.clamp × ‖h‖ (`h_norm` [N, 1])."""
-    if opt is not None:
-        opt.zero_grad()
-    delta.grad = None
+    delta.grad = None  # Adam's zero_grad, and a fresh gradient for a plain step
     loss.backward()
     frozen = delta.detach()[~active].clone()
     with torch.no_grad():
